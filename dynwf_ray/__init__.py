@@ -1,0 +1,49 @@
+"""dynwf-ray: durable, per-tenant workflows on Ray.
+
+Tenant-facing: `WorkflowEntrypoint`, `NonRetryableError` (and the errors a
+step can raise). Platform-facing: `Engine`, `EngineConfig`, `WorkflowBinding`,
+`InstanceHandle` and the error classes.
+"""
+
+from .binding import InstanceHandle, WorkflowBinding
+from .config import EngineConfig
+from .engine import Engine
+from .entrypoint import WorkflowEntrypoint
+from .errors import (
+    DuplicateInstanceError,
+    DynwfError,
+    InstanceNotFoundError,
+    InvalidInputError,
+    InvalidStateError,
+    NonRetryableError,
+    NotSerializableError,
+    PayloadTooLargeError,
+    StepFailedError,
+    StepTimeoutError,
+    UnknownTenantError,
+    WorkflowTimeoutError,
+)
+from .types import ReceivedEvent, StepContext, WorkflowEvent
+
+__all__ = [
+    "DuplicateInstanceError",
+    "DynwfError",
+    "Engine",
+    "EngineConfig",
+    "InstanceHandle",
+    "InstanceNotFoundError",
+    "InvalidInputError",
+    "InvalidStateError",
+    "NonRetryableError",
+    "NotSerializableError",
+    "PayloadTooLargeError",
+    "ReceivedEvent",
+    "StepContext",
+    "StepFailedError",
+    "StepTimeoutError",
+    "UnknownTenantError",
+    "WorkflowBinding",
+    "WorkflowEntrypoint",
+    "WorkflowEvent",
+    "WorkflowTimeoutError",
+]

@@ -1,0 +1,159 @@
+"""`WorkflowBinding` and `InstanceHandle`: a tenant's WORKFLOWS binding.
+
+A binding is scoped to one tenant: every instance it creates, gets or signals
+is looked up by (tenant, id), so another tenant's instance is indistinguishable
+from an unknown id. It works in any process that can reach the journal (the
+platform's driver, an instance host, the CLI); `notify` tells the scheduler
+that new work is due so it does not wait for its next poll.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Callable, Iterable, Mapping
+
+from pydantic import ValidationError
+
+from .errors import InvalidInputError, UnknownTenantError
+from .journal import Journal
+from .types import (
+    MAX_BATCH,
+    CreateOptions,
+    InstanceError,
+    InstanceStatus,
+    to_json,
+    validate_event_type,
+    validate_id,
+)
+
+
+def _no_notify() -> None:
+    return None
+
+
+class InstanceHandle:
+    """One workflow instance, addressed by id within its tenant."""
+
+    def __init__(self, binding: "WorkflowBinding", instance_id: str):
+        self._binding = binding
+        self.id = instance_id
+
+    def __repr__(self) -> str:
+        return f"InstanceHandle(tenant={self._binding.tenant_id!r}, id={self.id!r})"
+
+    def status(self) -> dict[str, Any]:
+        """{"status", "error": {name, message} | None, "output"} (Cloudflare's shape)."""
+        info = self._binding._journal.require_instance(self._binding.tenant_id, self.id)
+        error = (
+            InstanceError(name=info.error_name, message=info.error_message or "")
+            if info.error_name
+            else None
+        )
+        output = json.loads(info.output_json) if info.output_json is not None else None
+        return InstanceStatus(status=info.status, error=error, output=output).model_dump()
+
+    def pause(self) -> None:
+        self._binding._journal.pause(self._binding.tenant_id, self.id, self._binding._clock())
+
+    def resume(self) -> None:
+        self._binding._journal.resume(self._binding.tenant_id, self.id, self._binding._clock())
+        self._binding._notify()
+
+    def terminate(self) -> None:
+        self._binding._journal.terminate(self._binding.tenant_id, self.id, self._binding._clock())
+
+    def restart(self) -> None:
+        self._binding._journal.restart(self._binding.tenant_id, self.id, self._binding._clock())
+        self._binding._notify()
+
+    def send_event(self, type: str, payload: Any = None) -> None:
+        """Deliver an event; buffered until a `wait_for_event` of that type takes it."""
+        validate_event_type(type)
+        payload_json = to_json(payload, f"payload of event {type!r}")
+        self._binding._journal.send_event(
+            self._binding.tenant_id, self.id, type, payload_json, self._binding._clock()
+        )
+        self._binding._notify()
+
+
+class WorkflowBinding:
+    """Create and look up one tenant's instances."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        tenant_id: str,
+        *,
+        notify: Callable[[], Any] = _no_notify,
+        clock: Callable[[], float] = time.time,
+        metadata: Mapping[str, Any] | None = None,
+    ):
+        self._journal = journal
+        self.tenant_id = validate_id(tenant_id, "tenant id")
+        self._notify = notify
+        self._clock = clock
+        self._metadata = dict(metadata or {})
+
+    def __repr__(self) -> str:
+        return f"WorkflowBinding(tenant={self.tenant_id!r})"
+
+    def create(self, id: str | None = None, params: Any = None) -> InstanceHandle:
+        """Create an instance (id optional; a duplicate id raises DuplicateInstanceError)."""
+        version = self._version()
+        item = self._item(_options(id=id, params=params), version)
+        self._journal.create_instances(
+            self.tenant_id, version, [item], self._clock(), skip_existing=False
+        )
+        self._notify()
+        return InstanceHandle(self, item[0])
+
+    def create_batch(self, items: Iterable[Mapping[str, Any]]) -> list[InstanceHandle]:
+        """Create up to 100 instances at once; ids that already exist are skipped."""
+        items = list(items)
+        if len(items) > MAX_BATCH:
+            raise InvalidInputError(
+                f"create_batch takes at most {MAX_BATCH} instances, got {len(items)}"
+            )
+        version = self._version()
+        rows = [self._item(_options(**dict(it)), version) for it in items]
+        self._journal.create_instances(
+            self.tenant_id, version, rows, self._clock(), skip_existing=True
+        )
+        self._notify()
+        return [InstanceHandle(self, row[0]) for row in rows]
+
+    def get(self, id: str) -> InstanceHandle:
+        """The handle of an existing instance; unknown ids raise InstanceNotFoundError."""
+        validate_id(id)
+        self._journal.require_instance(self.tenant_id, id)
+        return InstanceHandle(self, id)
+
+    def _version(self) -> str:
+        version = self._journal.latest_version(self.tenant_id)
+        if version is None:
+            raise UnknownTenantError(
+                f"tenant {self.tenant_id!r} has no workflow code; register or push it first"
+            )
+        return version
+
+    def _item(self, options: CreateOptions, version: str) -> tuple[str, str, str]:
+        """(id, params_json, metadata_json): the envelope persisted with the instance."""
+        instance_id = options.id or uuid.uuid4().hex
+        params_json = to_json(options.params, f"params of instance {instance_id!r}")
+        metadata = {**self._metadata, "tenant_id": self.tenant_id, "code_version": version}
+        return instance_id, params_json, json.dumps(metadata)
+
+
+def _options(**kwargs: Any) -> CreateOptions:
+    try:
+        return CreateOptions(**kwargs)
+    except ValidationError as exc:
+        raise InvalidInputError(_first_error(exc)) from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "input"
+    return f"{where}: {err.get('msg')}"

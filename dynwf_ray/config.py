@@ -1,0 +1,57 @@
+"""`EngineConfig`: every knob of an engine, validated, with production defaults.
+
+Values come from `Engine.start(**kwargs)`, falling back to environment
+variables (`DYNWF_DATABASE_URL`, `DYNWF_HOME`, `RAY_ADDRESS`) and then to the
+embedded default: local Ray and a SQLite file under `~/.dynwf/`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .types import validate_id
+
+
+def default_database_url() -> str:
+    url = os.environ.get("DYNWF_DATABASE_URL")
+    if url:
+        return url
+    home = Path(os.environ.get("DYNWF_HOME", Path.home() / ".dynwf"))
+    return f"sqlite:///{home / 'journal.db'}"
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: SQLAlchemy URL of the journal: sqlite:///path or postgresql+psycopg://...
+    database_url: str = Field(default_factory=default_database_url)
+    #: Ray address to join ("auto", "ray://..."); None starts or reuses a local Ray.
+    ray_address: str | None = None
+    #: Name of this engine; its scheduler actor is "dynwf-scheduler-<name>".
+    name: str = "default"
+    #: Ray namespace the engine's named actors live in.
+    namespace: str = "dynwf"
+    #: Admission: at most this many instance host actors alive at once.
+    max_hosts: int = Field(default=8, ge=1)
+    #: Seconds an idle host is kept warm before it is deactivated (its process killed).
+    hibernate_after: float = Field(default=60.0, ge=0)
+    #: Lease length in seconds; a dead holder's instances are reclaimed after this.
+    lease_ttl: float = Field(default=30.0, gt=0)
+    #: Longest the scheduler sleeps between journal polls (picks up work from other processes).
+    poll_interval: float = Field(default=1.0, gt=0)
+    #: Consecutive activation crashes after which an instance is marked errored.
+    max_activation_failures: int = Field(default=5, ge=1)
+    #: Keep the scheduler alive after the driver exits (cluster deployments).
+    detached: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return validate_id(v, "engine name")
+
+    @property
+    def scheduler_name(self) -> str:
+        return f"dynwf-scheduler-{self.name}"

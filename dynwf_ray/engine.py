@@ -1,0 +1,105 @@
+"""`Engine`: what a platform starts: the journal, Ray, and the scheduler actor.
+
+```python
+engine = Engine.start()                                  # local Ray + SQLite file
+engine = Engine.start(database_url="postgresql+psycopg://...", ray_address="auto")
+engine.register("acme", AcmeWorkflow)                    # or push tenant code (loader)
+inst = engine.binding("acme").create(params={...})
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Mapping
+
+import ray
+
+from .binding import WorkflowBinding
+from .config import EngineConfig
+from .errors import InvalidInputError
+from .journal import Journal
+from .loader import package_class
+from .scheduler import Scheduler
+from .types import validate_id
+
+log = logging.getLogger("dynwf_ray.engine")
+
+
+class Engine:
+    """A running engine. Create it with `Engine.start(...)`, end it with `stop()`."""
+
+    def __init__(self, config: EngineConfig, journal: Journal, scheduler: Any, owns_ray: bool):
+        self.config = config
+        self.journal = journal
+        self._scheduler = scheduler
+        self._owns_ray = owns_ray
+        self._clock: Callable[[], float] = time.time
+
+    @classmethod
+    def start(cls, **kwargs: Any) -> "Engine":
+        """Start (or join) Ray, open the journal, start the scheduler. See `EngineConfig`."""
+        config = EngineConfig(**kwargs)
+        owns_ray = False
+        if not ray.is_initialized():
+            ray.init(
+                address=config.ray_address,
+                namespace=config.namespace,
+                logging_level=logging.WARNING,
+                include_dashboard=False if config.ray_address is None else None,
+            )
+            owns_ray = True
+        journal = Journal(config.database_url)
+        options: dict[str, Any] = dict(
+            name=config.scheduler_name, namespace=config.namespace, get_if_exists=True
+        )
+        if config.detached:
+            options["lifetime"] = "detached"
+        scheduler = Scheduler.options(**options).remote(config.model_dump())
+        running = ray.get(scheduler.ping.remote())
+        if running["database_url"] != config.database_url:
+            raise InvalidInputError(
+                f"an engine named {config.name!r} already runs on another journal "
+                f"({running['database_url']}); start this one with another name"
+            )
+        return cls(config, journal, scheduler, owns_ray)
+
+    def register(self, tenant_id: str, workflow_cls: type) -> str:
+        """Register a workflow class for a tenant directly; returns its code version."""
+        validate_id(tenant_id, "tenant id")
+        version, kind, blob = package_class(workflow_cls)
+        self.journal.save_code(tenant_id, version, kind, blob, self._clock())
+        return version
+
+    def binding(self, tenant_id: str, metadata: Mapping[str, Any] | None = None) -> WorkflowBinding:
+        """The tenant's WORKFLOWS binding: it reaches only that tenant's instances."""
+        return WorkflowBinding(
+            self.journal, tenant_id, notify=self._notify, clock=self._clock, metadata=metadata
+        )
+
+    def stats(self) -> dict:
+        """Live host actors, activations (cold/warm) and instance counts by status."""
+        return {
+            **ray.get(self._scheduler.stats.remote()),
+            "instances": self.journal.count_by_status(),
+        }
+
+    def stop(self) -> None:
+        """Stop the scheduler and its hosts; running instances resume on the next start."""
+        try:
+            ray.get(self._scheduler.stop.remote(), timeout=60)
+        finally:
+            ray.kill(self._scheduler, no_restart=True)
+            self.journal.close()
+            if self._owns_ray:
+                ray.shutdown()
+
+    def _notify(self) -> None:
+        self._scheduler.notify.remote()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

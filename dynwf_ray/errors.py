@@ -1,0 +1,76 @@
+"""Every exception dynwf-ray raises on purpose, in one place.
+
+Tenant code sees `NonRetryableError` (raise it to stop a step's retries),
+`StepFailedError` (a step that used up its retries) and `WorkflowTimeoutError`
+(a `wait_for_event` that timed out). Platform code sees the input errors
+(`InvalidInputError`, `PayloadTooLargeError`), `InstanceNotFoundError` and
+`DuplicateInstanceError`. Each message names the thing that was wrong.
+"""
+
+from __future__ import annotations
+
+
+class DynwfError(Exception):
+    """Base class of every error raised by dynwf-ray."""
+
+
+class InvalidInputError(DynwfError, ValueError):
+    """An argument failed validation (bad id, bad name, bad duration...)."""
+
+
+class PayloadTooLargeError(InvalidInputError):
+    """A value is larger than the journal accepts (params, results, events)."""
+
+
+class NotSerializableError(InvalidInputError):
+    """A value cannot be stored as JSON."""
+
+
+class InstanceNotFoundError(DynwfError, LookupError):
+    """No instance with this id exists for this tenant.
+
+    Raised the same way whether the id is unknown or belongs to another
+    tenant, so a binding never reveals another tenant's instances.
+    """
+
+
+class DuplicateInstanceError(DynwfError):
+    """`create` was given an id that the tenant already uses."""
+
+
+class UnknownTenantError(DynwfError, LookupError):
+    """No code is registered for this tenant."""
+
+
+class InvalidStateError(DynwfError):
+    """The operation does not apply to the instance in its current status."""
+
+
+class NonRetryableError(DynwfError):
+    """Raise inside a `step.do` callback to fail the step without retrying."""
+
+
+class StepFailedError(DynwfError):
+    """A step failed for good: its retries ran out or it raised NonRetryableError.
+
+    `error_name` and `message` describe the last attempt's exception; the same
+    error is raised again when the instance replays, so `run()` sees it
+    consistently in every activation.
+    """
+
+    def __init__(self, step: str, error_name: str, message: str, attempts: int):
+        self.step = step
+        self.error_name = error_name
+        self.message = message
+        self.attempts = attempts
+        super().__init__(
+            f"step {step!r} failed after {attempts} attempt(s): {error_name}: {message}"
+        )
+
+
+class StepTimeoutError(DynwfError):
+    """One attempt of a step ran longer than its timeout."""
+
+
+class WorkflowTimeoutError(DynwfError, TimeoutError):
+    """`step.wait_for_event` reached its timeout without a matching event."""

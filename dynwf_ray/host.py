@@ -1,0 +1,131 @@
+"""`InstanceHost`: the Ray actor in which an instance is activated.
+
+A host is created for one (tenant, code version) and hosts one instance at a
+time: the scheduler sends it `activate(pk, token)`, it runs the activation
+(see `activation.py`) writing straight to the journal, and returns the outcome.
+Idle hosts stay warm for the next activation of the same code until the
+scheduler deactivates them (kills the process) after the hibernation timeout.
+
+Its watchdog thread does two things while an activation runs: it renews the
+lease every third of the lease TTL (so a long step keeps its lease), and if a
+step callback blocks the process past its timeout (a synchronous loop cannot
+be interrupted) it records that attempt as timed out and ends the process;
+the scheduler sees the host die and activates the instance elsewhere, where
+the retry policy decides what happens next.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import ray
+
+from .activation import Outcome, activate
+from .journal import Journal, LeaseLostError
+from .loader import load_class
+
+log = logging.getLogger("dynwf_ray.host")
+
+#: Extra time a blocking step callback gets past its timeout before its host is ended.
+OVERRUN_GRACE = 1.0
+
+
+class _Watchdog:
+    """Lease heartbeat and blocked-step detector, on its own thread."""
+
+    def __init__(self, journal: Journal, lease_ttl: float):
+        self._journal = journal
+        self._lease_ttl = lease_ttl
+        self._cond = threading.Condition()
+        self._lease: tuple[int, int] | None = None
+        self._deadline: float | None = None
+        self._on_overrun: Callable[[], None] | None = None
+        threading.Thread(target=self._loop, name="dynwf-watchdog", daemon=True).start()
+
+    def watch(self, lease: tuple[int, int] | None) -> None:
+        with self._cond:
+            self._lease = lease
+            self._cond.notify()
+
+    # AttemptTracker protocol (called by Step on the activation's thread).
+    def begin(self, deadline: float, on_overrun: Callable[[], None]) -> None:
+        self._deadline = deadline
+        self._on_overrun = on_overrun
+
+    def end(self) -> None:
+        self._deadline = None
+        self._on_overrun = None
+
+    def _loop(self) -> None:
+        heartbeat_every = self._lease_ttl / 3
+        next_beat = time.monotonic() + heartbeat_every
+        while True:
+            with self._cond:
+                if self._lease is None:
+                    self._cond.wait()
+                    next_beat = time.monotonic() + heartbeat_every
+                    continue
+                self._cond.wait(timeout=min(0.2, heartbeat_every))
+                lease, deadline, on_overrun = self._lease, self._deadline, self._on_overrun
+            if lease is None:
+                continue
+            now = time.monotonic()
+            if deadline is not None and on_overrun is not None and now > deadline + OVERRUN_GRACE:
+                self._overrun(on_overrun)
+            if now >= next_beat:
+                next_beat = now + heartbeat_every
+                try:
+                    self._journal.renew_lease(lease[0], lease[1], time.time(), self._lease_ttl)
+                except LeaseLostError:
+                    pass  # the activation's next write finds out and stops
+                except Exception:  # noqa: BLE001 - keep beating through a DB hiccup
+                    log.exception("lease heartbeat failed")
+
+    @staticmethod
+    def _overrun(on_overrun: Callable[[], None]) -> None:
+        try:
+            on_overrun()
+        except Exception:  # noqa: BLE001 - we end the process either way
+            log.exception("could not record the timed-out attempt")
+        print(
+            "dynwf: a step callback blocked past its timeout; ending this host process",
+            file=sys.stderr, flush=True,
+        )
+        os._exit(70)
+
+
+@ray.remote(num_cpus=0)
+class InstanceHost:
+    def __init__(
+        self,
+        database_url: str,
+        tenant_id: str,
+        version: str,
+        kind: str,
+        blob: bytes,
+        lease_ttl: float,
+        binding_factory: Callable[[Journal], Any] | None = None,
+    ):
+        self._journal = Journal(database_url, create_tables=False)
+        self._workflow_cls = load_class(tenant_id, version, kind, blob)
+        self._lease_ttl = lease_ttl
+        self._watchdog = _Watchdog(self._journal, lease_ttl)
+        self._env = {"WORKFLOWS": binding_factory(self._journal)} if binding_factory else {}
+
+    async def activate(self, pk: int, token: int) -> Outcome:
+        self._watchdog.watch((pk, token))
+        try:
+            return await activate(
+                self._journal, pk, token, self._workflow_cls,
+                env=self._env, lease_ttl=self._lease_ttl, tracker=self._watchdog,
+            )
+        finally:
+            self._watchdog.watch(None)
+
+    async def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,715 @@
+"""The journal: every durable fact about tenants, code and instances. The only module that talks SQL.
+
+Tables (SQLModel):
+- `tenants`: one row per tenant with its latest code version.
+- `code_versions`: tenant code, content-addressed, stored durably (kind + blob).
+- `instances`: one row per workflow instance. It holds the envelope
+  (`metadata_json` for routing, `params_json` for the tenant), the status the
+  API reports, the output or error, and the scheduling state: `wake_at` is the
+  instance's one timer (when it must be activated next: now for queued work, a
+  sleep's end, a wait's deadline; NULL when nothing is due), `waiting_for` the
+  event type a suspended wait expects, and the lease (`lease_token`, a fencing
+  token bumped on every claim, and `lease_expires_at`).
+- `steps`: one row per (instance, step name, occurrence count) with status,
+  JSON result or error, attempts and timings. Replay reads these.
+- `events`: the inbox, buffered per (instance, type), consumed FIFO.
+
+Concurrency rule: every transaction that touches an instance starts by
+updating that instance's row. That single statement does the fencing (it only
+matches while `lease_token` is the caller's), renews the lease, and on
+PostgreSQL locks the row so `send_event` and a suspending wait cannot miss each
+other. On SQLite every write transaction is `BEGIN IMMEDIATE` in WAL mode with
+`synchronous=FULL`: one fsync'd commit per step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+from sqlalchemy import (
+    Index,
+    LargeBinary,
+    UniqueConstraint,
+    and_,
+    case,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine as SAEngine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Column, Field, SQLModel
+
+from .errors import DuplicateInstanceError, InstanceNotFoundError, InvalidStateError
+
+TERMINAL = ("complete", "errored", "terminated")
+
+# Step row statuses.
+STEP_COMPLETE = "complete"  # result_json holds the result (a sleep stores its wake time)
+STEP_FAILED = "failed"  # retries used up / non-retryable: replay raises the error again
+STEP_RETRYING = "retrying"  # attempts failed so far; next attempt at next_attempt_at
+STEP_WAITING = "waiting"  # wait_for_event reached; result_json holds the deadline
+
+
+class TenantRow(SQLModel, table=True):
+    __tablename__ = "tenants"
+    tenant_id: str = Field(primary_key=True, max_length=100)
+    latest_version: str | None = None
+    updated_at: float = 0.0
+
+
+class CodeVersionRow(SQLModel, table=True):
+    __tablename__ = "code_versions"
+    tenant_id: str = Field(primary_key=True, max_length=100)
+    version: str = Field(primary_key=True, max_length=80)
+    kind: str
+    blob: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: float
+
+
+class InstanceRow(SQLModel, table=True):
+    __tablename__ = "instances"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "instance_id", name="uq_instances_tenant_instance"),
+        Index("ix_instances_wake_at", "wake_at"),
+        Index("ix_instances_status", "status"),
+    )
+    pk: int | None = Field(default=None, primary_key=True)
+    tenant_id: str = Field(max_length=100)
+    instance_id: str = Field(max_length=100)
+    code_version: str
+    metadata_json: str
+    params_json: str
+    status: str
+    output_json: str | None = None
+    error_name: str | None = None
+    error_message: str | None = None
+    created_at: float
+    updated_at: float
+    wake_at: float | None = None
+    waiting_for: str | None = None
+    pause_requested: bool = False
+    lease_token: int = 0
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+    activations: int = 0
+
+
+class StepRow(SQLModel, table=True):
+    __tablename__ = "steps"
+    instance_pk: int = Field(primary_key=True)
+    name: str = Field(primary_key=True, max_length=256)
+    seq: int = Field(primary_key=True)
+    status: str
+    result_json: str | None = None
+    error_name: str | None = None
+    error_message: str | None = None
+    attempts: int = 0
+    next_attempt_at: float | None = None
+    started_at: float
+    finished_at: float | None = None
+
+
+class EventRow(SQLModel, table=True):
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_inbox", "instance_pk", "type", "consumed", "pk"),)
+    pk: int | None = Field(default=None, primary_key=True)
+    instance_pk: int
+    type: str = Field(max_length=100)
+    payload_json: str
+    created_at: float
+    consumed: bool = False
+
+
+I = InstanceRow.__table__
+S = StepRow.__table__
+E = EventRow.__table__
+T = TenantRow.__table__
+C = CodeVersionRow.__table__
+
+
+class LeaseLostError(Exception):
+    """The caller's fencing token is no longer the instance's: stop writing."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """An instance the scheduler leased for one activation."""
+
+    pk: int
+    token: int
+    tenant_id: str
+    instance_id: str
+    code_version: str
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    pk: int
+    tenant_id: str
+    instance_id: str
+    code_version: str
+    status: str
+    metadata_json: str
+    params_json: str
+    output_json: str | None
+    error_name: str | None
+    error_message: str | None
+    created_at: float
+    updated_at: float
+    wake_at: float | None
+    waiting_for: str | None
+    pause_requested: bool
+    lease_token: int
+    lease_expires_at: float | None
+    activations: int
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    name: str
+    seq: int
+    status: str
+    result_json: str | None
+    error_name: str | None
+    error_message: str | None
+    attempts: int
+    next_attempt_at: float | None
+    started_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class ActivationState:
+    info: InstanceInfo
+    steps: list[StepRecord]
+
+
+_INFO_COLS = [getattr(I.c, f) for f in InstanceInfo.__dataclass_fields__]
+_STEP_COLS = [getattr(S.c, f) for f in StepRecord.__dataclass_fields__ if f != "instance_pk"]
+
+
+def _sqlite_url_path(url: str) -> str | None:
+    prefix = "sqlite:///"
+    return url[len(prefix):] if url.startswith(prefix) else None
+
+
+class Journal:
+    """Connection to the journal database plus every query the engine runs."""
+
+    def __init__(self, url: str, *, create_tables: bool = True, synchronous: str = "FULL"):
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            path = _sqlite_url_path(url)
+            if path and path != ":memory:":
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.engine: SAEngine = create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": 60}
+            )
+            _install_sqlite_pragmas(self.engine, synchronous)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=8)
+        if self.is_sqlite:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        self._dialect_insert = dialect_insert
+        if create_tables:
+            with _TABLE_LOCK:
+                SQLModel.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- transactions ------------------------------------------------------
+
+    def _write(self) -> "_Tx":
+        return _Tx(self.engine, write=True)
+
+    def _read(self) -> "_Tx":
+        return _Tx(self.engine, write=False)
+
+    # -- tenants and code --------------------------------------------------
+
+    def save_code(self, tenant_id: str, version: str, kind: str, blob: bytes, now: float) -> None:
+        """Store a code version (idempotent: same content, same version) and make it the latest."""
+        with self._write() as conn:
+            exists = conn.execute(
+                select(C.c.version).where(C.c.tenant_id == tenant_id, C.c.version == version)
+            ).first()
+            if not exists:
+                conn.execute(
+                    insert(C).values(
+                        tenant_id=tenant_id, version=version, kind=kind, blob=blob, created_at=now
+                    )
+                )
+            stmt = self._dialect_insert(T).values(
+                tenant_id=tenant_id, latest_version=version, updated_at=now
+            )
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["tenant_id"],
+                    set_={"latest_version": version, "updated_at": now},
+                )
+            )
+
+    def latest_version(self, tenant_id: str) -> str | None:
+        with self._read() as conn:
+            return conn.execute(
+                select(T.c.latest_version).where(T.c.tenant_id == tenant_id)
+            ).scalar()
+
+    def get_code(self, tenant_id: str, version: str) -> tuple[str, bytes] | None:
+        with self._read() as conn:
+            row = conn.execute(
+                select(C.c.kind, C.c.blob).where(C.c.tenant_id == tenant_id, C.c.version == version)
+            ).first()
+        return (row.kind, bytes(row.blob)) if row else None
+
+    # -- creating and reading instances ------------------------------------
+
+    def create_instances(
+        self,
+        tenant_id: str,
+        code_version: str,
+        items: Sequence[tuple[str, str, str]],
+        now: float,
+        *,
+        skip_existing: bool,
+    ) -> list[str]:
+        """Insert (instance_id, params_json, metadata_json) rows, queued and due now.
+
+        With skip_existing, ids the tenant already has are left alone (create_batch);
+        otherwise an existing id raises DuplicateInstanceError. Returns the ids inserted.
+        """
+        rows = [
+            dict(
+                tenant_id=tenant_id, instance_id=iid, code_version=code_version,
+                params_json=params, metadata_json=meta, status="queued",
+                created_at=now, updated_at=now, wake_at=now, pause_requested=False,
+                lease_token=0, activations=0,
+            )
+            for iid, params, meta in items
+        ]
+        if not rows:
+            return []
+        with self._write() as conn:
+            if skip_existing:
+                existing = set(
+                    conn.execute(
+                        select(I.c.instance_id).where(
+                            I.c.tenant_id == tenant_id,
+                            I.c.instance_id.in_([r["instance_id"] for r in rows]),
+                        )
+                    ).scalars()
+                )
+                seen: set[str] = set()
+                fresh = []
+                for r in rows:
+                    if r["instance_id"] not in existing and r["instance_id"] not in seen:
+                        seen.add(r["instance_id"])
+                        fresh.append(r)
+                rows = fresh
+                if rows:
+                    conn.execute(insert(I), rows)
+            else:
+                try:
+                    conn.execute(insert(I), rows)
+                except IntegrityError:
+                    raise DuplicateInstanceError(
+                        f"tenant {tenant_id!r} already has an instance with id "
+                        f"{rows[0]['instance_id']!r}"
+                    ) from None
+        return [r["instance_id"] for r in rows]
+
+    def get_instance(self, tenant_id: str, instance_id: str) -> InstanceInfo | None:
+        with self._read() as conn:
+            row = conn.execute(
+                select(*_INFO_COLS).where(
+                    I.c.tenant_id == tenant_id, I.c.instance_id == instance_id
+                )
+            ).first()
+        return InstanceInfo(*row) if row else None
+
+    def require_instance(self, tenant_id: str, instance_id: str) -> InstanceInfo:
+        info = self.get_instance(tenant_id, instance_id)
+        if info is None:
+            raise InstanceNotFoundError(
+                f"no instance {instance_id!r} for tenant {tenant_id!r}"
+            )
+        return info
+
+    def find_instances(self, instance_id: str) -> list[InstanceInfo]:
+        """Every tenant's instance with this id (operator tools only)."""
+        with self._read() as conn:
+            rows = conn.execute(select(*_INFO_COLS).where(I.c.instance_id == instance_id)).all()
+        return [InstanceInfo(*r) for r in rows]
+
+    def list_instances(
+        self, tenant_id: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[InstanceInfo]:
+        stmt = select(*_INFO_COLS).order_by(I.c.pk.desc()).limit(limit)
+        if tenant_id is not None:
+            stmt = stmt.where(I.c.tenant_id == tenant_id)
+        if status is not None:
+            stmt = stmt.where(I.c.status == status)
+        with self._read() as conn:
+            return [InstanceInfo(*r) for r in conn.execute(stmt).all()]
+
+    def list_steps(self, pk: int) -> list[StepRecord]:
+        with self._read() as conn:
+            rows = conn.execute(
+                select(*_STEP_COLS).where(S.c.instance_pk == pk).order_by(S.c.started_at)
+            ).all()
+        return [StepRecord(*r) for r in rows]
+
+    def count_by_status(self) -> dict[str, int]:
+        with self._read() as conn:
+            rows = conn.execute(select(I.c.status, func.count()).group_by(I.c.status)).all()
+        return {status: n for status, n in rows}
+
+    # -- scheduling --------------------------------------------------------
+
+    def claim_due(self, now: float, limit: int, owner: str, lease_ttl: float) -> list[Claim]:
+        """Lease up to `limit` instances that are due and not leased, oldest wake first."""
+        if limit <= 0:
+            return []
+        due = (
+            select(I.c.pk)
+            .where(
+                I.c.wake_at <= now,
+                or_(I.c.lease_expires_at.is_(None), I.c.lease_expires_at < now),
+            )
+            .order_by(I.c.wake_at)
+            .limit(limit)
+        )
+        if not self.is_sqlite:
+            due = due.with_for_update(skip_locked=True)
+        stmt = (
+            update(I)
+            .where(I.c.pk.in_(due.scalar_subquery()))
+            .values(
+                lease_token=I.c.lease_token + 1,
+                lease_owner=owner,
+                lease_expires_at=now + lease_ttl,
+                status="running",
+                waiting_for=None,
+                activations=I.c.activations + 1,
+                updated_at=now,
+            )
+            .returning(I.c.pk, I.c.lease_token, I.c.tenant_id, I.c.instance_id, I.c.code_version)
+        )
+        with self._write() as conn:
+            return [Claim(*row) for row in conn.execute(stmt).all()]
+
+    def next_wake_at(self) -> float | None:
+        """Earliest timer of an instance that is not leased (the scheduler sleeps until then)."""
+        with self._read() as conn:
+            return conn.execute(
+                select(func.min(I.c.wake_at)).where(I.c.lease_expires_at.is_(None))
+            ).scalar()
+
+    def earliest_lease_expiry(self) -> float | None:
+        with self._read() as conn:
+            return conn.execute(
+                select(func.min(I.c.lease_expires_at)).where(I.c.wake_at.is_not(None))
+            ).scalar()
+
+    def release(self, pk: int, token: int, wake_at: float, now: float) -> bool:
+        """Give up a lease (its holder died or is shutting down): due again at wake_at."""
+        with self._write() as conn:
+            result = conn.execute(
+                update(I)
+                .where(I.c.pk == pk, I.c.lease_token == token, I.c.status.not_in(TERMINAL))
+                .values(
+                    lease_expires_at=None, lease_owner=None, updated_at=now,
+                    status=case((I.c.pause_requested, "paused"), else_="queued"),
+                    wake_at=case((I.c.pause_requested, None), else_=wake_at),
+                )
+            )
+            return bool(result.rowcount)
+
+    # -- what an activation writes (all fenced by the lease token) ---------
+
+    def _fence(self, conn: Connection, pk: int, token: int, now: float, lease_ttl: float) -> bool:
+        """Renew the lease if the token is still ours; returns pause_requested."""
+        row = conn.execute(
+            update(I)
+            .where(I.c.pk == pk, I.c.lease_token == token)
+            .values(lease_expires_at=now + lease_ttl, updated_at=now)
+            .returning(I.c.pause_requested)
+        ).first()
+        if row is None:
+            raise LeaseLostError(f"instance pk={pk}: lease token {token} is no longer current")
+        return bool(row[0])
+
+    def load_activation(self, pk: int, token: int) -> ActivationState:
+        with self._read() as conn:
+            row = conn.execute(select(*_INFO_COLS).where(I.c.pk == pk)).first()
+            if row is None or row.lease_token != token:
+                raise LeaseLostError(f"instance pk={pk}: lease token {token} is not current")
+            steps = conn.execute(select(*_STEP_COLS).where(S.c.instance_pk == pk)).all()
+        return ActivationState(InstanceInfo(*row), [StepRecord(*s) for s in steps])
+
+    def renew_lease(self, pk: int, token: int, now: float, lease_ttl: float) -> bool:
+        """Heartbeat for long steps. Returns pause_requested; raises LeaseLostError."""
+        with self._write() as conn:
+            return self._fence(conn, pk, token, now, lease_ttl)
+
+    def record_step(
+        self, pk: int, token: int, step: StepRecord, now: float, lease_ttl: float
+    ) -> bool:
+        """Durably record a step's state (fenced). Returns pause_requested."""
+        values = {k: getattr(step, k) for k in StepRecord.__dataclass_fields__}
+        stmt = self._dialect_insert(S).values(instance_pk=pk, **values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["instance_pk", "name", "seq"],
+            set_={k: v for k, v in values.items() if k not in ("name", "seq", "started_at")},
+        )
+        with self._write() as conn:
+            pause = self._fence(conn, pk, token, now, lease_ttl)
+            conn.execute(stmt)
+        return pause
+
+    def take_event(
+        self, pk: int, token: int, step: StepRecord, event_type: str, now: float, lease_ttl: float
+    ) -> tuple[str, str, float] | None:
+        """Consume the oldest buffered event of this type into the waiting step.
+
+        Returns (type, payload_json, created_at), or None when nothing is buffered.
+        """
+        with self._write() as conn:
+            self._fence(conn, pk, token, now, lease_ttl)
+            row = conn.execute(
+                select(E.c.pk, E.c.payload_json, E.c.created_at)
+                .where(E.c.instance_pk == pk, E.c.type == event_type, E.c.consumed.is_(False))
+                .order_by(E.c.pk)
+                .limit(1)
+            ).first()
+            if row is None:
+                return None
+            conn.execute(update(E).where(E.c.pk == row.pk).values(consumed=True))
+            result = (
+                f'{{"type":{json.dumps(event_type)},"payload":{row.payload_json},'
+                f'"timestamp":{json.dumps(row.created_at)}}}'
+            )
+            conn.execute(
+                update(S)
+                .where(S.c.instance_pk == pk, S.c.name == step.name, S.c.seq == step.seq)
+                .values(status=STEP_COMPLETE, result_json=result, finished_at=now)
+            )
+            return event_type, row.payload_json, row.created_at
+
+    def suspend(
+        self, pk: int, token: int, wake_at: float | None, waiting_for: str | None, now: float
+    ) -> None:
+        """Release the lease with a timer (sleep end / wait deadline / retry time).
+
+        If a pause was requested the instance becomes `paused` instead. If it waits
+        for an event that is already buffered, it is due at once (no lost wake-up).
+        """
+        with self._write() as conn:
+            result = conn.execute(
+                update(I)
+                .where(I.c.pk == pk, I.c.lease_token == token)
+                .values(
+                    status=case((I.c.pause_requested, "paused"), else_="waiting"),
+                    wake_at=case((I.c.pause_requested, None), else_=wake_at),
+                    waiting_for=waiting_for,
+                    lease_expires_at=None, lease_owner=None, updated_at=now,
+                )
+            )
+            if not result.rowcount:
+                raise LeaseLostError(f"instance pk={pk}: lease lost before suspending")
+            if waiting_for is not None:
+                buffered = conn.execute(
+                    select(E.c.pk).where(
+                        E.c.instance_pk == pk, E.c.type == waiting_for, E.c.consumed.is_(False)
+                    ).limit(1)
+                ).first()
+                if buffered is not None:
+                    conn.execute(
+                        update(I)
+                        .where(I.c.pk == pk, I.c.status == "waiting")
+                        .values(wake_at=now)
+                    )
+
+    def pause_now(self, pk: int, token: int, now: float) -> None:
+        """The activation stopped at a step boundary because a pause was requested."""
+        self._finish(pk, token, now, status="paused")
+
+    def complete(self, pk: int, token: int, output_json: str, now: float) -> None:
+        self._finish(pk, token, now, status="complete", output_json=output_json)
+
+    def fail(self, pk: int, token: int, error_name: str, message: str, now: float) -> None:
+        self._finish(pk, token, now, status="errored", error_name=error_name, error_message=message)
+
+    def _finish(self, pk: int, token: int, now: float, **values: Any) -> None:
+        with self._write() as conn:
+            result = conn.execute(
+                update(I)
+                .where(I.c.pk == pk, I.c.lease_token == token)
+                .values(
+                    wake_at=None, waiting_for=None, lease_expires_at=None, lease_owner=None,
+                    pause_requested=False, updated_at=now, **values,
+                )
+            )
+            if not result.rowcount:
+                raise LeaseLostError(f"instance pk={pk}: lease lost before finishing")
+
+    # -- what the platform does to an instance ------------------------------
+
+    def send_event(
+        self, tenant_id: str, instance_id: str, event_type: str, payload_json: str, now: float
+    ) -> InstanceInfo:
+        with self._write() as conn:
+            info = self._lock_instance(conn, tenant_id, instance_id)
+            if info.status in TERMINAL:
+                raise InvalidStateError(
+                    f"instance {instance_id!r} is {info.status}; it accepts no more events"
+                )
+            conn.execute(
+                insert(E).values(
+                    instance_pk=info.pk, type=event_type, payload_json=payload_json,
+                    created_at=now, consumed=False,
+                )
+            )
+            if info.waiting_for == event_type and info.status == "waiting":
+                conn.execute(update(I).where(I.c.pk == info.pk).values(wake_at=now))
+            return info
+
+    def pause(self, tenant_id: str, instance_id: str, now: float) -> str:
+        with self._write() as conn:
+            info = self._lock_instance(conn, tenant_id, instance_id)
+            if info.status in TERMINAL:
+                raise InvalidStateError(f"instance {instance_id!r} is {info.status}; cannot pause")
+            if info.status == "paused":
+                return "paused"
+            leased = info.lease_expires_at is not None and info.lease_expires_at >= now
+            status = "waitingForPause" if leased else "paused"
+            values: dict[str, Any] = dict(pause_requested=True, status=status, updated_at=now)
+            if not leased:
+                values.update(wake_at=None, lease_expires_at=None)
+            conn.execute(update(I).where(I.c.pk == info.pk).values(**values))
+            return status
+
+    def resume(self, tenant_id: str, instance_id: str, now: float) -> str:
+        with self._write() as conn:
+            info = self._lock_instance(conn, tenant_id, instance_id)
+            if info.status == "paused":
+                conn.execute(
+                    update(I).where(I.c.pk == info.pk).values(
+                        pause_requested=False, status="queued", wake_at=now, updated_at=now
+                    )
+                )
+                return "queued"
+            if info.status == "waitingForPause":
+                conn.execute(
+                    update(I).where(I.c.pk == info.pk).values(
+                        pause_requested=False, status="running", updated_at=now
+                    )
+                )
+                return "running"
+            if info.status in TERMINAL:
+                raise InvalidStateError(f"instance {instance_id!r} is {info.status}; cannot resume")
+            return info.status
+
+    def terminate(self, tenant_id: str, instance_id: str, now: float) -> None:
+        with self._write() as conn:
+            info = self._lock_instance(conn, tenant_id, instance_id)
+            if info.status in TERMINAL:
+                raise InvalidStateError(
+                    f"instance {instance_id!r} is already {info.status}; cannot terminate"
+                )
+            conn.execute(
+                update(I).where(I.c.pk == info.pk).values(
+                    status="terminated", wake_at=None, waiting_for=None,
+                    lease_token=I.c.lease_token + 1, lease_expires_at=None, lease_owner=None,
+                    pause_requested=False, updated_at=now,
+                )
+            )
+
+    def restart(self, tenant_id: str, instance_id: str, now: float) -> None:
+        """Start the instance over: its steps and inbox are discarded, running holders fenced."""
+        with self._write() as conn:
+            info = self._lock_instance(conn, tenant_id, instance_id)
+            conn.execute(
+                update(I).where(I.c.pk == info.pk).values(
+                    status="queued", wake_at=now, waiting_for=None, output_json=None,
+                    error_name=None, error_message=None, pause_requested=False,
+                    lease_token=I.c.lease_token + 1, lease_expires_at=None, lease_owner=None,
+                    updated_at=now,
+                )
+            )
+            conn.execute(delete(S).where(S.c.instance_pk == info.pk))
+            conn.execute(delete(E).where(E.c.instance_pk == info.pk))
+
+    def _lock_instance(self, conn: Connection, tenant_id: str, instance_id: str) -> InstanceInfo:
+        # Touch the row first: on PostgreSQL this takes the row lock (see module docstring).
+        touched = conn.execute(
+            update(I)
+            .where(I.c.tenant_id == tenant_id, I.c.instance_id == instance_id)
+            .values(updated_at=I.c.updated_at)
+        )
+        if not touched.rowcount:
+            raise InstanceNotFoundError(f"no instance {instance_id!r} for tenant {tenant_id!r}")
+        row = conn.execute(
+            select(*_INFO_COLS).where(I.c.tenant_id == tenant_id, I.c.instance_id == instance_id)
+        ).first()
+        return InstanceInfo(*row)
+
+
+_TABLE_LOCK = threading.Lock()
+
+
+class _Tx:
+    """A transaction: `BEGIN IMMEDIATE` for SQLite writes, plain `BEGIN` otherwise."""
+
+    __slots__ = ("_engine", "_write", "_conn", "_tx")
+
+    def __init__(self, engine: SAEngine, write: bool):
+        self._engine = engine
+        self._write = write
+
+    def __enter__(self) -> Connection:
+        conn = self._engine.connect()
+        if self._write:
+            conn = conn.execution_options(dynwf_write=True)
+        self._conn = conn
+        self._tx = conn.begin()
+        return conn
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._tx.commit()
+            else:
+                self._tx.rollback()
+        finally:
+            self._conn.close()
+
+
+def _install_sqlite_pragmas(engine: SAEngine, synchronous: str) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves, below
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # noqa: ANN001
+        mode = "IMMEDIATE" if conn.get_execution_options().get("dynwf_write") else "DEFERRED"
+        conn.exec_driver_sql(f"BEGIN {mode}")

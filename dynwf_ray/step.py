@@ -1,0 +1,394 @@
+"""`Step`: what `run(event, step)` receives: `do`, `sleep`, `sleep_until`, `wait_for_event`.
+
+Replay lives here. Each call is keyed by (name, occurrence count of that name
+in this run). A key the journal already holds returns the recorded result (or
+raises the recorded error) without running anything; a new key runs, and its
+outcome is recorded durably, fenced by the activation's lease, before the
+call returns. A sleep, wait or retry delay that is not over raises `Suspend`,
+which ends the activation; the scheduler activates the instance again later.
+
+`Suspend` and `PauseAtBoundary` derive from BaseException so that tenant code
+catching `Exception` cannot swallow them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import time
+from datetime import datetime, timezone
+from functools import lru_cache
+from typing import Any, Callable, Protocol
+
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_not_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+    wait_fixed,
+    wait_incrementing,
+)
+
+from .errors import (
+    InvalidInputError,
+    NonRetryableError,
+    StepFailedError,
+    StepTimeoutError,
+    WorkflowTimeoutError,
+)
+from .journal import (
+    STEP_COMPLETE,
+    STEP_FAILED,
+    STEP_RETRYING,
+    STEP_WAITING,
+    ActivationState,
+    Journal,
+    StepRecord,
+)
+from .types import (
+    DEFAULT_STEP_CONFIG,
+    DEFAULT_WAIT_TIMEOUT,
+    MAX_SLEEP,
+    Backoff,
+    ReceivedEvent,
+    RetryConfig,
+    StepConfig,
+    StepContext,
+    parse_duration,
+    timestamp_to_datetime,
+    to_json,
+    validate_event_type,
+    validate_step_name,
+)
+
+
+class Suspend(BaseException):
+    """Internal: end this activation; activate again at `wake_at` (or on an event)."""
+
+    def __init__(self, wake_at: float, waiting_for: str | None = None):
+        super().__init__(wake_at, waiting_for)
+        self.wake_at = wake_at
+        self.waiting_for = waiting_for
+
+
+class PauseAtBoundary(BaseException):
+    """Internal: a pause was requested; stop before the next new step."""
+
+
+class AttemptTracker(Protocol):
+    """Internal: told when a step attempt starts and ends (the host's watchdog)."""
+
+    def begin(self, deadline: float, on_overrun: Callable[[], None]) -> None: ...
+
+    def end(self) -> None: ...
+
+
+@lru_cache(maxsize=64)
+def _retrying(config: RetryConfig) -> Retrying:
+    """The tenacity policy for a retry config (backoff: d, d*n, d*2^(n-1))."""
+    if config.backoff is Backoff.constant:
+        wait = wait_fixed(config.delay)
+    elif config.backoff is Backoff.linear:
+        wait = wait_incrementing(start=config.delay, increment=config.delay)
+    else:
+        wait = wait_exponential(multiplier=config.delay, exp_base=2, min=0)
+    return Retrying(
+        stop=stop_after_attempt(config.limit + 1),
+        wait=wait,
+        retry=retry_if_not_exception_type(NonRetryableError),
+    )
+
+
+def retry_delay(config: RetryConfig, attempt: int, exc: BaseException) -> float | None:
+    """Seconds until the next attempt after `attempt` failed with `exc`; None = give up."""
+    policy = _retrying(config)
+    state = RetryCallState(policy, None, (), {})
+    state.attempt_number = attempt
+    state.set_exception((type(exc), exc, exc.__traceback__))
+    if not policy.retry(state) or policy.stop(state):
+        return None
+    return float(policy.wait(state))
+
+
+def _takes_context(fn: Callable[..., Any]) -> bool:
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        return _code_takes_context(code, inspect.ismethod(fn))
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params
+    )
+
+
+@lru_cache(maxsize=4096)
+def _code_takes_context(code: Any, bound: bool) -> bool:
+    positional = code.co_argcount - (1 if bound else 0)
+    return positional > 0 or bool(code.co_flags & inspect.CO_VARARGS)
+
+
+class Step:
+    """The `step` argument of `run(event, step)`."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        state: ActivationState,
+        token: int,
+        *,
+        clock: Callable[[], float] = time.time,
+        lease_ttl: float = 30.0,
+        tracker: AttemptTracker | None = None,
+    ):
+        self._journal = journal
+        self._pk = state.info.pk
+        self._token = token
+        self._clock = clock
+        self._lease_ttl = lease_ttl
+        self._tracker = tracker
+        self._records = {(s.name, s.seq): s for s in state.steps}
+        self._counts: dict[str, int] = {}
+        self._pause_requested = state.info.pause_requested
+        self.instance_id = state.info.instance_id
+
+    # -- step.do -----------------------------------------------------------
+
+    async def do(
+        self,
+        name: str,
+        fn: Callable[..., Any] | None = None,
+        *,
+        retries: dict | RetryConfig | None = None,
+        timeout: Any = None,
+    ) -> Any:
+        """Run `fn` once, durably; on replay return its recorded result."""
+        seq = self._next_seq(name)
+        record = self._records.get((name, seq))
+        attempts_done = 0
+        if record is not None:
+            if record.status == STEP_COMPLETE:
+                return json.loads(record.result_json) if record.result_json else None
+            if record.status == STEP_FAILED:
+                raise StepFailedError(name, record.error_name, record.error_message, record.attempts)
+            if record.status == STEP_RETRYING:
+                attempts_done = record.attempts
+                if record.next_attempt_at is not None and self._clock() < record.next_attempt_at:
+                    raise Suspend(record.next_attempt_at)
+        if not callable(fn):
+            raise InvalidInputError(f"step {name!r}: step.do needs a callable, got {fn!r}")
+        self._boundary()
+        config = self._config(name, retries, timeout)
+        attempt = attempts_done + 1
+        started = self._clock() if record is None else record.started_at
+        try:
+            value = await self._attempt(fn, name, seq, attempt, config)
+        except Exception as exc:  # noqa: BLE001 - any tenant error is a failed attempt
+            self._attempt_failed(name, seq, attempt, started, config, exc)
+        try:
+            text = to_json(value, f"result of step {name!r}")
+        except InvalidInputError as exc:
+            self._record(name, seq, STEP_FAILED, started, attempt, error=exc)
+            raise StepFailedError(name, type(exc).__name__, str(exc), attempt) from None
+        self._record(name, seq, STEP_COMPLETE, started, attempt, result_json=text)
+        return json.loads(text)
+
+    def _config(self, name: str, retries: Any, timeout: Any) -> StepConfig:
+        if retries is None and timeout is None:
+            return DEFAULT_STEP_CONFIG
+        try:
+            kwargs: dict[str, Any] = {}
+            if retries is not None:
+                kwargs["retries"] = retries
+            if timeout is not None:
+                kwargs["timeout"] = timeout
+            return StepConfig(**kwargs)
+        except Exception as exc:  # pydantic's ValidationError or our InvalidInputError
+            raise InvalidInputError(f"step {name!r}: invalid options: {exc}") from None
+
+    async def _attempt(
+        self, fn: Callable[..., Any], name: str, seq: int, attempt: int, config: StepConfig
+    ) -> Any:
+        args = (StepContext(step=name, count=seq, attempt=attempt),) if _takes_context(fn) else ()
+        began = self._clock()
+        deadline = time.monotonic() + config.timeout
+        tracker = self._tracker
+        if tracker is not None:
+            tracker.begin(
+                deadline,
+                lambda: self._record_overrun(name, seq, attempt, began, config),
+            )
+        try:
+            value = fn(*args)
+            if inspect.isawaitable(value):
+                try:
+                    value = await asyncio.wait_for(value, config.timeout)
+                except asyncio.TimeoutError:
+                    raise self._timeout_error(name, attempt, config) from None
+        finally:
+            if tracker is not None:
+                tracker.end()
+        if time.monotonic() > deadline:
+            # A synchronous callback cannot be interrupted; it still failed its timeout.
+            raise self._timeout_error(name, attempt, config)
+        return value
+
+    @staticmethod
+    def _timeout_error(name: str, attempt: int, config: StepConfig) -> StepTimeoutError:
+        return StepTimeoutError(
+            f"step {name!r} attempt {attempt} exceeded its timeout of {config.timeout:g} s"
+        )
+
+    def _attempt_failed(
+        self, name: str, seq: int, attempt: int, started: float, config: StepConfig,
+        exc: BaseException,
+    ) -> None:
+        """Record a failed attempt; raise Suspend (retry later) or StepFailedError."""
+        delay = retry_delay(config.retries, attempt, exc)
+        error_name = type(exc).__name__
+        if delay is None:
+            self._record(name, seq, STEP_FAILED, started, attempt, error=exc)
+            raise StepFailedError(name, error_name, str(exc), attempt) from exc
+        next_at = self._clock() + delay
+        self._record(name, seq, STEP_RETRYING, started, attempt, error=exc, next_attempt_at=next_at)
+        raise Suspend(next_at)
+
+    def _record_overrun(
+        self, name: str, seq: int, attempt: int, started: float, config: StepConfig
+    ) -> None:
+        """Called by the host's watchdog when a callback blocks past its timeout."""
+        exc = self._timeout_error(name, attempt, config)
+        delay = retry_delay(config.retries, attempt, exc)
+        if delay is None:
+            self._record(name, seq, STEP_FAILED, started, attempt, error=exc)
+        else:
+            self._record(
+                name, seq, STEP_RETRYING, started, attempt, error=exc,
+                next_attempt_at=self._clock() + delay,
+            )
+
+    # -- sleeping ----------------------------------------------------------
+
+    async def sleep(self, name: str, duration: Any) -> None:
+        """Durable sleep: the instance hibernates until `duration` has passed."""
+        seconds = parse_duration(duration, f"duration of sleep {name!r}")
+        if seconds > MAX_SLEEP.total_seconds():
+            raise InvalidInputError(f"sleep {name!r}: {seconds:g} s is longer than 365 days")
+        await self._sleep_until(name, lambda: self._clock() + seconds)
+
+    async def sleep_until(self, name: str, when: datetime | float) -> None:
+        """Durable sleep until a datetime (naive means UTC) or a UNIX timestamp."""
+        if isinstance(when, datetime):
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=timezone.utc)
+            target = when.timestamp()
+        elif isinstance(when, (int, float)) and not isinstance(when, bool):
+            target = float(when)
+        else:
+            raise InvalidInputError(
+                f"sleep_until {name!r}: expected a datetime or timestamp, got {when!r}"
+            )
+        if target - self._clock() > MAX_SLEEP.total_seconds():
+            raise InvalidInputError(f"sleep_until {name!r}: more than 365 days ahead")
+        await self._sleep_until(name, lambda: target)
+
+    async def _sleep_until(self, name: str, target: Callable[[], float]) -> None:
+        seq = self._next_seq(name)
+        record = self._records.get((name, seq))
+        if record is not None:
+            wake_at = json.loads(record.result_json)
+        else:
+            self._boundary()
+            wake_at = target()
+            self._record(name, seq, STEP_COMPLETE, self._clock(), 0, result_json=json.dumps(wake_at))
+        if self._clock() < wake_at:
+            raise Suspend(wake_at)
+
+    # -- events ------------------------------------------------------------
+
+    async def wait_for_event(
+        self, name: str, *, type: str, timeout: Any = DEFAULT_WAIT_TIMEOUT
+    ) -> ReceivedEvent:
+        """Wait (hibernated) for an event of `type`; events sent earlier are buffered FIFO."""
+        validate_event_type(type)
+        seconds = parse_duration(timeout, f"timeout of wait_for_event {name!r}")
+        if seconds > MAX_SLEEP.total_seconds():
+            raise InvalidInputError(f"wait_for_event {name!r}: timeout longer than 365 days")
+        seq = self._next_seq(name)
+        record = self._records.get((name, seq))
+        if record is not None and record.status == STEP_COMPLETE:
+            return self._received(json.loads(record.result_json))
+        if record is not None and record.status == STEP_FAILED:
+            raise WorkflowTimeoutError(record.error_message)
+        if record is not None:  # STEP_WAITING: the deadline was fixed when first reached
+            deadline = json.loads(record.result_json)
+            started = record.started_at
+        else:
+            self._boundary()
+            started = self._clock()
+            deadline = started + seconds
+            record = self._make_record(
+                name, seq, STEP_WAITING, started, 0, result_json=json.dumps(deadline)
+            )
+            self._write(record)
+        now = self._clock()
+        got = self._journal.take_event(
+            self._pk, self._token, record, type, now, self._lease_ttl
+        )
+        if got is not None:
+            event_type, payload_json, created_at = got
+            return ReceivedEvent(
+                type=event_type, payload=json.loads(payload_json),
+                timestamp=timestamp_to_datetime(created_at),
+            )
+        if now >= deadline:
+            exc = WorkflowTimeoutError(
+                f"wait_for_event {name!r} got no {type!r} event within {seconds:g} s"
+            )
+            self._record(name, seq, STEP_FAILED, started, 0, error=exc)
+            raise exc
+        raise Suspend(deadline, waiting_for=type)
+
+    @staticmethod
+    def _received(data: dict) -> ReceivedEvent:
+        return ReceivedEvent(
+            type=data["type"], payload=data["payload"],
+            timestamp=timestamp_to_datetime(data["timestamp"]),
+        )
+
+    # -- internals ---------------------------------------------------------
+
+    def _next_seq(self, name: str) -> int:
+        validate_step_name(name)
+        seq = self._counts.get(name, 0) + 1
+        self._counts[name] = seq
+        return seq
+
+    def _boundary(self) -> None:
+        if self._pause_requested:
+            raise PauseAtBoundary()
+
+    def _make_record(
+        self, name: str, seq: int, status: str, started: float, attempts: int, *,
+        result_json: str | None = None, error: BaseException | None = None,
+        next_attempt_at: float | None = None,
+    ) -> StepRecord:
+        done = status in (STEP_COMPLETE, STEP_FAILED)
+        return StepRecord(
+            name=name, seq=seq, status=status, result_json=result_json,
+            error_name=type(error).__name__ if error is not None else None,
+            error_message=str(error) if error is not None else None,
+            attempts=attempts, next_attempt_at=next_attempt_at,
+            started_at=started, finished_at=self._clock() if done else None,
+        )
+
+    def _record(self, name: str, seq: int, status: str, started: float, attempts: int, **kw: Any) -> None:
+        self._write(self._make_record(name, seq, status, started, attempts, **kw))
+
+    def _write(self, record: StepRecord) -> None:
+        self._pause_requested = self._journal.record_step(
+            self._pk, self._token, record, self._clock(), self._lease_ttl
+        )

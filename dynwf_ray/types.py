@@ -1,0 +1,223 @@
+"""Validated shapes and limits shared by the tenant- and platform-facing APIs.
+
+Everything a caller hands us goes through one of these: durations ("10 seconds",
+numbers of seconds, timedelta), instance/tenant ids, step names, event types,
+step retry configuration and JSON payloads with their size limits. Errors name
+the argument that was wrong. The event and status shapes handed back to callers
+live here too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timedelta, timezone
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import InvalidInputError, NotSerializableError, PayloadTooLargeError
+
+# Limits (Cloudflare Workflows' documented ones, which we match).
+MAX_ID_LENGTH = 100
+MAX_STEP_NAME_LENGTH = 256
+MAX_EVENT_TYPE_LENGTH = 100
+MAX_PAYLOAD_BYTES = 1024 * 1024
+MAX_SLEEP = timedelta(days=365)
+MAX_BATCH = 100
+DEFAULT_WAIT_TIMEOUT = timedelta(hours=24)
+
+_ID_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9\-_]*$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_UNITS = {
+    "ms": 0.001, "millisecond": 0.001, "milliseconds": 0.001,
+    "s": 1, "sec": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+    "w": 604800, "week": 604800, "weeks": 604800,
+}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*$")
+
+
+def parse_duration(value: Any, what: str = "duration") -> float:
+    """Seconds from "10 seconds" / "2 minutes" / "1 day", a number of seconds or a timedelta."""
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool):
+        raise InvalidInputError(f"{what}: expected a duration, got {value!r}")
+    elif isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        unit = match and _UNITS.get(match.group(2).lower())
+        if not unit:
+            raise InvalidInputError(
+                f"{what}: cannot parse {value!r}; use e.g. '10 seconds', '2 minutes', "
+                "'1 day', a number of seconds or a timedelta"
+            )
+        seconds = float(match.group(1)) * unit
+    else:
+        raise InvalidInputError(f"{what}: expected a duration, got {type(value).__name__}")
+    if seconds != seconds or seconds < 0:
+        raise InvalidInputError(f"{what}: must be a non-negative duration, got {value!r}")
+    return seconds
+
+
+def validate_id(value: Any, what: str = "instance id") -> str:
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{what} must be a string, got {type(value).__name__}")
+    if not value or len(value) > MAX_ID_LENGTH or not _ID_RE.match(value):
+        raise InvalidInputError(
+            f"{what} {value[:120]!r} is invalid: 1-{MAX_ID_LENGTH} characters of "
+            "letters, digits, '-' and '_', not starting with '-'"
+        )
+    return value
+
+
+def validate_step_name(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidInputError(f"step name must be a non-empty string, got {value!r}")
+    if len(value) > MAX_STEP_NAME_LENGTH:
+        raise InvalidInputError(
+            f"step name {value[:40]!r}... is {len(value)} characters; the limit is "
+            f"{MAX_STEP_NAME_LENGTH}"
+        )
+    if _CONTROL_RE.search(value):
+        raise InvalidInputError(f"step name {value!r} contains control characters")
+    return value
+
+
+def validate_event_type(value: Any) -> str:
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > MAX_EVENT_TYPE_LENGTH
+        or not _ID_RE.match(value)
+    ):
+        raise InvalidInputError(
+            f"event type {value!r} is invalid: 1-{MAX_EVENT_TYPE_LENGTH} characters "
+            "matching ^[a-zA-Z0-9_][a-zA-Z0-9-_]*$"
+        )
+    return value
+
+
+def to_json(value: Any, what: str) -> str:
+    """Serialize for the journal, enforcing JSON-ability and the 1 MiB limit."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise NotSerializableError(f"{what} is not JSON-serializable: {exc}") from None
+    if len(text) > MAX_PAYLOAD_BYTES and len(text.encode()) > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLargeError(
+            f"{what} is {len(text.encode())} bytes serialized; the limit is "
+            f"{MAX_PAYLOAD_BYTES} bytes (1 MiB)"
+        )
+    return text
+
+
+def timestamp_to_datetime(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+class Backoff(str, Enum):
+    constant = "constant"
+    linear = "linear"
+    exponential = "exponential"
+
+
+class RetryConfig(BaseModel):
+    """`retries=` of `step.do`: how many retries, and how long between them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    limit: int = Field(default=5, ge=0)
+    delay: float = 10.0
+    backoff: Backoff = Backoff.exponential
+
+    @field_validator("delay", mode="before")
+    @classmethod
+    def _delay(cls, v: Any) -> float:
+        return parse_duration(v, "retries.delay")
+
+
+class StepConfig(BaseModel):
+    """The options of one `step.do` call, validated."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    retries: RetryConfig = RetryConfig()
+    timeout: float = 600.0
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> float:
+        seconds = parse_duration(v, "timeout")
+        if seconds <= 0:
+            raise InvalidInputError("timeout must be greater than zero")
+        return seconds
+
+
+DEFAULT_STEP_CONFIG = StepConfig()
+
+
+class WorkflowEvent(BaseModel):
+    """What `run(event, step)` receives: the instance's params and identity."""
+
+    model_config = ConfigDict(frozen=True)
+    payload: Any = None
+    timestamp: datetime
+    instance_id: str
+
+
+class ReceivedEvent(BaseModel):
+    """What `step.wait_for_event` returns."""
+
+    model_config = ConfigDict(frozen=True)
+    type: str
+    payload: Any = None
+    timestamp: datetime
+
+
+class StepContext(BaseModel):
+    """Passed to a `step.do` callback that takes one argument."""
+
+    model_config = ConfigDict(frozen=True)
+    step: str
+    count: int
+    attempt: int
+
+
+InstanceStatusName = Literal[
+    "queued", "running", "paused", "errored", "terminated", "complete",
+    "waiting", "waitingForPause", "unknown",
+]
+
+
+class InstanceError(BaseModel):
+    name: str
+    message: str
+
+
+class InstanceStatus(BaseModel):
+    """`instance.status()`: Cloudflare's status shape."""
+
+    status: InstanceStatusName
+    error: InstanceError | None = None
+    output: Any = None
+
+    def __getitem__(self, key: str) -> Any:  # status()["status"] reads like the JS API
+        value = getattr(self, key)
+        return value.model_dump() if isinstance(value, BaseModel) else value
+
+
+class CreateOptions(BaseModel):
+    """One item of `create` / `create_batch`."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = None
+    params: Any = None
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str | None) -> str | None:
+        return None if v is None else validate_id(v)
