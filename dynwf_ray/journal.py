@@ -380,7 +380,9 @@ class Journal:
 
     # -- scheduling --------------------------------------------------------
 
-    def claim_due(self, now: float, limit: int, owner: str, lease_ttl: float) -> list[Claim]:
+    def claim_due(
+        self, now: float, limit: int, owner: str, lease_ttl: float, tenant_id: str | None = None
+    ) -> list[Claim]:
         """Lease up to `limit` instances that are due and not leased, oldest wake first."""
         if limit <= 0:
             return []
@@ -393,6 +395,8 @@ class Journal:
             .order_by(I.c.wake_at)
             .limit(limit)
         )
+        if tenant_id is not None:
+            due = due.where(I.c.tenant_id == tenant_id)
         if not self.is_sqlite:
             due = due.with_for_update(skip_locked=True)
         stmt = (

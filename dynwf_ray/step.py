@@ -113,22 +113,26 @@ def retry_delay(config: RetryConfig, attempt: int, exc: BaseException) -> float 
 
 
 def _takes_context(fn: Callable[..., Any]) -> bool:
+    """Whether a callback wants the StepContext: it has a required positional parameter."""
     code = getattr(fn, "__code__", None)
     if code is not None:
-        return _code_takes_context(code, inspect.ismethod(fn))
+        defaults = len(getattr(fn, "__defaults__", None) or ())
+        return _code_takes_context(code, defaults, inspect.ismethod(fn))
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return False
     return any(
-        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        or p.kind is p.VAR_POSITIONAL
+        for p in params
     )
 
 
 @lru_cache(maxsize=4096)
-def _code_takes_context(code: Any, bound: bool) -> bool:
-    positional = code.co_argcount - (1 if bound else 0)
-    return positional > 0 or bool(code.co_flags & inspect.CO_VARARGS)
+def _code_takes_context(code: Any, defaults: int, bound: bool) -> bool:
+    required = code.co_argcount - defaults - (1 if bound else 0)
+    return required > 0 or bool(code.co_flags & inspect.CO_VARARGS)
 
 
 class Step:

@@ -1,0 +1,337 @@
+"""Activations against a real journal with a fake clock: replay, retries, sleeps, waits, fencing.
+
+No Ray here: the scheduler's role is played by `Driver`, which claims due
+instances and activates them in-process, so time and ordering are exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from dynwf_ray import (
+    DuplicateInstanceError,
+    InstanceNotFoundError,
+    InvalidStateError,
+    NonRetryableError,
+    WorkflowEntrypoint,
+    WorkflowTimeoutError,
+)
+from dynwf_ray.activation import activate
+from dynwf_ray.binding import WorkflowBinding
+from dynwf_ray.journal import LeaseLostError, StepRecord
+
+
+class Driver:
+    """Plays the scheduler for one tenant with a fake clock."""
+
+    def __init__(self, journal, tenant, workflow_cls):
+        self.journal = journal
+        self.tenant = tenant
+        self.cls = workflow_cls
+        self.now = 1_000_000.0
+        journal.save_code(tenant, "v1", "test", b"", self.now)
+        self.binding = WorkflowBinding(journal, tenant, clock=lambda: self.now)
+
+    def clock(self) -> float:
+        return self.now
+
+    def tick(self) -> list[str]:
+        """Claim and activate every due instance of this tenant."""
+        outcomes = []
+        for claim in self.journal.claim_due(self.now, 1000, "test", 30, tenant_id=self.tenant):
+            outcomes.append(
+                asyncio.run(activate(self.journal, claim.pk, claim.token, self.cls, clock=self.clock))
+            )
+        return outcomes
+
+    def info(self, instance_id):
+        return self.journal.get_instance(self.tenant, instance_id)
+
+    def steps(self, instance_id):
+        return {(s.name, s.seq): s for s in self.journal.list_steps(self.info(instance_id).pk)}
+
+
+CALLS: dict[str, int] = {}
+
+
+def count(name):
+    CALLS[name] = CALLS.get(name, 0) + 1
+    return CALLS[name]
+
+
+@pytest.fixture(autouse=True)
+def _reset_calls():
+    CALLS.clear()
+
+
+class Replayed(WorkflowEntrypoint):
+    async def run(self, event, step):
+        a = await step.do("a", lambda: count("a"))
+        await step.sleep("nap", "10 seconds")
+        b = await step.do("b", lambda: count("b"))
+        loop = [await step.do("same", lambda i=i: i) for i in range(3)]
+        return {"a": a, "b": b, "loop": loop, "params": event.payload}
+
+
+def test_replay_runs_each_step_once_and_counts_repeated_names(journal, tenant):
+    d = Driver(journal, tenant, Replayed)
+    d.binding.create(id="r1", params={"k": "v"})
+    assert d.tick() == ["suspended"]
+    assert d.info("r1").status == "waiting"
+    assert d.info("r1").wake_at == d.now + 10
+    d.now += 5
+    assert d.tick() == []  # not due yet
+    d.now += 5
+    assert d.tick() == ["complete"]
+    info = d.info("r1")
+    assert json.loads(info.output_json) == {"a": 1, "b": 1, "loop": [0, 1, 2], "params": {"k": "v"}}
+    assert CALLS == {"a": 1, "b": 1}
+    assert [k for k in d.steps("r1") if k[0] == "same"] == [("same", 1), ("same", 2), ("same", 3)]
+
+
+class Retrying(WorkflowEntrypoint):
+    async def run(self, event, step):
+        def flaky(ctx):
+            count("flaky")
+            if ctx.attempt < event.payload["succeed_at"]:
+                raise RuntimeError(f"attempt {ctx.attempt} failed")
+            return ctx.attempt
+
+        config = {"limit": 3, "delay": "2 seconds", "backoff": event.payload["backoff"]}
+        return await step.do("flaky", flaky, retries=config)
+
+
+@pytest.mark.parametrize(
+    "backoff, waits", [("constant", [2, 2, 2]), ("linear", [2, 4, 6]), ("exponential", [2, 4, 8])]
+)
+def test_retries_suspend_for_each_backoff_delay(journal, tenant, backoff, waits):
+    d = Driver(journal, tenant, Retrying)
+    d.binding.create(id="f", params={"backoff": backoff, "succeed_at": 4})
+    for wait in waits:
+        assert d.tick() == ["suspended"]
+        step = d.steps("f")[("flaky", 1)]
+        assert step.status == "retrying"
+        assert step.next_attempt_at == pytest.approx(d.now + wait)
+        d.now += wait - 0.5
+        assert d.tick() == []  # the retry is not due before its delay
+        d.now += 0.5
+    assert d.tick() == ["complete"]
+    assert json.loads(d.info("f").output_json) == 4
+    assert CALLS["flaky"] == 4
+
+
+def test_retries_exhausted_error_the_instance_with_the_last_error(journal, tenant):
+    d = Driver(journal, tenant, Retrying)
+    d.binding.create(id="f", params={"backoff": "constant", "succeed_at": 99})
+    for _ in range(3):
+        d.tick()
+        d.now += 2
+    assert d.tick() == ["errored"]
+    info = d.info("f")
+    assert info.error_name == "RuntimeError"
+    assert "step 'flaky' failed after 4 attempt(s)" in info.error_message
+    assert "attempt 4 failed" in info.error_message
+    assert CALLS["flaky"] == 4
+
+
+class CatchesFailure(WorkflowEntrypoint):
+    async def run(self, event, step):
+        def refuse():
+            count("refuse")
+            raise NonRetryableError("card stolen")
+
+        try:
+            await step.do("charge", refuse)
+        except Exception as exc:  # a failed step can be handled by run()
+            caught = f"{type(exc).__name__}: {exc}"
+        await step.sleep("then", 1)
+        return caught
+
+
+def test_non_retryable_error_fails_the_step_at_once_and_replays_the_same_error(journal, tenant):
+    d = Driver(journal, tenant, CatchesFailure)
+    d.binding.create(id="n")
+    assert d.tick() == ["suspended"]
+    d.now += 1
+    assert d.tick() == ["complete"]
+    assert CALLS["refuse"] == 1
+    out = json.loads(d.info("n").output_json)
+    assert out == "StepFailedError: step 'charge' failed after 1 attempt(s): NonRetryableError: card stolen"
+
+
+class SlowAsync(WorkflowEntrypoint):
+    async def run(self, event, step):
+        async def slow():
+            count("slow")
+            await asyncio.sleep(10)
+
+        return await step.do("slow", slow, retries={"limit": 0}, timeout=0.05)
+
+
+def test_async_step_timeout(journal, tenant):
+    d = Driver(journal, tenant, SlowAsync)
+    d.binding.create(id="s")
+    assert d.tick() == ["errored"]
+    info = d.info("s")
+    assert info.error_name == "StepTimeoutError"
+    assert "exceeded its timeout of 0.05 s" in info.error_message
+
+
+class BadResults(WorkflowEntrypoint):
+    async def run(self, event, step):
+        kind = event.payload
+        if kind == "big":
+            return await step.do("big", lambda: "x" * (1024 * 1024 + 10))
+        if kind == "unserializable":
+            return await step.do("obj", lambda: object())
+        if kind == "name":
+            return await step.do("n" * 300, lambda: 1)
+        if kind == "output":
+            return {1, 2}
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind, error, message",
+    [
+        ("big", "PayloadTooLargeError", "result of step 'big' is 1048588 bytes"),
+        ("unserializable", "NotSerializableError", "result of step 'obj' is not JSON-serializable"),
+        ("name", "InvalidInputError", "limit is 256"),
+        ("output", "NotSerializableError", "output of instance 'b' is not JSON-serializable"),
+    ],
+)
+def test_bad_results_and_names_error_with_a_clear_message(journal, tenant, kind, error, message):
+    d = Driver(journal, tenant, BadResults)
+    d.binding.create(id="b", params=kind)
+    assert d.tick() == ["errored"]
+    info = d.info("b")
+    assert info.error_name == error
+    assert message in info.error_message
+
+
+class Waits(WorkflowEntrypoint):
+    async def run(self, event, step):
+        first = await step.wait_for_event("first", type="go", timeout="1 minute")
+        second = await step.wait_for_event("second", type="go", timeout="1 minute")
+        try:
+            await step.wait_for_event("never", type="other", timeout="30 seconds")
+            late = "got one"
+        except WorkflowTimeoutError as exc:
+            late = str(exc)
+        return [first.payload, second.payload, first.type, late]
+
+
+def test_events_buffer_fifo_before_the_wait_and_waits_time_out(journal, tenant):
+    d = Driver(journal, tenant, Waits)
+    handle = d.binding.create(id="w")
+    handle.send_event("go", {"n": 1})  # sent before the workflow ever ran
+    handle.send_event("go", {"n": 2})
+    handle.send_event("unrelated", {"n": 0})
+    assert d.tick() == ["suspended"]  # consumed both, now waits for "other"
+    info = d.info("w")
+    assert info.waiting_for == "other" and info.wake_at == d.now + 30
+    d.now += 29
+    assert d.tick() == []
+    d.now += 1
+    assert d.tick() == ["complete"]
+    out = json.loads(d.info("w").output_json)
+    assert out[:3] == [{"n": 1}, {"n": 2}, "go"]
+    assert "got no 'other' event within 30 s" in out[3]
+
+
+def test_an_event_wakes_a_waiting_instance_at_once(journal, tenant):
+    d = Driver(journal, tenant, Waits)
+    handle = d.binding.create(id="w")
+    assert d.tick() == ["suspended"]
+    assert d.info("w").waiting_for == "go"
+    handle.send_event("go", {"n": 1})
+    assert d.info("w").wake_at == d.now
+    assert d.tick() == ["suspended"]  # took it, now waits for the second one
+
+
+def test_stale_lease_cannot_record_a_step(journal, tenant):
+    d = Driver(journal, tenant, Replayed)
+    d.binding.create(id="x")
+    (first,) = journal.claim_due(d.now, 10, "a", 5, tenant)
+    d.now += 6  # lease expired: someone else claims it
+    (second,) = journal.claim_due(d.now, 10, "b", 5, tenant)
+    assert second.token == first.token + 1
+    record = StepRecord("a", 1, "complete", "1", None, None, 1, None, d.now, d.now)
+    with pytest.raises(LeaseLostError):
+        journal.record_step(first.pk, first.token, record, d.now, 5)
+    journal.record_step(second.pk, second.token, record, d.now, 5)
+    outcome = asyncio.run(activate(journal, first.pk, first.token, Replayed, clock=d.clock))
+    assert outcome == "lease_lost"
+
+
+class Pausable(WorkflowEntrypoint):
+    async def run(self, event, step):
+        a = await step.do("a", lambda: count("a"))
+        await step.sleep("nap", 5)
+        b = await step.do("b", lambda: count("b"))
+        return a + b
+
+
+def test_pause_resume_terminate_restart(journal, tenant):
+    d = Driver(journal, tenant, Pausable)
+    h = d.binding.create(id="p")
+    assert d.tick() == ["suspended"]
+    h.pause()
+    assert h.status()["status"] == "paused"
+    d.now += 10
+    assert d.tick() == []  # a paused instance's timer does not fire
+    h.resume()
+    assert d.tick() == ["complete"]
+    assert h.status() == {"status": "complete", "error": None, "output": 2}
+    with pytest.raises(InvalidStateError, match="complete"):
+        h.terminate()
+    h.restart()
+    assert h.status()["status"] == "queued"
+    assert d.tick() == ["suspended"]
+    assert CALLS["a"] == 2  # restart discards recorded steps
+    h.terminate()
+    assert h.status()["status"] == "terminated"
+    d.now += 10
+    assert d.tick() == []
+
+
+def test_pause_requested_during_an_activation_stops_at_the_next_step(journal, tenant):
+    d = Driver(journal, tenant, Pausable)
+    h = d.binding.create(id="p")
+    (claim,) = journal.claim_due(d.now, 10, "t", 30, tenant)
+    h.pause()
+    assert h.status()["status"] == "waitingForPause"
+    outcome = asyncio.run(activate(journal, claim.pk, claim.token, Pausable, clock=d.clock))
+    assert outcome == "paused"
+    assert h.status()["status"] == "paused"
+    assert CALLS == {}  # it stopped before the first new step
+
+
+def test_terminate_fences_a_running_activation(journal, tenant):
+    d = Driver(journal, tenant, Pausable)
+    h = d.binding.create(id="t")
+    (claim,) = journal.claim_due(d.now, 10, "t", 30, tenant)
+    h.terminate()
+    outcome = asyncio.run(activate(journal, claim.pk, claim.token, Pausable, clock=d.clock))
+    assert outcome == "lease_lost"
+    assert h.status()["status"] == "terminated"
+    assert not d.steps("t")
+
+
+def test_bindings_create_get_and_errors(journal, tenant):
+    d = Driver(journal, tenant, Pausable)
+    h = d.binding.create(id="dup")
+    with pytest.raises(DuplicateInstanceError, match="'dup'"):
+        d.binding.create(id="dup")
+    assert d.binding.get("dup").id == h.id
+    with pytest.raises(InstanceNotFoundError, match="no instance 'nope'"):
+        d.binding.get("nope")
+    other = Driver(journal, tenant + "x", Pausable)
+    with pytest.raises(InstanceNotFoundError, match="no instance 'dup'"):
+        other.binding.get("dup")  # another tenant's id looks exactly like an unknown one
+    other.binding.create(id="dup")  # ids are per tenant
+    auto = d.binding.create(params={"a": 1})
+    assert len(auto.id) == 32

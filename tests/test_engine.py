@@ -1,0 +1,275 @@
+"""The engine on Ray: hosts, hibernation, crashes, restarts, admission, bindings."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+
+from dynwf_ray import (
+    DuplicateInstanceError,
+    Engine,
+    InstanceNotFoundError,
+    InvalidInputError,
+    PayloadTooLargeError,
+    UnknownTenantError,
+)
+
+from .conftest import wait_status, wait_until
+from .workflows import (
+    Approval,
+    BlockingStep,
+    Flaky,
+    Hello,
+    NotAWorkflow,
+    SleepThenPid,
+    Steered,
+    ThreeSteps,
+)
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_create_run_and_status(engine, tenant):
+    engine.register(tenant, Hello)
+    wf = engine.binding(tenant)
+    inst = wf.create(id="hello-1", params={"name": "Ray"})
+    status = wait_status(inst, "complete")
+    assert status == {
+        "status": "complete", "error": None,
+        "output": {"hello": "Hello, Ray!", "instance": "hello-1"},
+    }
+    assert wf.get("hello-1").status() == status
+
+
+def test_binding_errors_are_clear(engine, tenant):
+    with pytest.raises(UnknownTenantError, match=f"tenant '{tenant}' has no workflow code"):
+        engine.binding(tenant).create()
+    with pytest.raises(InvalidInputError, match="WorkflowEntrypoint"):
+        engine.register(tenant, NotAWorkflow)
+    with pytest.raises(InvalidInputError, match="tenant id"):
+        engine.binding("bad tenant!")
+    engine.register(tenant, Hello)
+    wf = engine.binding(tenant)
+    wf.create(id="one")
+    with pytest.raises(DuplicateInstanceError, match="'one'"):
+        wf.create(id="one")
+    with pytest.raises(InvalidInputError, match="instance id"):
+        wf.create(id="no spaces allowed")
+    with pytest.raises(InvalidInputError, match="instance id"):
+        wf.create(id="x" * 101)
+    with pytest.raises(PayloadTooLargeError, match="params of instance 'big'"):
+        wf.create(id="big", params="x" * (1024 * 1024 + 1))
+    with pytest.raises(InstanceNotFoundError, match="no instance 'missing'"):
+        wf.get("missing")
+    with pytest.raises(InstanceNotFoundError):
+        engine.binding(tenant + "-other").get("one")  # another tenant's instance: not found
+
+
+def test_create_batch_is_idempotent_and_bounded(engine, tenant):
+    engine.register(tenant, ThreeSteps)
+    wf = engine.binding(tenant)
+    wf.create(id="b0")
+    handles = wf.create_batch([{"id": f"b{i}", "params": {"i": i}} for i in range(5)])
+    assert [h.id for h in handles] == [f"b{i}" for i in range(5)]
+    for h in handles:
+        assert wait_status(h, "complete")["output"] == 3
+    again = wf.create_batch([{"id": "b1"}, {"id": "b9"}])
+    assert [h.id for h in again] == ["b1", "b9"]
+    assert wait_status(wf.get("b9"), "complete")["output"] == 3
+    with pytest.raises(InvalidInputError, match="at most 100"):
+        wf.create_batch([{} for _ in range(101)])
+    with pytest.raises(InvalidInputError, match="instance id"):
+        wf.create_batch([{"id": "ok"}, {"id": "not ok"}])
+    with pytest.raises(InstanceNotFoundError):
+        wf.get("ok")  # a bad item rejects the whole batch before anything is stored
+
+
+def test_sigkill_mid_step_resumes_without_repeating_completed_steps(engine, tenant, tmp_path):
+    engine.register(tenant, Steered)
+    inst = engine.binding(tenant).create(id="k", params={"dir": str(tmp_path)})
+    pid = int(wait_until(lambda: lines(tmp_path / "b.log"), what="step b to start")[0])
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: len(lines(tmp_path / "b.log")) == 2, what="step b to run again")
+    (tmp_path / "release").touch()
+    status = wait_status(inst, "complete")
+    assert status["output"] == ["a", "b", "c"]
+    assert len(lines(tmp_path / "a.log")) == 1  # completed before the kill: not run again
+    b_pids = [int(p) for p in lines(tmp_path / "b.log")]
+    assert b_pids[0] == pid and b_pids[1] != pid  # the interrupted step ran again elsewhere
+    info = engine.journal.get_instance(tenant, "k")
+    steps = engine.journal.list_steps(info.pk)
+    assert [(s.name, s.seq, s.status) for s in steps] == [
+        ("a", 1, "complete"), ("b", 1, "complete"), ("c", 1, "complete")
+    ]  # recorded exactly once
+
+
+def test_sleep_hibernates_the_instance_and_its_host(engine, tenant):
+    engine.register(tenant, SleepThenPid)
+    inst = engine.binding(tenant).create(id="s", params={"sleep": 4})
+    wait_status(inst, "waiting")
+    info = engine.journal.get_instance(tenant, "s")
+    before = engine.journal.list_steps(info.pk)[0]
+    pid = int(before.result_json)
+    # hibernate_after is 1.5 s: the idle host process is killed while the instance sleeps.
+    wait_until(lambda: process_gone(pid), timeout=30, what="the idle host to be deactivated")
+    assert inst.status()["status"] == "waiting"
+    out = wait_status(inst, "complete")["output"]
+    assert out["before"] == pid and out["after"] != pid
+
+
+def test_wait_for_event_across_hibernation(engine, tenant):
+    engine.register(tenant, Approval)
+    inst = engine.binding(tenant).create(id="w")
+    wait_status(inst, "waiting")
+    pid = int(engine.journal.list_steps(engine.journal.get_instance(tenant, "w").pk)[0].result_json)
+    wait_until(lambda: process_gone(pid), timeout=30, what="the idle host to be deactivated")
+    inst.send_event("approval", {"by": "alice"})
+    out = wait_status(inst, "complete")["output"]
+    assert out["by"] == "alice" and out["before"] == pid and out["after"] != pid
+
+
+def test_wait_for_event_timeout_errors_the_instance(engine, tenant):
+    engine.register(tenant, Approval)
+    inst = engine.binding(tenant).create(params={"timeout": "1 second"})
+    status = wait_status(inst, "errored")
+    assert status["error"]["name"] == "WorkflowTimeoutError"
+    assert "no 'approval' event within 1 s" in status["error"]["message"]
+
+
+def test_event_sent_before_the_wait_is_buffered(engine, tenant):
+    engine.register(tenant, Approval)
+    wf = engine.binding(tenant)
+    inst = wf.create(id="early")
+    inst.send_event("approval", {"by": "early bird"})
+    assert wait_status(inst, "complete")["output"]["by"] == "early bird"
+    with pytest.raises(InvalidInputError, match="event type"):
+        inst.send_event("not valid!", {})
+
+
+def test_retries_with_backoff_complete(engine, tenant):
+    engine.register(tenant, Flaky)
+    inst = engine.binding(tenant).create()
+    assert wait_status(inst, "complete")["output"] == {"attempts": 3}
+
+
+def test_pause_resume_terminate_restart_live(engine, tenant, tmp_path):
+    engine.register(tenant, Steered)
+    wf = engine.binding(tenant)
+    inst = wf.create(id="p", params={"dir": str(tmp_path)})
+    wait_until(lambda: lines(tmp_path / "b.log"), what="step b to start")
+    inst.pause()
+    assert inst.status()["status"] == "waitingForPause"
+    (tmp_path / "release").touch()
+    wait_status(inst, "paused")  # b completed, c did not start
+    info = engine.journal.get_instance(tenant, "p")
+    assert [s.name for s in engine.journal.list_steps(info.pk)] == ["a", "b"]
+    inst.resume()
+    assert wait_status(inst, "complete")["output"] == ["a", "b", "c"]
+    inst.restart()
+    assert wait_status(inst, "complete")["output"] == ["a", "b", "c"]
+    assert len(lines(tmp_path / "a.log")) == 2  # the restart ran from the top
+
+    other = wf.create(id="t", params={"dir": str(tmp_path / "t")})
+    (tmp_path / "t").mkdir()
+    wait_until(lambda: lines(tmp_path / "t" / "b.log"), what="step b to start")
+    other.terminate()
+    assert other.status()["status"] == "terminated"
+    (tmp_path / "t" / "release").touch()
+    info = engine.journal.get_instance(tenant, "t")
+    wait_until(lambda: engine.stats()["busy_hosts"] == 0, what="the terminated activation to end")
+    assert [s.name for s in engine.journal.list_steps(info.pk)] == ["a"]  # b's result was fenced
+    assert other.status()["status"] == "terminated"
+
+
+def test_blocking_step_past_its_timeout_ends_its_host_not_the_engine(engine, tenant):
+    engine.register(tenant, BlockingStep)
+    inst = engine.binding(tenant).create()
+    status = wait_status(inst, "errored", timeout=90)
+    assert status["error"]["name"] == "StepTimeoutError"
+    assert "exceeded its timeout of 1 s" in status["error"]["message"]
+    engine.register(tenant + "b", Hello)
+    assert wait_status(engine.binding(tenant + "b").create(), "complete")
+
+
+def test_admission_queues_instances_beyond_max_hosts(make_engine, tmp_path):
+    engine = make_engine(max_hosts=1)
+    engine.register("adm", Steered)
+    wf = engine.binding("adm")
+    dirs = [tmp_path / str(i) for i in range(3)]
+    for d in dirs:
+        d.mkdir()
+    handles = [wf.create(id=f"i{i}", params={"dir": str(d)}) for i, d in enumerate(dirs)]
+    wait_until(lambda: any(lines(d / "b.log") for d in dirs), what="one instance to run")
+    statuses = sorted(h.status()["status"] for h in handles)
+    assert statuses == ["queued", "queued", "running"]
+    assert engine.stats()["live_hosts"] == 1
+    for d in dirs:
+        (d / "release").touch()
+    for h in handles:
+        assert wait_status(h, "complete")["output"] == ["a", "b", "c"]
+    assert engine.stats()["live_hosts"] <= 1
+
+
+def _start_mixed_work(engine, tmp_path):
+    """One instance running a blocked step, one sleeping, one waiting for an event."""
+    engine.register("mix", Steered)
+    engine.register("nap", SleepThenPid)
+    engine.register("ask", Approval)
+    running = engine.binding("mix").create(id="run", params={"dir": str(tmp_path)})
+    sleeping = engine.binding("nap").create(id="sleep", params={"sleep": 3})
+    waiting = engine.binding("ask").create(id="wait")
+    wait_until(lambda: lines(tmp_path / "b.log"), what="the running step")
+    wait_status(sleeping, "waiting")
+    wait_status(waiting, "waiting")
+    return running, sleeping, waiting
+
+
+def test_scheduler_killed_and_restarted_loses_nothing(make_engine, tmp_path):
+    engine = make_engine(lease_ttl=2.0)
+    running, sleeping, waiting = _start_mixed_work(engine, tmp_path)
+    scheduler = ray.get_actor(engine.config.scheduler_name, namespace=engine.config.namespace)
+    ray.kill(scheduler, no_restart=False)  # Ray restarts it; its hosts die with it
+    first_pid = int(lines(tmp_path / "b.log")[0])
+    wait_until(lambda: process_gone(first_pid), what="the old host to die with its scheduler")
+    (tmp_path / "release").touch()
+    waiting.send_event("approval", {"by": "bob"})
+    assert wait_status(running, "complete")["output"] == ["a", "b", "c"]
+    assert wait_status(sleeping, "complete")
+    assert wait_status(waiting, "complete")["output"]["by"] == "bob"
+    assert len(lines(tmp_path / "a.log")) == 1
+
+
+def test_engine_stopped_and_started_again_on_the_same_journal(make_engine, tmp_path):
+    engine = make_engine()
+    url, name = engine.config.database_url, engine.config.name
+    running, sleeping, waiting = _start_mixed_work(engine, tmp_path)
+    engine.stop()
+    (tmp_path / "release").touch()
+    again = make_engine(database_url=url, name=name)
+    for old in (running, sleeping, waiting):
+        assert again.binding(old._binding.tenant_id).get(old.id).status()["status"] != "complete"
+    again.binding("ask").get("wait").send_event("approval", {"by": "carol"})
+    assert wait_status(again.binding("mix").get("run"), "complete")["output"] == ["a", "b", "c"]
+    assert wait_status(again.binding("nap").get("sleep"), "complete")
+    assert wait_status(again.binding("ask").get("wait"), "complete")["output"]["by"] == "carol"
+    assert len(lines(tmp_path / "a.log")) == 1
+
+
+def test_engine_refuses_a_second_journal_under_the_same_name(make_engine, make_database_url):
+    engine = make_engine()
+    with pytest.raises(InvalidInputError, match="already runs on another journal"):
+        Engine.start(name=engine.config.name, database_url=make_database_url())
