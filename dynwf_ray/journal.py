@@ -109,6 +109,7 @@ class StepRow(SQLModel, table=True):
     instance_pk: int = Field(primary_key=True)
     name: str = Field(primary_key=True, max_length=256)
     seq: int = Field(primary_key=True)
+    kind: str = "do"  # do | sleep | wait
     status: str
     result_json: str | None = None
     error_name: str | None = None
@@ -178,6 +179,7 @@ class InstanceInfo:
 class StepRecord:
     name: str
     seq: int
+    kind: str
     status: str
     result_json: str | None
     error_name: str | None

@@ -307,7 +307,10 @@ class Step:
         else:
             self._boundary()
             wake_at = target()
-            self._record(name, seq, STEP_COMPLETE, self._clock(), 0, result_json=json.dumps(wake_at))
+            self._record(
+                name, seq, STEP_COMPLETE, self._clock(), 0, kind="sleep",
+                result_json=json.dumps(wake_at),
+            )
         if self._clock() < wake_at:
             raise Suspend(wake_at)
 
@@ -335,7 +338,7 @@ class Step:
             started = self._clock()
             deadline = started + seconds
             record = self._make_record(
-                name, seq, STEP_WAITING, started, 0, result_json=json.dumps(deadline)
+                name, seq, STEP_WAITING, started, 0, kind="wait", result_json=json.dumps(deadline)
             )
             self._write(record)
         now = self._clock()
@@ -352,7 +355,7 @@ class Step:
             exc = WorkflowTimeoutError(
                 f"wait_for_event {name!r} got no {type!r} event within {seconds:g} s"
             )
-            self._record(name, seq, STEP_FAILED, started, 0, error=exc)
+            self._record(name, seq, STEP_FAILED, started, 0, kind="wait", error=exc)
             raise exc
         raise Suspend(deadline, waiting_for=type)
 
@@ -377,12 +380,13 @@ class Step:
 
     def _make_record(
         self, name: str, seq: int, status: str, started: float, attempts: int, *,
+        kind: str = "do",
         result_json: str | None = None, error: BaseException | None = None,
         next_attempt_at: float | None = None,
     ) -> StepRecord:
         done = status in (STEP_COMPLETE, STEP_FAILED)
         return StepRecord(
-            name=name, seq=seq, status=status, result_json=result_json,
+            name=name, seq=seq, kind=kind, status=status, result_json=result_json,
             error_name=type(error).__name__ if error is not None else None,
             error_message=str(error) if error is not None else None,
             attempts=attempts, next_attempt_at=next_attempt_at,

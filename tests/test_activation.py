@@ -259,7 +259,7 @@ def test_stale_lease_cannot_record_a_step(journal, tenant):
     d.now += 6  # lease expired: someone else claims it
     (second,) = journal.claim_due(d.now, 10, "b", 5, tenant)
     assert second.token == first.token + 1
-    record = StepRecord("a", 1, "complete", "1", None, None, 1, None, d.now, d.now)
+    record = StepRecord("a", 1, "do", "complete", "1", None, None, 1, None, d.now, d.now)
     with pytest.raises(LeaseLostError):
         journal.record_step(first.pk, first.token, record, d.now, 5)
     journal.record_step(second.pk, second.token, record, d.now, 5)

@@ -1,0 +1,197 @@
+"""`dynwf`: the command line. `demo` starts an engine; the others only read or write the journal.
+
+    dynwf demo                         run the demo workflow on the embedded default
+    dynwf ls [--tenant T] [--status S] list instances
+    dynwf status <id> [--tenant T]     status, output and steps of one instance
+    dynwf send-event <id> <type> <json> [--tenant T]
+
+Every command takes --database-url (default: $DYNWF_DATABASE_URL, else the
+embedded SQLite file under ~/.dynwf/). An event sent from the CLI is picked
+up by the running engine's scheduler on its next poll.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Sequence
+
+from .config import default_database_url
+from .errors import DynwfError
+from .journal import InstanceInfo, Journal, StepRecord
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dynwf", description="durable, per-tenant workflows on Ray")
+    parser.add_argument("--database-url", default=None, help="journal URL (default: embedded SQLite)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the demo workflow on the embedded engine")
+    demo.add_argument("--name", default="world", help="who the demo greets")
+
+    ls = sub.add_parser("ls", help="list instances")
+    ls.add_argument("--tenant")
+    ls.add_argument("--status")
+    ls.add_argument("--limit", type=int, default=50)
+
+    status = sub.add_parser("status", help="status of one instance")
+    status.add_argument("id")
+    status.add_argument("--tenant")
+
+    send = sub.add_parser("send-event", help="send an event to an instance")
+    send.add_argument("id")
+    send.add_argument("type")
+    send.add_argument("payload", help="JSON payload")
+    send.add_argument("--tenant")
+
+    args = parser.parse_args(argv)
+    url = args.database_url or default_database_url()
+    try:
+        if args.command == "demo":
+            return _demo(url, args.name)
+        journal = Journal(url)
+        if args.command == "ls":
+            return _ls(journal, args.tenant, args.status, args.limit)
+        if args.command == "status":
+            return _status(journal, _find(journal, args.id, args.tenant))
+        if args.command == "send-event":
+            return _send_event(journal, _find(journal, args.id, args.tenant), args.type, args.payload)
+    except DynwfError as exc:
+        print(f"dynwf: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _find(journal: Journal, instance_id: str, tenant: str | None) -> InstanceInfo:
+    if tenant is not None:
+        return journal.require_instance(tenant, instance_id)
+    found = journal.find_instances(instance_id)
+    if not found:
+        raise _CliError(f"no instance {instance_id!r} in {journal.url}")
+    if len(found) > 1:
+        tenants = ", ".join(sorted(i.tenant_id for i in found))
+        raise _CliError(f"{len(found)} tenants have an instance {instance_id!r} ({tenants}): pass --tenant")
+    return found[0]
+
+
+class _CliError(DynwfError):
+    pass
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _ls(journal: Journal, tenant: str | None, status: str | None, limit: int) -> int:
+    rows = journal.list_instances(tenant, status, limit)
+    print(f"{'TENANT':<20} {'ID':<36} {'STATUS':<16} {'VERSION':<20} {'NEXT WAKE (UTC)':<20}")
+    for i in rows:
+        print(f"{i.tenant_id:<20} {i.instance_id:<36} {i.status:<16} {i.code_version:<20} {_when(i.wake_at):<20}")
+    counts = journal.count_by_status()
+    print("\n" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) if counts else "no instances")
+    return 0
+
+
+def _status(journal: Journal, info: InstanceInfo) -> int:
+    doc = {
+        "tenant": info.tenant_id,
+        "id": info.instance_id,
+        "status": info.status,
+        "version": info.code_version,
+        "error": {"name": info.error_name, "message": info.error_message} if info.error_name else None,
+        "output": json.loads(info.output_json) if info.output_json else None,
+        "metadata": json.loads(info.metadata_json),
+        "next_wake": _when(info.wake_at) if info.wake_at else None,
+        "waiting_for": info.waiting_for,
+        "activations": info.activations,
+        "steps": [_step_doc(s) for s in journal.list_steps(info.pk)],
+    }
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+def _step_doc(s: StepRecord) -> dict:
+    return {
+        "name": s.name, "count": s.seq, "kind": s.kind, "status": s.status, "attempts": s.attempts,
+        "error": f"{s.error_name}: {s.error_message}" if s.error_name else None,
+    }
+
+
+def _send_event(journal: Journal, info: InstanceInfo, event_type: str, payload: str) -> int:
+    from .binding import WorkflowBinding
+
+    try:
+        data = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise _CliError(f"payload is not valid JSON: {exc}") from None
+    WorkflowBinding(journal, info.tenant_id).get(info.instance_id).send_event(event_type, data)
+    print(f"sent {event_type!r} to {info.tenant_id}/{info.instance_id}")
+    return 0
+
+
+def _demo(url: str, name: str) -> int:
+    from .demo import DemoWorkflow
+    from .engine import Engine
+
+    print(f"journal: {url}")
+    print("starting the engine (local Ray)...", flush=True)
+    engine = Engine.start(database_url=url, hibernate_after=5)
+    try:
+        engine.register("demo", DemoWorkflow)
+        wf = engine.binding("demo")
+        inst = wf.create(id=f"demo-{int(time.time() * 1000)}", params={"name": name})
+        print(f"created instance demo/{inst.id}")
+        pk = engine.journal.get_instance("demo", inst.id).pk
+        shown: dict[tuple[str, int], tuple[str, int]] = {}
+        approved = False
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            for s in engine.journal.list_steps(pk):
+                key, state = (s.name, s.seq), (s.status, s.attempts)
+                if shown.get(key) != state:
+                    shown[key] = state
+                    print("  " + _progress_line(s), flush=True)
+            status = inst.status()
+            if status["status"] == "waiting" and not approved and ("manager approval", 1) in shown:
+                print("  -> sending the 'approval' event the workflow waits for", flush=True)
+                inst.send_event("approval", {"by": "the demo"})
+                approved = True
+            if status["status"] in ("complete", "errored", "terminated"):
+                print(f"instance {inst.id}: {status['status']}")
+                print(json.dumps(status["output"] or status["error"], indent=2))
+                stats = engine.stats()
+                print(
+                    f"activations: {stats['activations']} ({stats['cold_starts']} cold, "
+                    f"{stats['warm_starts']} warm); live host actors: {stats['live_hosts']}"
+                )
+                return 0 if status["status"] == "complete" else 1
+            time.sleep(0.1)
+        print("the demo did not finish within 5 minutes", file=sys.stderr)
+        return 1
+    finally:
+        engine.stop()
+
+
+def _progress_line(s: StepRecord) -> str:
+    if s.kind == "sleep":
+        return f"[sleep] {s.name}: until {_when(json.loads(s.result_json))} UTC (the instance hibernates)"
+    if s.kind == "wait" and s.status == "waiting":
+        return f"[wait]  {s.name}: waiting for an event (the instance hibernates)"
+    if s.kind == "wait" and s.status == "complete":
+        return f"[event] {s.name}: {s.result_json}"
+    if s.status == "complete":
+        result = s.result_json if len(s.result_json or "") < 120 else s.result_json[:117] + "..."
+        return f"[done]  {s.name} (attempt {s.attempts}): {result}"
+    if s.status == "retrying":
+        wait = max(0.0, (s.next_attempt_at or 0) - time.time())
+        return f"[retry] {s.name}: attempt {s.attempts} failed ({s.error_message}); next in {wait:.1f} s"
+    return f"[{s.status}] {s.name}: {s.error_name}: {s.error_message}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
