@@ -38,6 +38,9 @@ class EngineConfig(BaseModel):
     max_hosts: int = Field(default=8, ge=1)
     #: Seconds an idle host is kept warm before it is deactivated (its process killed).
     hibernate_after: float = Field(default=60.0, ge=0)
+    #: Seconds a warm host keeps taking due instances of its own code, without a round
+    #: trip to the scheduler, before it hands back (bounds how long other code waits).
+    host_slice: float = Field(default=0.2, ge=0)
     #: Lease length in seconds; a dead holder's instances are reclaimed after this.
     lease_ttl: float = Field(default=30.0, gt=0)
     #: Longest the scheduler sleeps between journal polls (picks up work from other processes).

@@ -26,12 +26,16 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 from sqlalchemy import (
     Index,
+    Integer,
+    bindparam,
     LargeBinary,
     UniqueConstraint,
     and_,
@@ -198,6 +202,84 @@ class ActivationState:
 
 _INFO_COLS = [getattr(I.c, f) for f in InstanceInfo.__dataclass_fields__]
 _STEP_COLS = [getattr(S.c, f) for f in StepRecord.__dataclass_fields__ if f != "instance_pk"]
+_STEP_FIELDS = tuple(StepRecord.__dataclass_fields__)
+
+# The step path runs these once per step: build them once (bind parameters are
+# prefixed with b_ because UPDATE reserves the column names for its SET clause).
+_FENCE = (
+    update(I)
+    .where(I.c.pk == bindparam("b_pk"), I.c.lease_token == bindparam("b_token"))
+    .values(lease_expires_at=bindparam("b_until"), updated_at=bindparam("b_now"))
+    .returning(I.c.pause_requested)
+)
+_FENCED = and_(I.c.pk == bindparam("b_pk"), I.c.lease_token == bindparam("b_token"))
+_LOAD_INSTANCE = select(*_INFO_COLS).where(I.c.pk == bindparam("b_pk"))
+_LOAD_STEPS = select(*_STEP_COLS).where(S.c.instance_pk == bindparam("b_pk"))
+_SUSPEND = (
+    update(I)
+    .where(_FENCED)
+    .values(
+        status=case((I.c.pause_requested, "paused"), else_="waiting"),
+        wake_at=case((I.c.pause_requested, None), else_=bindparam("b_wake_at")),
+        waiting_for=bindparam("b_waiting_for"),
+        lease_expires_at=None, lease_owner=None, updated_at=bindparam("b_now"),
+    )
+)
+_BUFFERED = (
+    select(E.c.pk)
+    .where(
+        E.c.instance_pk == bindparam("b_pk"), E.c.type == bindparam("b_type"),
+        E.c.consumed.is_(False),
+    )
+    .limit(1)
+)
+_WAKE_NOW = (
+    update(I)
+    .where(I.c.pk == bindparam("b_pk"), I.c.status == "waiting")
+    .values(wake_at=bindparam("b_now"))
+)
+_FINISHED = dict(
+    wake_at=None, waiting_for=None, lease_expires_at=None, lease_owner=None,
+    pause_requested=False, updated_at=bindparam("b_now"),
+)
+_COMPLETE = update(I).where(_FENCED).values(
+    status="complete", output_json=bindparam("b_output"), **_FINISHED
+)
+_FAIL = update(I).where(_FENCED).values(
+    status="errored", error_name=bindparam("b_error_name"),
+    error_message=bindparam("b_error_message"), **_FINISHED
+)
+_PAUSE = update(I).where(_FENCED).values(status="paused", **_FINISHED)
+
+
+def _claim_statement(by_tenant: bool, by_version: bool, skip_locked: bool):
+    now = bindparam("b_now")
+    due = (
+        select(I.c.pk)
+        .where(I.c.wake_at <= now, or_(I.c.lease_expires_at.is_(None), I.c.lease_expires_at < now))
+        .order_by(I.c.wake_at)
+        .limit(bindparam("b_limit", type_=Integer))
+    )
+    if by_tenant:
+        due = due.where(I.c.tenant_id == bindparam("b_tenant"))
+    if by_version:
+        due = due.where(I.c.code_version == bindparam("b_version"))
+    if skip_locked:
+        due = due.with_for_update(skip_locked=True)
+    return (
+        update(I)
+        .where(I.c.pk.in_(due.scalar_subquery()))
+        .values(
+            lease_token=I.c.lease_token + 1,
+            lease_owner=bindparam("b_owner"),
+            lease_expires_at=bindparam("b_until"),
+            status=case((I.c.pause_requested, "waitingForPause"), else_="running"),
+            waiting_for=None,
+            activations=I.c.activations + 1,
+            updated_at=now,
+        )
+        .returning(I.c.pk, I.c.lease_token, I.c.tenant_id, I.c.instance_id, I.c.code_version)
+    )
 
 
 def _sqlite_url_path(url: str) -> str | None:
@@ -226,6 +308,16 @@ class Journal:
         else:
             from sqlalchemy.dialects.postgresql import insert as dialect_insert
         self._dialect_insert = dialect_insert
+        self._claims: dict[tuple[bool, bool], Any] = {}
+        # Same pool; connections from it begin with BEGIN IMMEDIATE on SQLite.
+        self._write_engine = self.engine.execution_options(dynwf_write=True)
+        ins = dialect_insert(S)
+        self._upsert_step = ins.on_conflict_do_update(
+            index_elements=["instance_pk", "name", "seq"],
+            set_={
+                f: ins.excluded[f] for f in _STEP_FIELDS if f not in ("name", "seq", "started_at")
+            },
+        )
         if create_tables:
             with _TABLE_LOCK:
                 SQLModel.metadata.create_all(self.engine)
@@ -236,10 +328,10 @@ class Journal:
     # -- transactions ------------------------------------------------------
 
     def _write(self) -> "_Tx":
-        return _Tx(self.engine, write=True)
+        return _Tx(self._write_engine)
 
     def _read(self) -> "_Tx":
-        return _Tx(self.engine, write=False)
+        return _Tx(self.engine)
 
     # -- tenants and code --------------------------------------------------
 
@@ -375,85 +467,70 @@ class Journal:
             ).all()
         return [StepRecord(*r) for r in rows]
 
-    def count_by_status(self) -> dict[str, int]:
+    def count_by_status(self, tenant_id: str | None = None) -> dict[str, int]:
+        stmt = select(I.c.status, func.count()).group_by(I.c.status)
+        if tenant_id is not None:
+            stmt = stmt.where(I.c.tenant_id == tenant_id)
         with self._read() as conn:
-            rows = conn.execute(select(I.c.status, func.count()).group_by(I.c.status)).all()
-        return {status: n for status, n in rows}
+            return {status: n for status, n in conn.execute(stmt).all()}
 
     # -- scheduling --------------------------------------------------------
 
     def claim_due(
-        self, now: float, limit: int, owner: str, lease_ttl: float, tenant_id: str | None = None
+        self, now: float, limit: int, owner: str, lease_ttl: float,
+        tenant_id: str | None = None, code_version: str | None = None,
     ) -> list[Claim]:
-        """Lease up to `limit` instances that are due and not leased, oldest wake first."""
+        """Lease up to `limit` instances that are due and not leased, oldest wake first.
+
+        `tenant_id` / `code_version` restrict the claim (a warm host takes only
+        instances of the code it has loaded).
+        """
         if limit <= 0:
             return []
-        due = (
-            select(I.c.pk)
-            .where(
-                I.c.wake_at <= now,
-                or_(I.c.lease_expires_at.is_(None), I.c.lease_expires_at < now),
-            )
-            .order_by(I.c.wake_at)
-            .limit(limit)
-        )
-        if tenant_id is not None:
-            due = due.where(I.c.tenant_id == tenant_id)
-        if not self.is_sqlite:
-            due = due.with_for_update(skip_locked=True)
-        stmt = (
-            update(I)
-            .where(I.c.pk.in_(due.scalar_subquery()))
-            .values(
-                lease_token=I.c.lease_token + 1,
-                lease_owner=owner,
-                lease_expires_at=now + lease_ttl,
-                status="running",
-                waiting_for=None,
-                activations=I.c.activations + 1,
-                updated_at=now,
-            )
-            .returning(I.c.pk, I.c.lease_token, I.c.tenant_id, I.c.instance_id, I.c.code_version)
-        )
+        key = (tenant_id is not None, code_version is not None)
+        stmt = self._claims.get(key)
+        if stmt is None:
+            stmt = self._claims[key] = _claim_statement(*key, skip_locked=not self.is_sqlite)
+        params = {
+            "b_now": now, "b_limit": limit, "b_owner": owner, "b_until": now + lease_ttl,
+            "b_tenant": tenant_id, "b_version": code_version,
+        }
         with self._write() as conn:
-            return [Claim(*row) for row in conn.execute(stmt).all()]
+            return [Claim(*row) for row in conn.execute(stmt, params).all()]
 
     def next_wake_at(self) -> float | None:
-        """Earliest timer of an instance that is not leased (the scheduler sleeps until then)."""
+        """When the next instance becomes claimable: its timer, or its lease's expiry."""
+        due = case((I.c.lease_expires_at.is_(None), I.c.wake_at), else_=I.c.lease_expires_at)
         with self._read() as conn:
-            return conn.execute(
-                select(func.min(I.c.wake_at)).where(I.c.lease_expires_at.is_(None))
-            ).scalar()
-
-    def earliest_lease_expiry(self) -> float | None:
-        with self._read() as conn:
-            return conn.execute(
-                select(func.min(I.c.lease_expires_at)).where(I.c.wake_at.is_not(None))
-            ).scalar()
+            return conn.execute(select(func.min(due)).where(I.c.wake_at.is_not(None))).scalar()
 
     def release(self, pk: int, token: int, wake_at: float, now: float) -> bool:
         """Give up a lease (its holder died or is shutting down): due again at wake_at."""
+        return self._release(and_(I.c.pk == pk, I.c.lease_token == token), wake_at, now) > 0
+
+    def release_owner(self, owner: str, wake_at: float, now: float) -> int:
+        """Give up every lease a (dead) holder took; returns how many."""
+        return self._release(I.c.lease_owner == owner, wake_at, now)
+
+    def _release(self, which: Any, wake_at: float, now: float) -> int:
         with self._write() as conn:
             result = conn.execute(
                 update(I)
-                .where(I.c.pk == pk, I.c.lease_token == token, I.c.status.not_in(TERMINAL))
+                .where(which, I.c.status.not_in(TERMINAL))
                 .values(
                     lease_expires_at=None, lease_owner=None, updated_at=now,
                     status=case((I.c.pause_requested, "paused"), else_="queued"),
                     wake_at=case((I.c.pause_requested, None), else_=wake_at),
                 )
             )
-            return bool(result.rowcount)
+            return result.rowcount
 
     # -- what an activation writes (all fenced by the lease token) ---------
 
     def _fence(self, conn: Connection, pk: int, token: int, now: float, lease_ttl: float) -> bool:
         """Renew the lease if the token is still ours; returns pause_requested."""
         row = conn.execute(
-            update(I)
-            .where(I.c.pk == pk, I.c.lease_token == token)
-            .values(lease_expires_at=now + lease_ttl, updated_at=now)
-            .returning(I.c.pause_requested)
+            _FENCE, {"b_pk": pk, "b_token": token, "b_until": now + lease_ttl, "b_now": now}
         ).first()
         if row is None:
             raise LeaseLostError(f"instance pk={pk}: lease token {token} is no longer current")
@@ -461,10 +538,10 @@ class Journal:
 
     def load_activation(self, pk: int, token: int) -> ActivationState:
         with self._read() as conn:
-            row = conn.execute(select(*_INFO_COLS).where(I.c.pk == pk)).first()
+            row = conn.execute(_LOAD_INSTANCE, {"b_pk": pk}).first()
             if row is None or row.lease_token != token:
                 raise LeaseLostError(f"instance pk={pk}: lease token {token} is not current")
-            steps = conn.execute(select(*_STEP_COLS).where(S.c.instance_pk == pk)).all()
+            steps = conn.execute(_LOAD_STEPS, {"b_pk": pk}).all()
         return ActivationState(InstanceInfo(*row), [StepRecord(*s) for s in steps])
 
     def renew_lease(self, pk: int, token: int, now: float, lease_ttl: float) -> bool:
@@ -476,15 +553,11 @@ class Journal:
         self, pk: int, token: int, step: StepRecord, now: float, lease_ttl: float
     ) -> bool:
         """Durably record a step's state (fenced). Returns pause_requested."""
-        values = {k: getattr(step, k) for k in StepRecord.__dataclass_fields__}
-        stmt = self._dialect_insert(S).values(instance_pk=pk, **values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["instance_pk", "name", "seq"],
-            set_={k: v for k, v in values.items() if k not in ("name", "seq", "started_at")},
-        )
+        values = {f: getattr(step, f) for f in _STEP_FIELDS}
+        values["instance_pk"] = pk
         with self._write() as conn:
             pause = self._fence(conn, pk, token, now, lease_ttl)
-            conn.execute(stmt)
+            conn.execute(self._upsert_step, values)
         return pause
 
     def take_event(
@@ -524,53 +597,30 @@ class Journal:
         If a pause was requested the instance becomes `paused` instead. If it waits
         for an event that is already buffered, it is due at once (no lost wake-up).
         """
+        params = {
+            "b_pk": pk, "b_token": token, "b_wake_at": wake_at,
+            "b_waiting_for": waiting_for, "b_now": now,
+        }
         with self._write() as conn:
-            result = conn.execute(
-                update(I)
-                .where(I.c.pk == pk, I.c.lease_token == token)
-                .values(
-                    status=case((I.c.pause_requested, "paused"), else_="waiting"),
-                    wake_at=case((I.c.pause_requested, None), else_=wake_at),
-                    waiting_for=waiting_for,
-                    lease_expires_at=None, lease_owner=None, updated_at=now,
-                )
-            )
-            if not result.rowcount:
+            if not conn.execute(_SUSPEND, params).rowcount:
                 raise LeaseLostError(f"instance pk={pk}: lease lost before suspending")
             if waiting_for is not None:
-                buffered = conn.execute(
-                    select(E.c.pk).where(
-                        E.c.instance_pk == pk, E.c.type == waiting_for, E.c.consumed.is_(False)
-                    ).limit(1)
-                ).first()
-                if buffered is not None:
-                    conn.execute(
-                        update(I)
-                        .where(I.c.pk == pk, I.c.status == "waiting")
-                        .values(wake_at=now)
-                    )
+                if conn.execute(_BUFFERED, {"b_pk": pk, "b_type": waiting_for}).first():
+                    conn.execute(_WAKE_NOW, {"b_pk": pk, "b_now": now})
 
     def pause_now(self, pk: int, token: int, now: float) -> None:
         """The activation stopped at a step boundary because a pause was requested."""
-        self._finish(pk, token, now, status="paused")
+        self._finish(_PAUSE, pk, token, now)
 
     def complete(self, pk: int, token: int, output_json: str, now: float) -> None:
-        self._finish(pk, token, now, status="complete", output_json=output_json)
+        self._finish(_COMPLETE, pk, token, now, b_output=output_json)
 
     def fail(self, pk: int, token: int, error_name: str, message: str, now: float) -> None:
-        self._finish(pk, token, now, status="errored", error_name=error_name, error_message=message)
+        self._finish(_FAIL, pk, token, now, b_error_name=error_name, b_error_message=message)
 
-    def _finish(self, pk: int, token: int, now: float, **values: Any) -> None:
+    def _finish(self, stmt: Any, pk: int, token: int, now: float, **params: Any) -> None:
         with self._write() as conn:
-            result = conn.execute(
-                update(I)
-                .where(I.c.pk == pk, I.c.lease_token == token)
-                .values(
-                    wake_at=None, waiting_for=None, lease_expires_at=None, lease_owner=None,
-                    pause_requested=False, updated_at=now, **values,
-                )
-            )
-            if not result.rowcount:
+            if not conn.execute(stmt, {"b_pk": pk, "b_token": token, "b_now": now, **params}).rowcount:
                 raise LeaseLostError(f"instance pk={pk}: lease lost before finishing")
 
     # -- what the platform does to an instance ------------------------------
@@ -679,21 +729,17 @@ _TABLE_LOCK = threading.Lock()
 
 
 class _Tx:
-    """A transaction: `BEGIN IMMEDIATE` for SQLite writes, plain `BEGIN` otherwise."""
+    """One transaction on a pooled connection, committed on success, rolled back on error."""
 
-    __slots__ = ("_engine", "_write", "_conn", "_tx")
+    __slots__ = ("_engine", "_conn", "_tx")
 
-    def __init__(self, engine: SAEngine, write: bool):
+    def __init__(self, engine: SAEngine):
         self._engine = engine
-        self._write = write
 
     def __enter__(self) -> Connection:
-        conn = self._engine.connect()
-        if self._write:
-            conn = conn.execution_options(dynwf_write=True)
-        self._conn = conn
-        self._tx = conn.begin()
-        return conn
+        self._conn = self._engine.connect()
+        self._tx = self._conn.begin()
+        return self._conn
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -717,5 +763,31 @@ def _install_sqlite_pragmas(engine: SAEngine, synchronous: str) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):  # noqa: ANN001
-        mode = "IMMEDIATE" if conn.get_execution_options().get("dynwf_write") else "DEFERRED"
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        if conn.get_execution_options().get("dynwf_write"):
+            _begin_immediate(conn.connection.driver_connection)
+        else:
+            conn.exec_driver_sql("BEGIN DEFERRED")
+
+
+def _begin_immediate(dbapi_conn: Any) -> None:
+    """Take SQLite's write lock, retrying with short sleeps.
+
+    SQLite's own busy handler sleeps 1, 2, 5, 10... ms between tries, which
+    under many concurrent writers costs more than the commits themselves; we
+    retry from 50 us instead (for the BEGIN only; other statements keep the
+    60 s busy timeout).
+    """
+    dbapi_conn.execute("PRAGMA busy_timeout=0")
+    try:
+        delay, deadline = 0.00005, time.monotonic() + 60
+        while True:
+            try:
+                dbapi_conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.002)
+    finally:
+        dbapi_conn.execute("PRAGMA busy_timeout=60000")

@@ -52,6 +52,7 @@ CodeKey = tuple[str, str]  # (tenant_id, code_version)
 class _Host:
     key: CodeKey
     actor: Any
+    owner: str
     idle_since: float = field(default_factory=time.monotonic)
     activations: int = 0
 
@@ -84,6 +85,7 @@ class Scheduler:
         self._busy: dict[int, tuple[_Host, Claim]] = {}
         self._code: OrderedDict[CodeKey, tuple[str, bytes]] = OrderedDict()
         self._crashes: dict[int, int] = {}
+        self._host_seq = 0
         self._counters = {"activations": 0, "cold_starts": 0, "warm_starts": 0, "host_deaths": 0}
         self._stopping = False
         self._loop = asyncio.new_event_loop()
@@ -178,13 +180,16 @@ class Scheduler:
         runtime_env = runtime_env_for(kind, blob)
         if runtime_env:
             options["runtime_env"] = runtime_env
+        self._host_seq += 1
+        owner = f"{self.owner}/host-{self._host_seq}"
         actor = InstanceHost.options(**options).remote(
             self.config.database_url, key[0], key[1], kind, blob, self.config.lease_ttl,
+            owner, self.config.host_slice,
             HostBindingFactory(key[0], self.config.scheduler_name, self.config.namespace),
         )
         self._counters["cold_starts"] += 1
-        log.info("activating a new host for tenant %s version %s", *key)
-        return _Host(key, actor)
+        log.info("starting a new host for tenant %s version %s", *key)
+        return _Host(key, actor, owner)
 
     def _code_for(self, key: CodeKey) -> tuple[str, bytes]:
         code = self._code.get(key)
@@ -201,18 +206,21 @@ class Scheduler:
 
     async def _finish(self, ref: Any, host: _Host, claim: Claim) -> None:
         try:
-            await ref
+            outcomes = await ref
         except RayActorError as exc:
-            host = None
+            dead, host = host, None
             if self._stopping:
                 return
             self._counters["host_deaths"] += 1
             self._on_host_death(claim, exc)
+            # Instances the host claimed for itself after this one: due again now.
+            self.journal.release_owner(dead.owner, time.time(), time.time())
         except Exception as exc:  # noqa: BLE001 - a bug below activate(); don't lose the instance
             log.exception("activation of %s/%s failed", claim.tenant_id, claim.instance_id)
             self._on_crash(claim, type(exc).__name__, str(exc))
         else:
             self._crashes.pop(claim.pk, None)
+            self._counters["activations"] += sum(outcomes.values()) - 1
         finally:
             self._busy.pop(claim.pk, None)
             if host is not None:

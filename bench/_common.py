@@ -1,0 +1,68 @@
+"""Helpers shared by the benchmarks: temp journals, percentiles, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+
+def temp_sqlite_url() -> str:
+    return f"sqlite:///{tempfile.mkdtemp(prefix='dynwf-bench-')}/journal.db"
+
+
+def database_url(argv: Sequence[str] | None = None) -> str:
+    """--database-url URL on the command line, else a fresh SQLite file."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--database-url" in argv:
+        return argv[argv.index("--database-url") + 1]
+    return temp_sqlite_url()
+
+
+def arg(name: str, default: Any, cast: Callable[[str], Any] = int) -> Any:
+    argv = sys.argv[1:]
+    return cast(argv[argv.index(name) + 1]) if name in argv else default
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary_ms(seconds: Sequence[float]) -> dict[str, float]:
+    ms = [s * 1000 for s in seconds]
+    return {
+        "n": len(ms),
+        "p50_ms": round(statistics.median(ms), 3),
+        "p90_ms": round(percentile(ms, 90), 3),
+        "p99_ms": round(percentile(ms, 99), 3),
+        "max_ms": round(max(ms), 3),
+    }
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def emit(name: str, figures: dict[str, Any]) -> None:
+    doc = {
+        "benchmark": name,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        **figures,
+    }
+    print(json.dumps(doc, indent=2))
