@@ -25,30 +25,39 @@ from .journal import InstanceInfo, Journal, StepRecord
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dynwf", description="durable, per-tenant workflows on Ray")
-    parser.add_argument("--database-url", default=None, help="journal URL (default: embedded SQLite)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--database-url", default=argparse.SUPPRESS,
+        help="journal URL (default: $DYNWF_DATABASE_URL, else the embedded SQLite file)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="dynwf", description="durable, per-tenant workflows on Ray", parents=[common]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the demo workflow on the embedded engine")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    demo = command("demo", "run the demo workflow on the embedded engine")
     demo.add_argument("--name", default="world", help="who the demo greets")
 
-    ls = sub.add_parser("ls", help="list instances")
+    ls = command("ls", "list instances")
     ls.add_argument("--tenant")
     ls.add_argument("--status")
     ls.add_argument("--limit", type=int, default=50)
 
-    status = sub.add_parser("status", help="status of one instance")
+    status = command("status", "status of one instance")
     status.add_argument("id")
     status.add_argument("--tenant")
 
-    send = sub.add_parser("send-event", help="send an event to an instance")
+    send = command("send-event", "send an event to an instance")
     send.add_argument("id")
     send.add_argument("type")
     send.add_argument("payload", help="JSON payload")
     send.add_argument("--tenant")
 
     args = parser.parse_args(argv)
-    url = args.database_url or default_database_url()
+    url = getattr(args, "database_url", None) or default_database_url()
     try:
         if args.command == "demo":
             return _demo(url, args.name)
@@ -92,8 +101,9 @@ def _ls(journal: Journal, tenant: str | None, status: str | None, limit: int) ->
     print(f"{'TENANT':<20} {'ID':<36} {'STATUS':<16} {'VERSION':<20} {'NEXT WAKE (UTC)':<20}")
     for i in rows:
         print(f"{i.tenant_id:<20} {i.instance_id:<36} {i.status:<16} {i.code_version:<20} {_when(i.wake_at):<20}")
-    counts = journal.count_by_status()
-    print("\n" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) if counts else "no instances")
+    counts = journal.count_by_status(tenant)
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    print(f"\n{summary}" if counts else "no instances")
     return 0
 
 

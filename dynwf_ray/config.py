@@ -1,8 +1,9 @@
 """`EngineConfig`: every knob of an engine, validated, with production defaults.
 
-Values come from `Engine.start(**kwargs)`, falling back to environment
-variables (`DYNWF_DATABASE_URL`, `DYNWF_HOME`, `RAY_ADDRESS`) and then to the
-embedded default: local Ray and a SQLite file under `~/.dynwf/`.
+Values come from `Engine.start(**kwargs)`; the journal falls back to the
+environment (`DYNWF_DATABASE_URL`, else a SQLite file under `$DYNWF_HOME`,
+default `~/.dynwf/`). With no `ray_address`, `ray.init()` decides: it honours
+`RAY_ADDRESS` and otherwise starts (or joins) a local Ray.
 """
 
 from __future__ import annotations

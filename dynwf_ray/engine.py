@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable, Mapping
 
 import ray
+from pydantic import ValidationError
 
 from .binding import WorkflowBinding
 from .config import EngineConfig
@@ -40,7 +41,10 @@ class Engine:
     @classmethod
     def start(cls, **kwargs: Any) -> "Engine":
         """Start (or join) Ray, open the journal, start the scheduler. See `EngineConfig`."""
-        config = EngineConfig(**kwargs)
+        try:
+            config = EngineConfig(**kwargs)
+        except ValidationError as exc:
+            raise InvalidInputError(f"invalid engine configuration: {exc}") from None
         owns_ray = False
         if not ray.is_initialized():
             ray.init(
@@ -57,11 +61,12 @@ class Engine:
         if config.detached:
             options["lifetime"] = "detached"
         scheduler = Scheduler.options(**options).remote(config.model_dump())
-        running = ray.get(scheduler.ping.remote())
-        if running["database_url"] != config.database_url:
+        running = ray.get(scheduler.ping.remote())["config"]
+        if running != config.model_dump():
+            differs = sorted(k for k, v in config.model_dump().items() if running.get(k) != v)
             raise InvalidInputError(
-                f"an engine named {config.name!r} already runs on another journal "
-                f"({running['database_url']}); start this one with another name"
+                f"an engine named {config.name!r} already runs with a different "
+                f"configuration ({', '.join(differs)}); start this one with another name"
             )
         return cls(config, journal, scheduler, owns_ray)
 

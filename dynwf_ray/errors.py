@@ -3,8 +3,9 @@
 Tenant code sees `NonRetryableError` (raise it to stop a step's retries),
 `StepFailedError` (a step that used up its retries) and `WorkflowTimeoutError`
 (a `wait_for_event` that timed out). Platform code sees the input errors
-(`InvalidInputError`, `PayloadTooLargeError`), `InstanceNotFoundError` and
-`DuplicateInstanceError`. Each message names the thing that was wrong.
+(`InvalidInputError` and its kinds `PayloadTooLargeError`, `NotSerializableError`),
+`InstanceNotFoundError`, `DuplicateInstanceError`, `UnknownTenantError` and
+`InvalidStateError`. Each message names the thing that was wrong.
 """
 
 from __future__ import annotations

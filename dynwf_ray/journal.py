@@ -516,7 +516,9 @@ class Journal:
         with self._write() as conn:
             result = conn.execute(
                 update(I)
-                .where(which, I.c.status.not_in(TERMINAL))
+                # Only a lease still held: an activation that already suspended or
+                # finished released it itself, and its new state must stand.
+                .where(which, I.c.lease_expires_at.is_not(None), I.c.status.not_in(TERMINAL))
                 .values(
                     lease_expires_at=None, lease_owner=None, updated_at=now,
                     status=case((I.c.pause_requested, "paused"), else_="queued"),

@@ -6,7 +6,9 @@ blob, so registering the same code twice yields the same version. Kinds:
 - `pickled-class`: a `WorkflowEntrypoint` subclass registered directly by the
   platform (`Engine.register`), stored with cloudpickle. Classes from
   importable modules are stored by reference (the module must be importable
-  where instances run); classes defined in `__main__` are stored by value.
+  where instances run), so their version names the class, not its code:
+  editing the module changes what in-flight instances replay with. Classes
+  defined in `__main__` are stored by value, code included.
 """
 
 from __future__ import annotations

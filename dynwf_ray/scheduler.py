@@ -96,7 +96,7 @@ class Scheduler:
     # -- called through Ray --------------------------------------------------
 
     def ping(self) -> dict:
-        return {"owner": self.owner, "database_url": self.config.database_url}
+        return {"owner": self.owner, "config": self.config.model_dump()}
 
     def notify(self) -> None:
         """New work may be due (created, event sent, resumed): look now."""

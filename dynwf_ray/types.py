@@ -179,7 +179,7 @@ class ReceivedEvent(BaseModel):
 
 
 class StepContext(BaseModel):
-    """Passed to a `step.do` callback that takes one argument."""
+    """Passed to a `step.do` callback that has a required positional parameter (or *args)."""
 
     model_config = ConfigDict(frozen=True)
     step: str
@@ -199,15 +199,12 @@ class InstanceError(BaseModel):
 
 
 class InstanceStatus(BaseModel):
-    """`instance.status()`: Cloudflare's status shape."""
+    """`instance.status()`: Cloudflare's status shape ("unknown" is in the vocabulary
+    for compatibility; the engine always knows an existing instance's status)."""
 
     status: InstanceStatusName
     error: InstanceError | None = None
     output: Any = None
-
-    def __getitem__(self, key: str) -> Any:  # status()["status"] reads like the JS API
-        value = getattr(self, key)
-        return value.model_dump() if isinstance(value, BaseModel) else value
 
 
 class CreateOptions(BaseModel):

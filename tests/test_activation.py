@@ -335,3 +335,14 @@ def test_bindings_create_get_and_errors(journal, tenant):
     other.binding.create(id="dup")  # ids are per tenant
     auto = d.binding.create(params={"a": 1})
     assert len(auto.id) == 32
+
+
+def test_releasing_a_lease_already_given_up_changes_nothing(journal, tenant):
+    """A scheduler that learns late that an activation ended must not undo its outcome."""
+    d = Driver(journal, tenant, Pausable)
+    d.binding.create(id="r")
+    (claim,) = journal.claim_due(d.now, 10, "t", 30, tenant)
+    outcome = asyncio.run(activate(journal, claim.pk, claim.token, Pausable, clock=d.clock))
+    assert outcome == "suspended"
+    assert journal.release(claim.pk, claim.token, d.now, d.now) is False
+    assert d.info("r").status == "waiting" and d.info("r").wake_at == d.now + 5

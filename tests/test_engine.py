@@ -10,6 +10,7 @@ import psutil
 import pytest
 import ray
 
+from dynwf_ray.journal import Journal
 from dynwf_ray import (
     DuplicateInstanceError,
     Engine,
@@ -19,7 +20,7 @@ from dynwf_ray import (
     UnknownTenantError,
 )
 
-from .conftest import wait_status, wait_until
+from .conftest import ENGINE_DEFAULTS, wait_status, wait_until
 from .workflows import (
     Approval,
     BlockingStep,
@@ -258,10 +259,12 @@ def test_engine_stopped_and_started_again_on_the_same_journal(make_engine, tmp_p
     url, name = engine.config.database_url, engine.config.name
     running, sleeping, waiting = _start_mixed_work(engine, tmp_path)
     engine.stop()
+    journal = Journal(url)
+    assert journal.get_instance("mix", "run").status == "queued"  # its lease was released
+    assert journal.get_instance("ask", "wait").status == "waiting"
+    journal.close()
     (tmp_path / "release").touch()
     again = make_engine(database_url=url, name=name)
-    for old in (running, sleeping, waiting):
-        assert again.binding(old._binding.tenant_id).get(old.id).status()["status"] != "complete"
     again.binding("ask").get("wait").send_event("approval", {"by": "carol"})
     assert wait_status(again.binding("mix").get("run"), "complete")["output"] == ["a", "b", "c"]
     assert wait_status(again.binding("nap").get("sleep"), "complete")
@@ -269,7 +272,9 @@ def test_engine_stopped_and_started_again_on_the_same_journal(make_engine, tmp_p
     assert len(lines(tmp_path / "a.log")) == 1
 
 
-def test_engine_refuses_a_second_journal_under_the_same_name(make_engine, make_database_url):
+def test_engine_refuses_a_conflicting_or_invalid_configuration(make_engine, make_database_url):
     engine = make_engine()
-    with pytest.raises(InvalidInputError, match="already runs on another journal"):
-        Engine.start(name=engine.config.name, database_url=make_database_url())
+    with pytest.raises(InvalidInputError, match="different configuration \\(database_url\\)"):
+        Engine.start(**{**ENGINE_DEFAULTS, "name": engine.config.name, "database_url": make_database_url()})
+    with pytest.raises(InvalidInputError, match="(?s)invalid engine configuration.*max_hosts"):
+        Engine.start(name="x", max_hosts=0)
