@@ -23,7 +23,7 @@ from bench.workflows import ThreeSteps  # noqa: E402
 from dynwf_ray import Engine  # noqa: E402
 from dynwf_ray.binding import WorkflowBinding  # noqa: E402
 from dynwf_ray.journal import Journal  # noqa: E402
-from dynwf_ray.loader import package_class  # noqa: E402
+from dynwf_ray.package import package_class  # noqa: E402
 
 
 def create_rate(url: str, total: int) -> list[float]:

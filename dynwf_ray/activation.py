@@ -43,6 +43,7 @@ async def activate(
     try:
         state = journal.load_activation(pk, token)
         info = state.info
+        where = f"tenant {info.tenant_id!r} instance {info.instance_id!r}: "
         step = Step(journal, state, token, clock=clock, lease_ttl=lease_ttl, tracker=tracker)
         event = WorkflowEvent(
             payload=json.loads(info.params_json),
@@ -60,15 +61,15 @@ async def activate(
         except LeaseLostError:
             raise
         except StepFailedError as exc:
-            journal.fail(pk, token, exc.error_name, str(exc), clock())
+            journal.fail(pk, token, exc.error_name, where + str(exc), clock())
             return "errored"
         except Exception as exc:  # noqa: BLE001 - the tenant's run() failed
-            journal.fail(pk, token, type(exc).__name__, _describe(exc), clock())
+            journal.fail(pk, token, type(exc).__name__, where + _describe(exc), clock())
             return "errored"
         try:
             output_json = to_json(output, f"output of instance {info.instance_id!r}")
         except InvalidInputError as exc:
-            journal.fail(pk, token, type(exc).__name__, str(exc), clock())
+            journal.fail(pk, token, type(exc).__name__, where + str(exc), clock())
             return "errored"
         journal.complete(pk, token, output_json, clock())
         return "complete"

@@ -44,7 +44,8 @@ class InstanceHandle:
         return f"InstanceHandle(tenant={self._binding.tenant_id!r}, id={self.id!r})"
 
     def status(self) -> dict[str, Any]:
-        """{"status", "error": {name, message} | None, "output"} (Cloudflare's shape)."""
+        """{"status", "error": {name, message} | None, "output"} (Cloudflare's shape),
+        plus "version": the code version the instance runs."""
         info = self._binding._journal.require_instance(self._binding.tenant_id, self.id)
         error = (
             InstanceError(name=info.error_name, message=info.error_message or "")
@@ -52,7 +53,8 @@ class InstanceHandle:
             else None
         )
         output = json.loads(info.output_json) if info.output_json is not None else None
-        return InstanceStatus(status=info.status, error=error, output=output).model_dump()
+        status = InstanceStatus(status=info.status, error=error, output=output).model_dump()
+        return {**status, "version": info.code_version}
 
     def pause(self) -> None:
         self._binding._journal.pause(self._binding.tenant_id, self.id, self._binding._clock())
@@ -67,6 +69,14 @@ class InstanceHandle:
     def restart(self) -> None:
         self._binding._journal.restart(self._binding.tenant_id, self.id, self._binding._clock())
         self._binding._notify()
+
+    def move_to_version(self, version: str) -> None:
+        """Run this instance on another stored code version of its tenant from its next
+        activation on. Replay then runs the new code against the recorded steps, so the
+        new version must reach the same steps under the same names."""
+        self._binding._journal.set_version(
+            self._binding.tenant_id, self.id, version, self._binding._clock()
+        )
 
     def send_event(self, type: str, payload: Any = None) -> None:
         """Deliver an event; buffered until a `wait_for_event` of that type takes it."""

@@ -1,13 +1,17 @@
 """`dynwf`: the command line. `demo` starts an engine; the others only read or write the journal.
 
-    dynwf demo                         run the demo workflow on the embedded default
+    dynwf demo                         push the example tenants and run them (embedded default)
+    dynwf push <tenant> <dir>          package, validate and store a tenant's code
+    dynwf versions <tenant>            a tenant's code versions
     dynwf ls [--tenant T] [--status S] list instances
-    dynwf status <id> [--tenant T]     status, output and steps of one instance
+    dynwf status <id> [--tenant T]     status, version, output and steps of one instance
     dynwf send-event <id> <type> <json> [--tenant T]
 
 Every command takes --database-url (default: $DYNWF_DATABASE_URL, else the
-embedded SQLite file under ~/.dynwf/). An event sent from the CLI is picked
-up by the running engine's scheduler on its next poll.
+embedded SQLite file under ~/.dynwf/). `demo` starts an engine and `push`
+joins Ray (RAY_ADDRESS, else a local Ray) to validate code in its runtime env;
+the others only use the journal. An event sent from the CLI is picked up by
+the running engine's scheduler on its next poll.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import json
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Sequence
 
 from .config import default_database_url
+from .package import push
 from .errors import DynwfError
 from .journal import InstanceInfo, Journal, StepRecord
 
@@ -38,8 +44,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     def command(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, parents=[common])
 
-    demo = command("demo", "run the demo workflow on the embedded engine")
-    demo.add_argument("--name", default="world", help="who the demo greets")
+    demo = command("demo", "push the example tenants and run them on the embedded engine")
+    demo.add_argument(
+        "--tenants", default=str(EXAMPLE_TENANTS),
+        help="directory holding the example tenants acme/ and globex/",
+    )
+
+    push_cmd = command("push", "package, validate and store a tenant's code")
+    push_cmd.add_argument("tenant")
+    push_cmd.add_argument("dir")
+
+    versions = command("versions", "list a tenant's code versions")
+    versions.add_argument("tenant")
 
     ls = command("ls", "list instances")
     ls.add_argument("--tenant")
@@ -60,8 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     url = getattr(args, "database_url", None) or default_database_url()
     try:
         if args.command == "demo":
-            return _demo(url, args.name)
+            return _demo(url, Path(args.tenants))
         journal = Journal(url)
+        if args.command == "push":
+            return _push(journal, args.tenant, args.dir)
+        if args.command == "versions":
+            return _versions(journal, args.tenant)
         if args.command == "ls":
             return _ls(journal, args.tenant, args.status, args.limit)
         if args.command == "status":
@@ -72,6 +92,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dynwf: {exc}", file=sys.stderr)
         return 2
     return 1
+
+
+#: The repository's example tenants (present in a source checkout).
+EXAMPLE_TENANTS = Path(__file__).resolve().parent.parent / "tenants"
+
+
+def _push(journal: Journal, tenant: str, directory: str) -> int:
+    import ray
+
+    from .types import validate_id
+
+    validate_id(tenant, "tenant id")
+    ray.init(logging_level="WARNING", include_dashboard=False)
+    try:
+        started = time.monotonic()
+        version = push(journal, tenant, directory, time.time())
+    finally:
+        ray.shutdown()
+    print(f"pushed {tenant} {version} ({time.monotonic() - started:.1f} s)")
+    return 0
+
+
+def _versions(journal: Journal, tenant: str) -> int:
+    latest = journal.latest_version(tenant)
+    rows = journal.list_versions(tenant)
+    if not rows:
+        raise _CliError(f"tenant {tenant!r} has no code versions")
+    for version, kind, created in rows:
+        print(f"{version}  {kind:<14} {_when(created)} UTC{'  (latest)' if version == latest else ''}")
+    return 0
 
 
 def _find(journal: Journal, instance_id: str, tenant: str | None) -> InstanceInfo:
@@ -144,19 +194,27 @@ def _send_event(journal: Journal, info: InstanceInfo, event_type: str, payload: 
     return 0
 
 
-def _demo(url: str, name: str) -> int:
-    from .demo import DemoWorkflow
+def _demo(url: str, tenants: Path) -> int:
     from .engine import Engine
 
+    if not (tenants / "acme").is_dir() or not (tenants / "globex").is_dir():
+        raise _CliError(f"no example tenants in {tenants}; pass --tenants DIR")
     print(f"journal: {url}")
     print("starting the engine (local Ray)...", flush=True)
     engine = Engine.start(database_url=url, hibernate_after=5)
     try:
-        engine.register("demo", DemoWorkflow)
-        wf = engine.binding("demo")
-        inst = wf.create(id=f"demo-{int(time.time() * 1000)}", params={"name": name})
-        print(f"created instance demo/{inst.id}")
-        pk = engine.journal.get_instance("demo", inst.id).pk
+        for tenant in ("acme", "globex"):
+            started = time.monotonic()
+            version = engine.push_tenant(tenant, str(tenants / tenant))
+            print(f"pushed {tenant}: {version} ({time.monotonic() - started:.1f} s)", flush=True)
+        order = engine.binding("acme").create(
+            id=f"order-{int(time.time() * 1000)}",
+            params={"items": [{"sku": "A-1", "price": 12.5}, {"sku": "B-7", "price": 30}],
+                    "fail_charge_times": 2, "sleep": "2 seconds"},
+        )
+        report = engine.binding("globex").create(id=f"report-{int(time.time() * 1000)}")
+        print(f"created acme/{order.id} and globex/{report.id}; following acme/{order.id}:")
+        pk = engine.journal.get_instance("acme", order.id).pk
         shown: dict[tuple[str, int], tuple[str, int]] = {}
         approved = False
         deadline = time.monotonic() + 300
@@ -166,23 +224,34 @@ def _demo(url: str, name: str) -> int:
                 if shown.get(key) != state:
                     shown[key] = state
                     print("  " + _progress_line(s), flush=True)
-            status = inst.status()
+            status = order.status()
             if status["status"] == "waiting" and not approved and ("manager approval", 1) in shown:
                 print("  -> sending the 'approval' event the workflow waits for", flush=True)
-                inst.send_event("approval", {"by": "the demo"})
+                order.send_event("approval", {"by": "the demo"})
                 approved = True
             if status["status"] in ("complete", "errored", "terminated"):
-                print(f"instance {inst.id}: {status['status']}")
-                print(json.dumps(status["output"] or status["error"], indent=2))
-                stats = engine.stats()
-                print(
-                    f"activations: {stats['activations']} ({stats['cold_starts']} cold, "
-                    f"{stats['warm_starts']} warm); live host actors: {stats['live_hosts']}"
-                )
-                return 0 if status["status"] == "complete" else 1
+                break
             time.sleep(0.1)
-        print("the demo did not finish within 5 minutes", file=sys.stderr)
-        return 1
+        else:
+            print("the demo did not finish within 5 minutes", file=sys.stderr)
+            return 1
+        while report.status()["status"] not in ("complete", "errored", "terminated"):
+            if time.monotonic() > deadline:
+                print("the globex report did not finish within 5 minutes", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+        ok = True
+        for tenant, inst in (("acme", order), ("globex", report)):
+            status = inst.status()
+            ok = ok and status["status"] == "complete"
+            print(f"{tenant}/{inst.id}: {status['status']} on {status['version']}")
+            print(json.dumps(status["output"] or status["error"], indent=2))
+        stats = engine.stats()
+        print(
+            f"activations: {stats['activations']} ({stats['cold_starts']} cold, "
+            f"{stats['warm_starts']} warm); live host actors: {stats['live_hosts']}"
+        )
+        return 0 if ok else 1
     finally:
         engine.stop()
 

@@ -39,6 +39,10 @@ class EngineConfig(BaseModel):
     max_hosts: int = Field(default=8, ge=1)
     #: Seconds an idle host is kept warm before it is deactivated (its process killed).
     hibernate_after: float = Field(default=60.0, ge=0)
+    #: Idle hosts kept warm per (tenant, code version); more are deactivated at once.
+    warm_pool_size: int = Field(default=2, ge=0)
+    #: Entries the loader's get(id, load) cache holds (least recently used evicted).
+    loader_cache_size: int = Field(default=1024, ge=1)
     #: Seconds a warm host keeps taking due instances of its own code, without a round
     #: trip to the scheduler, before it hands back (bounds how long other code waits).
     host_slice: float = Field(default=0.2, ge=0)
@@ -59,3 +63,7 @@ class EngineConfig(BaseModel):
     @property
     def scheduler_name(self) -> str:
         return f"dynwf-scheduler-{self.name}"
+
+    @property
+    def loader_name(self) -> str:
+        return f"dynwf-loader-{self.name}"

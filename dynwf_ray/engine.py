@@ -21,7 +21,8 @@ from .binding import WorkflowBinding
 from .config import EngineConfig
 from .errors import InvalidInputError
 from .journal import Journal
-from .loader import package_class
+from .loader import Loader
+from .package import package_class, push
 from .scheduler import Scheduler
 from .types import validate_id
 
@@ -31,9 +32,12 @@ log = logging.getLogger("dynwf_ray.engine")
 class Engine:
     """A running engine. Create it with `Engine.start(...)`, end it with `stop()`."""
 
-    def __init__(self, config: EngineConfig, journal: Journal, scheduler: Any, owns_ray: bool):
+    def __init__(
+        self, config: EngineConfig, journal: Journal, loader: Any, scheduler: Any, owns_ray: bool
+    ):
         self.config = config
         self.journal = journal
+        self._loader = loader
         self._scheduler = scheduler
         self._owns_ray = owns_ray
         self._clock: Callable[[], float] = time.time
@@ -55,12 +59,13 @@ class Engine:
             )
             owns_ray = True
         journal = Journal(config.database_url)
-        options: dict[str, Any] = dict(
-            name=config.scheduler_name, namespace=config.namespace, get_if_exists=True
-        )
-        if config.detached:
-            options["lifetime"] = "detached"
-        scheduler = Scheduler.options(**options).remote(config.model_dump())
+        lifetime = {"lifetime": "detached"} if config.detached else {}
+        loader = Loader.options(
+            name=config.loader_name, namespace=config.namespace, get_if_exists=True, **lifetime
+        ).remote(config.model_dump())
+        scheduler = Scheduler.options(
+            name=config.scheduler_name, namespace=config.namespace, get_if_exists=True, **lifetime
+        ).remote(config.model_dump())
         running = ray.get(scheduler.ping.remote())["config"]
         if running != config.model_dump():
             differs = sorted(k for k, v in config.model_dump().items() if running.get(k) != v)
@@ -68,7 +73,7 @@ class Engine:
                 f"an engine named {config.name!r} already runs with a different "
                 f"configuration ({', '.join(differs)}); start this one with another name"
             )
-        return cls(config, journal, scheduler, owns_ray)
+        return cls(config, journal, loader, scheduler, owns_ray)
 
     def register(self, tenant_id: str, workflow_cls: type) -> str:
         """Register a workflow class for a tenant directly; returns its code version."""
@@ -76,6 +81,24 @@ class Engine:
         version, kind, blob = package_class(workflow_cls)
         self.journal.save_code(tenant_id, version, kind, blob, self._clock())
         return version
+
+    def push_tenant(self, tenant_id: str, path: str) -> str:
+        """Package a tenant's code directory, validate it in its runtime env, store it.
+
+        Returns the code version (content-addressed: same content, same version);
+        new instances of the tenant use it. Raises InvalidInputError, storing
+        nothing, when the code does not import or has no WorkflowEntrypoint.
+        """
+        validate_id(tenant_id, "tenant id")
+        return push(self.journal, tenant_id, path, self._clock())
+
+    def versions(self, tenant_id: str) -> list[dict]:
+        """The tenant's stored code versions, oldest first, and which one is the latest."""
+        latest = self.journal.latest_version(tenant_id)
+        return [
+            {"version": v, "kind": kind, "created_at": at, "latest": v == latest}
+            for v, kind, at in self.journal.list_versions(tenant_id)
+        ]
 
     def binding(self, tenant_id: str, metadata: Mapping[str, Any] | None = None) -> WorkflowBinding:
         """The tenant's WORKFLOWS binding: it reaches only that tenant's instances."""
@@ -86,16 +109,18 @@ class Engine:
     def stats(self) -> dict:
         """Live host actors, activations (cold/warm) and instance counts by status."""
         return {
+            **ray.get(self._loader.stats.remote()),
             **ray.get(self._scheduler.stats.remote()),
             "instances": self.journal.count_by_status(),
         }
 
     def stop(self) -> None:
-        """Stop the scheduler and its hosts; running instances resume on the next start."""
+        """Stop the scheduler, the loader and its hosts; instances resume on the next start."""
         try:
             ray.get(self._scheduler.stop.remote(), timeout=60)
         finally:
             ray.kill(self._scheduler, no_restart=True)
+            ray.kill(self._loader, no_restart=True)
             self.journal.close()
             if self._owns_ray:
                 ray.shutdown()

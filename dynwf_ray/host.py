@@ -31,7 +31,7 @@ import ray
 
 from .activation import Outcome, activate
 from .journal import Journal, LeaseLostError
-from .loader import load_class
+from .package import load_class
 
 log = logging.getLogger("dynwf_ray.host")
 
@@ -112,13 +112,14 @@ class InstanceHost:
         version: str,
         kind: str,
         blob: bytes,
+        manifest_json: str,
         lease_ttl: float,
         owner: str,
         host_slice: float,
         binding_factory: Callable[[Journal], Any] | None = None,
     ):
         self._journal = Journal(database_url, create_tables=False)
-        self._workflow_cls = load_class(tenant_id, version, kind, blob)
+        self._workflow_cls = load_class(tenant_id, version, kind, blob, manifest_json)
         self._code = (tenant_id, version)
         self._lease_ttl = lease_ttl
         self._owner = owner

@@ -77,6 +77,7 @@ class CodeVersionRow(SQLModel, table=True):
     version: str = Field(primary_key=True, max_length=80)
     kind: str
     blob: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    manifest_json: str = "{}"
     created_at: float
 
 
@@ -208,7 +209,10 @@ _STEP_FIELDS = tuple(StepRecord.__dataclass_fields__)
 # prefixed with b_ because UPDATE reserves the column names for its SET clause).
 _FENCE = (
     update(I)
-    .where(I.c.pk == bindparam("b_pk"), I.c.lease_token == bindparam("b_token"))
+    .where(
+        I.c.pk == bindparam("b_pk"), I.c.lease_token == bindparam("b_token"),
+        I.c.lease_expires_at.is_not(None),  # held: not given up by a suspend or finish
+    )
     .values(lease_expires_at=bindparam("b_until"), updated_at=bindparam("b_now"))
     .returning(I.c.pause_requested)
 )
@@ -335,7 +339,10 @@ class Journal:
 
     # -- tenants and code --------------------------------------------------
 
-    def save_code(self, tenant_id: str, version: str, kind: str, blob: bytes, now: float) -> None:
+    def save_code(
+        self, tenant_id: str, version: str, kind: str, blob: bytes, now: float,
+        manifest_json: str = "{}",
+    ) -> None:
         """Store a code version (idempotent: same content, same version) and make it the latest."""
         with self._write() as conn:
             exists = conn.execute(
@@ -344,7 +351,8 @@ class Journal:
             if not exists:
                 conn.execute(
                     insert(C).values(
-                        tenant_id=tenant_id, version=version, kind=kind, blob=blob, created_at=now
+                        tenant_id=tenant_id, version=version, kind=kind, blob=blob,
+                        manifest_json=manifest_json, created_at=now,
                     )
                 )
             stmt = self._dialect_insert(T).values(
@@ -363,12 +371,25 @@ class Journal:
                 select(T.c.latest_version).where(T.c.tenant_id == tenant_id)
             ).scalar()
 
-    def get_code(self, tenant_id: str, version: str) -> tuple[str, bytes] | None:
+    def get_code(self, tenant_id: str, version: str) -> tuple[str, bytes, str] | None:
+        """(kind, blob, manifest_json) of a stored code version."""
         with self._read() as conn:
             row = conn.execute(
-                select(C.c.kind, C.c.blob).where(C.c.tenant_id == tenant_id, C.c.version == version)
+                select(C.c.kind, C.c.blob, C.c.manifest_json).where(
+                    C.c.tenant_id == tenant_id, C.c.version == version
+                )
             ).first()
-        return (row.kind, bytes(row.blob)) if row else None
+        return (row.kind, bytes(row.blob), row.manifest_json) if row else None
+
+    def list_versions(self, tenant_id: str) -> list[tuple[str, str, float]]:
+        """(version, kind, created_at) of every code version of a tenant, oldest first."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(C.c.version, C.c.kind, C.c.created_at)
+                .where(C.c.tenant_id == tenant_id)
+                .order_by(C.c.created_at)
+            ).all()
+        return [tuple(r) for r in rows]
 
     # -- creating and reading instances ------------------------------------
 
@@ -545,6 +566,36 @@ class Journal:
                 raise LeaseLostError(f"instance pk={pk}: lease token {token} is not current")
             steps = conn.execute(_LOAD_STEPS, {"b_pk": pk}).all()
         return ActivationState(InstanceInfo(*row), [StepRecord(*s) for s in steps])
+
+    def renew_leases(self, leases: Sequence[tuple[int, int]], now: float, lease_ttl: float) -> None:
+        """Extend several held leases at once (those lost or given up are left alone)."""
+        params = [
+            {"b_pk": pk, "b_token": token, "b_until": now + lease_ttl, "b_now": now}
+            for pk, token in leases
+        ]
+        with self._write() as conn:
+            for p in params:
+                conn.execute(_FENCE, p)
+
+    def set_version(self, tenant_id: str, instance_id: str, version: str, now: float) -> None:
+        """Move an instance to another stored code version (used from its next activation)."""
+        with self._write() as conn:
+            info = self._lock_instance(conn, tenant_id, instance_id)
+            if info.status in TERMINAL:
+                raise InvalidStateError(
+                    f"instance {instance_id!r} is {info.status}; restart it before moving it"
+                )
+            known = conn.execute(
+                select(C.c.version).where(C.c.tenant_id == tenant_id, C.c.version == version)
+            ).first()
+            if known is None:
+                raise InvalidStateError(f"tenant {tenant_id!r} has no code version {version!r}")
+            metadata = {**json.loads(info.metadata_json), "code_version": version}
+            conn.execute(
+                update(I).where(I.c.pk == info.pk).values(
+                    code_version=version, metadata_json=json.dumps(metadata), updated_at=now
+                )
+            )
 
     def renew_lease(self, pk: int, token: int, now: float, lease_ttl: float) -> bool:
         """Heartbeat for long steps. Returns pause_requested; raises LeaseLostError."""

@@ -1,59 +1,239 @@
-"""Tenant code: how a workflow class becomes a stored, versioned code blob and back.
+"""The loader actor: tenant code -> Ray runtime env -> warm instance hosts.
 
-A code version is content-addressed: the version string is derived from the
-blob, so registering the same code twice yields the same version. Kinds:
+One per engine, named `dynwf-loader-<engine name>`. It owns:
+- `get(id, load)`: a cache by id whose `load` callback runs only on a miss;
+  the least recently used entries beyond `loader_cache_size` are evicted. The
+  loader caches each code version's spec through it: the stored code read from
+  the journal, unpacked to local disk, turned into a runtime_env.
+- the host pool: instance host actors per (tenant, code version). `acquire`
+  hands the scheduler an idle (warm) host or starts a new (cold) one in that
+  version's runtime env; `release` takes it back as idle, keeping at most
+  `warm_pool_size` idle hosts per version; idle hosts are deactivated (their
+  processes killed) after `hibernate_after` seconds, and the least recently
+  used idle host is evicted when a cold start needs a slot under `max_hosts`.
 
-- `pickled-class`: a `WorkflowEntrypoint` subclass registered directly by the
-  platform (`Engine.register`), stored with cloudpickle. Classes from
-  importable modules are stored by reference (the module must be importable
-  where instances run), so their version names the class, not its code:
-  editing the module changes what in-flight instances replay with. Classes
-  defined in `__main__` are stored by value, code included.
+Hosts are owned by this actor: if it dies they die with it, and the scheduler
+re-activates their instances.
 """
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
-from ray import cloudpickle
+import ray
 
-from .entrypoint import WorkflowEntrypoint
-from .errors import InvalidInputError
+from .binding import WorkflowBinding
+from .config import EngineConfig
+from .host import InstanceHost
+from .journal import Journal
+from .package import PACKAGE, Manifest, publish, runtime_env_for
 
-PICKLED_CLASS = "pickled-class"
+log = logging.getLogger("dynwf_ray.loader")
 
-
-def package_class(cls: Any) -> tuple[str, str, bytes]:
-    """(version, kind, blob) for a workflow class registered directly."""
-    if not (isinstance(cls, type) and issubclass(cls, WorkflowEntrypoint)):
-        raise InvalidInputError(
-            f"workflow class must be a subclass of WorkflowEntrypoint, got {cls!r}"
-        )
-    if cls.run is WorkflowEntrypoint.run:
-        raise InvalidInputError(f"{cls.__qualname__} does not implement run(event, step)")
-    blob = cloudpickle.dumps(cls)
-    return _version(blob), PICKLED_CLASS, blob
+CodeKey = tuple[str, str]  # (tenant_id, code_version)
 
 
-def load_class(tenant_id: str, version: str, kind: str, blob: bytes) -> type[WorkflowEntrypoint]:
-    """The workflow class of a stored code version."""
-    if kind != PICKLED_CLASS:
-        raise InvalidInputError(
-            f"tenant {tenant_id!r} version {version!r}: unknown code kind {kind!r}"
-        )
-    cls = cloudpickle.loads(blob)
-    if not (isinstance(cls, type) and issubclass(cls, WorkflowEntrypoint)):
-        raise InvalidInputError(
-            f"tenant {tenant_id!r} version {version!r} does not hold a WorkflowEntrypoint"
-        )
-    return cls
+@dataclass(frozen=True)
+class CodeSpec:
+    """What a host of one code version needs."""
+
+    tenant_id: str
+    version: str
+    kind: str
+    blob: bytes
+    manifest_json: str
+    runtime_env: dict | None
 
 
-def runtime_env_for(kind: str, blob: bytes) -> dict | None:
-    """The Ray runtime_env an instance host of this code needs (none for registered classes)."""
-    return None
+@dataclass
+class _Host:
+    id: int
+    key: CodeKey
+    actor: Any
+    owner: str
+    idle_since: float = field(default_factory=time.monotonic)
 
 
-def _version(blob: bytes) -> str:
-    return "v-" + hashlib.sha256(blob).hexdigest()[:16]
+class HostBindingFactory:
+    """Builds the tenant-scoped WORKFLOWS binding inside a host (picklable)."""
+
+    def __init__(self, tenant_id: str, scheduler_name: str, namespace: str):
+        self.tenant_id = tenant_id
+        self.scheduler_name = scheduler_name
+        self.namespace = namespace
+
+    def __call__(self, journal: Journal) -> WorkflowBinding:
+        return WorkflowBinding(journal, self.tenant_id, notify=self._notify)
+
+    def _notify(self) -> None:
+        try:
+            ray.get_actor(self.scheduler_name, namespace=self.namespace).notify.remote()
+        except ValueError:
+            pass  # no scheduler running: the instance is picked up by the next one's poll
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4)
+class Loader:
+    def __init__(self, config: dict):
+        self.config = EngineConfig(**config)
+        self.journal = Journal(self.config.database_url, create_tables=False)
+        self._lock = threading.RLock()
+        self._cache: OrderedDict[Any, Any] = OrderedDict()
+        self._idle: dict[CodeKey, list[_Host]] = {}
+        self._busy: dict[int, _Host] = {}
+        self._seq = 0
+        self._counters = {"cache_hits": 0, "cache_misses": 0, "cold_starts": 0, "warm_starts": 0}
+        threading.Thread(target=self._reap_forever, name="dynwf-loader-reaper", daemon=True).start()
+
+    # -- the cache ----------------------------------------------------------
+
+    def get(self, id: Any, load: Callable[[], Any]) -> Any:
+        """The value cached under `id`; `load()` is called (and cached) only on a miss."""
+        with self._lock:
+            if id in self._cache:
+                self._counters["cache_hits"] += 1
+                self._cache.move_to_end(id)
+                return self._cache[id]
+        value = load()
+        with self._lock:
+            self._counters["cache_misses"] += 1
+            self._cache[id] = value
+            self._cache.move_to_end(id)
+            while len(self._cache) > self.config.loader_cache_size:
+                self._cache.popitem(last=False)
+        return value
+
+    def code_spec(self, tenant_id: str, version: str) -> CodeSpec:
+        return self.get(("code", tenant_id, version), lambda: self._load_spec(tenant_id, version))
+
+    def _load_spec(self, tenant_id: str, version: str) -> CodeSpec:
+        code = self.journal.get_code(tenant_id, version)
+        if code is None:
+            raise LookupError(f"no code stored for tenant {tenant_id!r} version {version!r}")
+        kind, blob, manifest_json = code
+        if kind != PACKAGE:
+            return CodeSpec(tenant_id, version, kind, blob, manifest_json, None)
+        manifest = Manifest(**json.loads(manifest_json))
+        env = runtime_env_for(manifest, publish(blob, version))
+        return CodeSpec(tenant_id, version, kind, blob, manifest_json, env)
+
+    # -- the host pool --------------------------------------------------------
+
+    def acquire(self, tenant_id: str, version: str) -> dict:
+        """A host for this code: {"host_id", "actor", "owner", "warm"}."""
+        key = (tenant_id, version)
+        with self._lock:
+            idle = self._idle.get(key)
+            if idle:
+                host = idle.pop()
+                if not idle:
+                    del self._idle[key]
+                self._busy[host.id] = host
+                self._counters["warm_starts"] += 1
+                return {"host_id": host.id, "actor": host.actor, "owner": host.owner, "warm": True}
+        spec = self.code_spec(tenant_id, version)
+        if spec.runtime_env:  # Ray may have dropped the package since (e.g. it restarted)
+            publish(spec.blob, version)
+        with self._lock:
+            while self._live() >= self.config.max_hosts and self._evict_one_idle():
+                pass
+            self._seq += 1
+            owner = f"{self.config.scheduler_name}/host-{self._seq}-{time.time_ns() % 10**9}"
+            options: dict[str, Any] = {}
+            if spec.runtime_env:
+                options["runtime_env"] = spec.runtime_env
+            blob = b"" if spec.runtime_env else spec.blob  # a package arrives as its working_dir
+            actor = InstanceHost.options(**options).remote(
+                self.config.database_url, spec.tenant_id, spec.version, spec.kind, blob,
+                spec.manifest_json, self.config.lease_ttl, owner, self.config.host_slice,
+                HostBindingFactory(tenant_id, self.config.scheduler_name, self.config.namespace),
+            )
+            host = _Host(self._seq, key, actor, owner)
+            self._busy[host.id] = host
+            self._counters["cold_starts"] += 1
+        log.info("started a host for tenant %s version %s", tenant_id, version)
+        return {"host_id": host.id, "actor": actor, "owner": owner, "warm": False}
+
+    def release(self, host_id: int) -> None:
+        """An activation ended: the host goes back to its version's warm pool."""
+        with self._lock:
+            host = self._busy.pop(host_id, None)
+            if host is None:
+                return
+            pool = self._idle.setdefault(host.key, [])
+            if len(pool) >= self.config.warm_pool_size:
+                ray.kill(host.actor)
+                return
+            host.idle_since = time.monotonic()
+            pool.append(host)
+
+    def discard(self, host_id: int) -> None:
+        """The host died (or must not be reused): forget it, make sure it is gone."""
+        with self._lock:
+            host = self._busy.pop(host_id, None)
+        if host is not None:
+            ray.kill(host.actor)
+
+    def reset(self) -> None:
+        """Kill every host (the scheduler restarted and lost track of busy ones)."""
+        with self._lock:
+            hosts = list(self._busy.values()) + [h for v in self._idle.values() for h in v]
+            self._busy.clear()
+            self._idle.clear()
+        for host in hosts:
+            ray.kill(host.actor)
+
+    def stats(self) -> dict:
+        with self._lock:
+            idle = sum(len(v) for v in self._idle.values())
+            return {
+                "live_hosts": len(self._busy) + idle,
+                "busy_hosts": len(self._busy),
+                "idle_hosts": idle,
+                "warm_versions": len(self._idle),
+                "max_hosts": self.config.max_hosts,
+                "warm_pool_size": self.config.warm_pool_size,
+                "cache_entries": len(self._cache),
+                "loader_cache_size": self.config.loader_cache_size,
+                **self._counters,
+            }
+
+    def _live(self) -> int:
+        return len(self._busy) + sum(len(v) for v in self._idle.values())
+
+    def _evict_one_idle(self) -> bool:
+        oldest: _Host | None = None
+        for hosts in self._idle.values():
+            for host in hosts:
+                if oldest is None or host.idle_since < oldest.idle_since:
+                    oldest = host
+        if oldest is None:
+            return False
+        self._idle[oldest.key].remove(oldest)
+        if not self._idle[oldest.key]:
+            del self._idle[oldest.key]
+        ray.kill(oldest.actor)
+        return True
+
+    def _reap_forever(self) -> None:
+        limit = self.config.hibernate_after
+        while True:
+            time.sleep(min(max(limit / 4, 0.05), 1.0))
+            now = time.monotonic()
+            with self._lock:
+                for key, hosts in list(self._idle.items()):
+                    keep = [h for h in hosts if now - h.idle_since < limit]
+                    for host in hosts:
+                        if host not in keep:
+                            log.info("deactivating idle host of tenant %s version %s", *key)
+                            ray.kill(host.actor)
+                    if keep:
+                        self._idle[key] = keep
+                    else:
+                        del self._idle[key]

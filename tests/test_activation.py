@@ -285,7 +285,7 @@ def test_pause_resume_terminate_restart(journal, tenant):
     assert d.tick() == []  # a paused instance's timer does not fire
     h.resume()
     assert d.tick() == ["complete"]
-    assert h.status() == {"status": "complete", "error": None, "output": 2}
+    assert h.status() == {"status": "complete", "error": None, "output": 2, "version": "v1"}
     with pytest.raises(InvalidStateError, match="complete"):
         h.terminate()
     h.restart()

@@ -45,13 +45,13 @@ def lines(path: Path) -> list[str]:
 
 
 def test_create_run_and_status(engine, tenant):
-    engine.register(tenant, Hello)
+    version = engine.register(tenant, Hello)
     wf = engine.binding(tenant)
     inst = wf.create(id="hello-1", params={"name": "Ray"})
     status = wait_status(inst, "complete")
     assert status == {
         "status": "complete", "error": None,
-        "output": {"hello": "Hello, Ray!", "instance": "hello-1"},
+        "output": {"hello": "Hello, Ray!", "instance": "hello-1"}, "version": version,
     }
     assert wf.get("hello-1").status() == status
 

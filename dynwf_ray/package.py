@@ -1,0 +1,281 @@
+"""Tenant code packages: what a tenant pushes, how it is versioned, checked and unpacked.
+
+A tenant is a directory of plain Python with an optional `dynwf.toml`:
+
+    entrypoint = "workflow:OrderWorkflow"   # module[:Class]; default "workflow"
+    pip = ["humanize>=4"]                   # installed into the tenant's runtime env
+    [env]
+    GREETING = "hello"                      # environment variables of its processes
+
+Without `:Class`, the module must define exactly one `WorkflowEntrypoint`
+subclass. `build_package` zips the directory deterministically (sorted paths,
+fixed timestamps, no caches or hidden files), so the same content always gives
+the same bytes and the same version: `v-` + the first 16 hex digits of its
+SHA-256. `inspect_entrypoint` runs *inside* the tenant's runtime env (a Ray
+task) to prove the code imports and the class is a `WorkflowEntrypoint` before
+anything is stored (`push`). `publish` puts a stored package into Ray's
+package store for a runtime env's working_dir; that store is only a cache of
+the journal.
+
+Registered classes (`Engine.register`) are the other kind of code: a cloudpickled
+`WorkflowEntrypoint` subclass (`package_class` / `load_class`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import io
+import json
+import os
+import tomllib
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from ray import cloudpickle
+
+from .entrypoint import WorkflowEntrypoint
+from .errors import InvalidInputError
+
+PICKLED_CLASS = "pickled-class"
+PACKAGE = "package"
+MANIFEST_FILE = "dynwf.toml"
+MAX_PACKAGE_BYTES = 64 * 1024 * 1024
+_SKIP_DIRS = {"__pycache__", ".git", ".venv", "venv", "node_modules"}
+_FIXED_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+class Manifest(BaseModel):
+    """The validated content of `dynwf.toml` (entrypoint resolved to module:Class at push)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    entrypoint: str = "workflow"
+    pip: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint(cls, v: str) -> str:
+        module, _, name = v.partition(":")
+        if not module or not all(p.isidentifier() for p in module.split(".")):
+            raise ValueError(f"entrypoint {v!r} must be 'module' or 'module:Class'")
+        if name and not name.isidentifier():
+            raise ValueError(f"entrypoint {v!r}: {name!r} is not a class name")
+        return v
+
+    @property
+    def module(self) -> str:
+        return self.entrypoint.partition(":")[0]
+
+    @property
+    def class_name(self) -> str | None:
+        return self.entrypoint.partition(":")[2] or None
+
+
+class Package(BaseModel):
+    """A built package: the zip, its manifest and its content-derived version."""
+
+    model_config = ConfigDict(frozen=True)
+    version: str
+    manifest: Manifest
+    blob: bytes
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path = directory / MANIFEST_FILE
+    if not path.exists():
+        return Manifest()
+    try:
+        return Manifest(**tomllib.loads(path.read_text()))
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInputError(f"{path}: not valid TOML: {exc}") from None
+    except ValidationError as exc:
+        raise InvalidInputError(f"{path}: {exc.errors()[0]['msg']}") from None
+
+
+def build_package(path: str | os.PathLike) -> Package:
+    """Zip a tenant directory deterministically and derive its version."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise InvalidInputError(f"tenant code path {str(path)!r} is not a directory")
+    manifest = read_manifest(directory)
+    files = sorted(
+        p for p in directory.rglob("*")
+        if p.is_file()
+        and not any(part in _SKIP_DIRS or part.startswith(".") for part in p.relative_to(directory).parts)
+        and p.suffix not in (".pyc", ".pyo")
+    )
+    if not any(f.suffix == ".py" for f in files):
+        raise InvalidInputError(f"tenant code path {str(path)!r} contains no Python file")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for file in files:
+            info = zipfile.ZipInfo(file.relative_to(directory).as_posix(), date_time=_FIXED_TIME)
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, file.read_bytes())
+    blob = buffer.getvalue()
+    if len(blob) > MAX_PACKAGE_BYTES:
+        raise InvalidInputError(
+            f"tenant code at {str(path)!r} is {len(blob)} bytes zipped; the limit is "
+            f"{MAX_PACKAGE_BYTES} bytes"
+        )
+    return Package(version=_version(blob), manifest=manifest, blob=blob)
+
+
+def with_entrypoint(package: Package, entrypoint: str) -> Package:
+    """The package with its entrypoint resolved to module:Class (stored that way)."""
+    manifest = package.manifest.model_copy(update={"entrypoint": entrypoint})
+    return package.model_copy(update={"manifest": manifest})
+
+
+def runtime_env_for(manifest: Manifest, working_dir: str) -> dict[str, Any]:
+    """The Ray runtime_env of a package published at working_dir (a URI)."""
+    env: dict[str, Any] = {"working_dir": working_dir}
+    if manifest.pip:
+        env["pip"] = list(manifest.pip)
+    if manifest.env:
+        env["env_vars"] = dict(manifest.env)
+    return env
+
+
+def publish(blob: bytes, version: str) -> str:
+    """Put a package into Ray's package store unless it is there; returns its URI.
+
+    Ray takes local directories only for a whole job; an actor's working_dir
+    must be a URI, so we upload our zip under a content-addressed gcs:// URI,
+    as Ray does for job packages. The journal holds the package; this store is
+    a cache that a cluster restart empties, and we refill it on demand. This is
+    the one place we use a Ray-internal module.
+    """
+    from ray._private.runtime_env import packaging
+
+    uri = f"gcs://_ray_pkg_dynwf_{version.removeprefix('v-')}.zip"
+    if not packaging.package_exists(uri):
+        packaging.upload_package_to_gcs(uri, blob)
+    return uri
+
+
+def inspect_entrypoint(entrypoint: str) -> str:
+    """Import a tenant entrypoint (in its runtime env) and resolve it to module:Class.
+
+    Raises InvalidInputError naming what is wrong.
+    """
+    module_name, _, class_name = entrypoint.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except BaseException as exc:  # noqa: BLE001 - any import failure is the tenant's
+        raise InvalidInputError(
+            f"module {module_name!r} does not import: {type(exc).__name__}: {exc}"
+        ) from None
+    if class_name:
+        cls = getattr(module, class_name, None)
+        if cls is None:
+            raise InvalidInputError(f"module {module_name!r} has no attribute {class_name!r}")
+        _check_class(cls, entrypoint)
+        return entrypoint
+    found = [
+        obj for obj in vars(module).values()
+        if inspect.isclass(obj) and issubclass(obj, WorkflowEntrypoint)
+        and obj is not WorkflowEntrypoint and obj.__module__ == module.__name__
+    ]
+    if len(found) != 1:
+        names = ", ".join(c.__name__ for c in found) or "none"
+        raise InvalidInputError(
+            f"module {module_name!r} must define exactly one WorkflowEntrypoint subclass "
+            f"(found {names}); name one with entrypoint = \"{module_name}:Class\" in {MANIFEST_FILE}"
+        )
+    _check_class(found[0], f"{module_name}:{found[0].__name__}")
+    return f"{module_name}:{found[0].__name__}"
+
+
+def load_entrypoint(entrypoint: str) -> type[WorkflowEntrypoint]:
+    module_name, _, class_name = entrypoint.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def _check_class(cls: Any, where: str) -> None:
+    if not (inspect.isclass(cls) and issubclass(cls, WorkflowEntrypoint)):
+        raise InvalidInputError(f"{where} is not a subclass of WorkflowEntrypoint")
+    if cls.run is WorkflowEntrypoint.run:
+        raise InvalidInputError(f"{where} does not implement run(event, step)")
+
+
+# -- registered classes ------------------------------------------------------
+
+
+def package_class(cls: Any) -> tuple[str, str, bytes]:
+    """(version, kind, blob) for a workflow class registered directly."""
+    if not (isinstance(cls, type) and issubclass(cls, WorkflowEntrypoint)):
+        raise InvalidInputError(
+            f"workflow class must be a subclass of WorkflowEntrypoint, got {cls!r}"
+        )
+    _check_class(cls, cls.__qualname__)
+    blob = cloudpickle.dumps(cls)
+    return _version(blob), PICKLED_CLASS, blob
+
+
+def load_class(tenant_id: str, version: str, kind: str, blob: bytes, manifest_json: str) -> type[WorkflowEntrypoint]:
+    """The workflow class of a stored code version, in the process that runs it."""
+    if kind == PACKAGE:
+        return load_entrypoint(Manifest(**json.loads(manifest_json)).entrypoint)
+    if kind != PICKLED_CLASS:
+        raise InvalidInputError(
+            f"tenant {tenant_id!r} version {version!r}: unknown code kind {kind!r}"
+        )
+    cls = cloudpickle.loads(blob)
+    _check_class(cls, f"tenant {tenant_id!r} version {version!r}")
+    return cls
+
+
+def _version(blob: bytes) -> str:
+    return "v-" + hashlib.sha256(blob).hexdigest()[:16]
+
+
+# -- pushing -------------------------------------------------------------------
+
+#: Longest a push waits for the tenant's runtime env (pip installs included).
+PUSH_TIMEOUT = 900.0
+
+
+def push(journal: Any, tenant_id: str, path: str | os.PathLike, now: float) -> str:
+    """Build, validate (inside its own runtime env) and store a tenant's code; returns its version.
+
+    Needs Ray to be initialized. Nothing is stored unless the code imports and
+    its entrypoint is a WorkflowEntrypoint. Pushing the same content again
+    returns the same version (and makes it the latest again).
+    """
+    import ray
+    from ray.exceptions import GetTimeoutError, RayTaskError, RuntimeEnvSetupError
+
+    package = build_package(path)
+    stored = journal.get_code(tenant_id, package.version)
+    if stored is None:
+        env = runtime_env_for(package.manifest, publish(package.blob, package.version))
+        check = ray.remote(num_cpus=0, max_retries=0)(inspect_entrypoint)
+        try:
+            entrypoint = ray.get(
+                check.options(runtime_env=env).remote(package.manifest.entrypoint),
+                timeout=PUSH_TIMEOUT,
+            )
+        except RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, InvalidInputError) else exc
+            raise InvalidInputError(f"tenant {tenant_id!r} code at {str(path)!r}: {cause}") from None
+        except RuntimeEnvSetupError as exc:
+            raise InvalidInputError(
+                f"tenant {tenant_id!r}: its runtime env could not be built "
+                f"(pip {package.manifest.pip}): {str(exc).strip().splitlines()[-1]}"
+            ) from None
+        except GetTimeoutError:
+            raise InvalidInputError(
+                f"tenant {tenant_id!r}: validating its code took longer than {PUSH_TIMEOUT:g} s"
+            ) from None
+        package = with_entrypoint(package, entrypoint)
+        manifest_json = package.manifest.model_dump_json()
+    else:
+        manifest_json = stored[2]
+    journal.save_code(tenant_id, package.version, PACKAGE, package.blob, now, manifest_json)
+    return package.version
