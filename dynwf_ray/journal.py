@@ -2,7 +2,8 @@
 
 Tables (SQLModel):
 - `tenants`: one row per tenant with its latest code version.
-- `code_versions`: tenant code, content-addressed, stored durably (kind + blob).
+- `code_blobs`: tenant code, content-addressed (version = hash), stored once.
+- `code_versions`: which tenant has which version (a tenant runs only its own).
 - `instances`: one row per workflow instance. It holds the envelope
   (`metadata_json` for routing, `params_json` for the tenant), the status the
   API reports, the output or error, and the scheduling state: `wake_at` is the
@@ -71,13 +72,23 @@ class TenantRow(SQLModel, table=True):
     updated_at: float = 0.0
 
 
-class CodeVersionRow(SQLModel, table=True):
-    __tablename__ = "code_versions"
-    tenant_id: str = Field(primary_key=True, max_length=100)
+class CodeBlobRow(SQLModel, table=True):
+    """Tenant code, stored once per content (version = hash of the content)."""
+
+    __tablename__ = "code_blobs"
     version: str = Field(primary_key=True, max_length=80)
     kind: str
     blob: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     manifest_json: str = "{}"
+    created_at: float
+
+
+class CodeVersionRow(SQLModel, table=True):
+    """Which tenant may run which code version (a tenant runs only versions it pushed)."""
+
+    __tablename__ = "code_versions"
+    tenant_id: str = Field(primary_key=True, max_length=100)
+    version: str = Field(primary_key=True, max_length=80)
     created_at: float
 
 
@@ -141,6 +152,7 @@ S = StepRow.__table__
 E = EventRow.__table__
 T = TenantRow.__table__
 C = CodeVersionRow.__table__
+B = CodeBlobRow.__table__
 
 
 class LeaseLostError(Exception):
@@ -343,18 +355,21 @@ class Journal:
         self, tenant_id: str, version: str, kind: str, blob: bytes, now: float,
         manifest_json: str = "{}",
     ) -> None:
-        """Store a code version (idempotent: same content, same version) and make it the latest."""
+        """Store a code version for a tenant (content once, however many tenants push it)
+        and make it the tenant's latest. Idempotent."""
         with self._write() as conn:
-            exists = conn.execute(
-                select(C.c.version).where(C.c.tenant_id == tenant_id, C.c.version == version)
-            ).first()
-            if not exists:
+            if conn.execute(select(B.c.version).where(B.c.version == version)).first() is None:
                 conn.execute(
-                    insert(C).values(
-                        tenant_id=tenant_id, version=version, kind=kind, blob=blob,
-                        manifest_json=manifest_json, created_at=now,
+                    insert(B).values(
+                        version=version, kind=kind, blob=blob, manifest_json=manifest_json,
+                        created_at=now,
                     )
                 )
+            owned = conn.execute(
+                select(C.c.version).where(C.c.tenant_id == tenant_id, C.c.version == version)
+            ).first()
+            if owned is None:
+                conn.execute(insert(C).values(tenant_id=tenant_id, version=version, created_at=now))
             stmt = self._dialect_insert(T).values(
                 tenant_id=tenant_id, latest_version=version, updated_at=now
             )
@@ -372,12 +387,20 @@ class Journal:
             ).scalar()
 
     def get_code(self, tenant_id: str, version: str) -> tuple[str, bytes, str] | None:
-        """(kind, blob, manifest_json) of a stored code version."""
+        """(kind, blob, manifest_json) of a code version the tenant has, else None."""
         with self._read() as conn:
             row = conn.execute(
-                select(C.c.kind, C.c.blob, C.c.manifest_json).where(
-                    C.c.tenant_id == tenant_id, C.c.version == version
-                )
+                select(B.c.kind, B.c.blob, B.c.manifest_json)
+                .join(C, C.c.version == B.c.version)
+                .where(C.c.tenant_id == tenant_id, C.c.version == version)
+            ).first()
+        return (row.kind, bytes(row.blob), row.manifest_json) if row else None
+
+    def find_code(self, version: str) -> tuple[str, bytes, str] | None:
+        """(kind, blob, manifest_json) of stored content, whichever tenant pushed it."""
+        with self._read() as conn:
+            row = conn.execute(
+                select(B.c.kind, B.c.blob, B.c.manifest_json).where(B.c.version == version)
             ).first()
         return (row.kind, bytes(row.blob), row.manifest_json) if row else None
 
@@ -385,7 +408,8 @@ class Journal:
         """(version, kind, created_at) of every code version of a tenant, oldest first."""
         with self._read() as conn:
             rows = conn.execute(
-                select(C.c.version, C.c.kind, C.c.created_at)
+                select(C.c.version, B.c.kind, C.c.created_at)
+                .join(B, B.c.version == C.c.version)
                 .where(C.c.tenant_id == tenant_id)
                 .order_by(C.c.created_at)
             ).all()

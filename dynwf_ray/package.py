@@ -245,14 +245,15 @@ def push(journal: Any, tenant_id: str, path: str | os.PathLike, now: float) -> s
     """Build, validate (inside its own runtime env) and store a tenant's code; returns its version.
 
     Needs Ray to be initialized. Nothing is stored unless the code imports and
-    its entrypoint is a WorkflowEntrypoint. Pushing the same content again
-    returns the same version (and makes it the latest again).
+    its entrypoint is a WorkflowEntrypoint. Pushing the same content again (by
+    any tenant) returns the same version without validating it again, and
+    makes it that tenant's latest.
     """
     import ray
     from ray.exceptions import GetTimeoutError, RayTaskError, RuntimeEnvSetupError
 
     package = build_package(path)
-    stored = journal.get_code(tenant_id, package.version)
+    stored = journal.find_code(package.version)  # this content was validated before
     if stored is None:
         env = runtime_env_for(package.manifest, publish(package.blob, package.version))
         check = ray.remote(num_cpus=0, max_retries=0)(inspect_entrypoint)

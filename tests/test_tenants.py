@@ -244,3 +244,16 @@ def test_full_restart_resumes_from_the_journal_with_ray_and_source_gone(make_dat
     assert status["status"] == "complete", status
     assert status["output"]["approved_by"] == "after the restart"
     assert status["output"]["tenant"] == "acme"
+
+
+def test_same_content_is_one_version_but_each_tenant_only_runs_what_it_pushed(engine, tenant, tmp_path):
+    a, b = f"{tenant}-a", f"{tenant}-b"
+    directory = str(identify(tmp_path, "shared"))
+    version = engine.push_tenant(a, directory)
+    assert engine.push_tenant(b, directory) == version  # content stored and validated once
+    assert [v["version"] for v in engine.versions(b)] == [version]
+    own = engine.push_tenant(a, str(identify(tmp_path, "only-a", "a-only")))
+    inst = engine.binding(b).create(id="b-inst", params={"wait": True})
+    with pytest.raises(InvalidStateError, match=f"tenant '{b}' has no code version '{own}'"):
+        inst.move_to_version(own)  # a's code is not b's to run
+    inst.terminate()
