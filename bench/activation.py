@@ -23,19 +23,29 @@ from bench.workflows import WakeAndStamp  # noqa: E402
 from dynwf_ray import Engine  # noqa: E402
 
 
-def sample(engine: Engine, tenant: str, i: int, cold: bool) -> float:
-    inst = engine.binding(tenant).create(id=f"{tenant}-{i}", params={})
-    wait_until(lambda: inst.status()["status"] == "waiting", 60, "the instance to wait")
-    if cold:
-        wait_until(lambda: engine.stats()["live_hosts"] == 0, 60, "hosts to be deactivated")
-    else:
-        wait_until(lambda: engine.stats()["busy_hosts"] == 0, 60, "the host to be idle")
-    sent = time.time()
-    inst.send_event("poke", {})
-    status = wait_until(
-        lambda: (s := inst.status())["status"] == "complete" and s, 60, "completion", interval=0.001
-    )
-    return status["output"] - sent
+def activation_samples(
+    engine: Engine, tenant: str, n: int, cold: bool
+) -> tuple[list[float], list[int]]:
+    """n latencies (after one warm-up) of waking a waiting instance; and the host pids."""
+    wf = engine.binding(tenant)
+    latencies, pids = [], []
+    for i in range(n + 1):
+        inst = wf.create(id=f"{tenant}-{i}", params={})
+        wait_until(lambda: inst.status()["status"] == "waiting", 120, "the instance to wait")
+        if cold:
+            wait_until(lambda: engine.stats()["live_hosts"] == 0, 60, "hosts to be deactivated")
+        else:
+            wait_until(lambda: engine.stats()["busy_hosts"] == 0, 60, "the host to be idle")
+        sent = time.time()
+        inst.send_event("poke", {})
+        out = wait_until(
+            lambda: (s := inst.status())["status"] == "complete" and s["output"], 120,
+            "completion", interval=0.001,
+        )
+        if i:  # the first sample warms up imports and the host
+            latencies.append(out["resumed_at"] - sent)
+            pids.append(out["pid"])
+    return latencies, pids
 
 
 def run(kind: str, n: int, url: str) -> dict:
@@ -45,8 +55,7 @@ def run(kind: str, n: int, url: str) -> dict:
     )
     try:
         engine.register(kind, WakeAndStamp)
-        sample(engine, kind, -1, cold)  # warm-up (first host, imports)
-        return summary_ms([sample(engine, kind, i, cold) for i in range(n)])
+        return summary_ms(activation_samples(engine, kind, n, cold)[0])
     finally:
         engine.stop()
 

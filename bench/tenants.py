@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import psutil  # noqa: E402  (installed with ray[default])
 
-from bench._common import arg, database_url, emit, summary_ms, wait_until  # noqa: E402
+from bench._common import arg, database_url, emit, summary_ms  # noqa: E402
+from bench.activation import activation_samples  # noqa: E402
 from dynwf_ray import Engine  # noqa: E402
 from dynwf_ray.binding import WorkflowBinding  # noqa: E402
 from dynwf_ray.journal import Journal  # noqa: E402
@@ -56,28 +57,6 @@ def tenant_dir(salt: str) -> str:
     d = Path(tempfile.mkdtemp(prefix="dynwf-bench-tenant-"))
     (d / "workflow.py").write_text(WAKE.format(salt=salt))
     return str(d)
-
-
-def activation_samples(engine: Engine, tenant: str, n: int, cold: bool) -> tuple[list[float], list[int]]:
-    wf = engine.binding(tenant)
-    latencies, pids = [], []
-    for i in range(n + 1):
-        inst = wf.create(id=f"{tenant}-{i}")
-        wait_until(lambda: inst.status()["status"] == "waiting", 120, "the instance to wait")
-        if cold:
-            wait_until(lambda: engine.stats()["live_hosts"] == 0, 60, "hosts to be deactivated")
-        else:
-            wait_until(lambda: engine.stats()["busy_hosts"] == 0, 60, "the host to be idle")
-        sent = time.time()
-        inst.send_event("poke", {})
-        out = wait_until(
-            lambda: (s := inst.status())["status"] == "complete" and s["output"], 120,
-            "completion", interval=0.001,
-        )
-        if i:  # the first sample warms up imports
-            latencies.append(out["resumed_at"] - sent)
-            pids.append(out["pid"])
-    return latencies, pids
 
 
 def registered_tenants(n: int) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from dynwf_ray import WorkflowEntrypoint
@@ -28,11 +29,12 @@ class WakeAndStamp(WorkflowEntrypoint):
 
     async def run(self, event, step):
         p = event.payload
+        pid = await step.do("pid", os.getpid)
         if "until" in p:
             await step.sleep_until("timer", p["until"])
         else:
             await step.wait_for_event("poke", type="poke", timeout="1 hour")
-        return await step.do("resumed at", time.time)
+        return {"resumed_at": await step.do("resumed at", time.time), "pid": pid}
 
 
 class LongReplay(WorkflowEntrypoint):

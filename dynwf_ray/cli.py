@@ -1,4 +1,4 @@
-"""`dynwf`: the command line. `demo` starts an engine; the others only read or write the journal.
+"""`dynwf`: the command line. `demo` starts an engine, `push` joins Ray; the rest use the journal only.
 
     dynwf demo                         push the example tenants and run them (embedded default)
     dynwf push <tenant> <dir>          package, validate and store a tenant's code

@@ -31,11 +31,12 @@ class EngineConfig(BaseModel):
     database_url: str = Field(default_factory=default_database_url)
     #: Ray address to join ("auto", "ray://..."); None starts or reuses a local Ray.
     ray_address: str | None = None
-    #: Name of this engine; its scheduler actor is "dynwf-scheduler-<name>".
+    #: Name of this engine; its actors are "dynwf-scheduler-<name>" and "dynwf-loader-<name>".
     name: str = "default"
     #: Ray namespace the engine's named actors live in.
     namespace: str = "dynwf"
-    #: Admission: at most this many instance host actors alive at once.
+    #: Admission: at most this many activations at once; the loader keeps at most this
+    #: many host actors alive, evicting idle ones first.
     max_hosts: int = Field(default=8, ge=1)
     #: Seconds an idle host is kept warm before it is deactivated (its process killed).
     hibernate_after: float = Field(default=60.0, ge=0)

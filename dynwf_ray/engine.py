@@ -1,9 +1,9 @@
-"""`Engine`: what a platform starts: the journal, Ray, and the scheduler actor.
+"""`Engine`: what a platform starts: the journal, Ray, the loader and the scheduler actors.
 
 ```python
 engine = Engine.start()                                  # local Ray + SQLite file
 engine = Engine.start(database_url="postgresql+psycopg://...", ray_address="auto")
-engine.register("acme", AcmeWorkflow)                    # or push tenant code (loader)
+engine.push_tenant("acme", "tenants/acme")               # or engine.register("acme", cls)
 inst = engine.binding("acme").create(params={...})
 ```
 """

@@ -8,7 +8,7 @@ its code are due it claims and runs them itself, one after the other, for up to
 instances are activated without a scheduler round trip each. Leases it claims
 carry its owner id, so if it dies the scheduler releases all of them at once.
 Idle hosts stay warm for the next activation of the same code until the
-scheduler deactivates them (kills the process) after the hibernation timeout.
+loader deactivates them (kills the process) after the hibernation timeout.
 
 Its watchdog thread does two things while an activation runs: it renews the
 lease every third of the lease TTL (so a long step keeps its lease), and if a

@@ -10,7 +10,7 @@ A tenant is a directory of plain Python with an optional `dynwf.toml`:
 Without `:Class`, the module must define exactly one `WorkflowEntrypoint`
 subclass. `build_package` zips the directory deterministically (sorted paths,
 fixed timestamps, no caches or hidden files), so the same content always gives
-the same bytes and the same version: `v-` + the first 16 hex digits of its
+the same bytes and the same version: `v-` + the first 32 hex digits of its
 SHA-256. `inspect_entrypoint` runs *inside* the tenant's runtime env (a Ray
 task) to prove the code imports and the class is a `WorkflowEntrypoint` before
 anything is stored (`push`). `publish` puts a stored package into Ray's
@@ -232,7 +232,7 @@ def load_class(tenant_id: str, version: str, kind: str, blob: bytes, manifest_js
 
 
 def _version(blob: bytes) -> str:
-    return "v-" + hashlib.sha256(blob).hexdigest()[:16]
+    return "v-" + hashlib.sha256(blob).hexdigest()[:32]  # 128 bits: same version = same content
 
 
 # -- pushing -------------------------------------------------------------------

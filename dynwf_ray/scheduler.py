@@ -153,10 +153,14 @@ class _SchedulerCore:
         try:
             try:
                 host = await self._loader.acquire.remote(claim.tenant_id, claim.code_version)
-            except Exception as exc:  # noqa: BLE001 - the code cannot be loaded
+            except Exception as exc:  # noqa: BLE001 - the code cannot be loaded (now)
                 cause = getattr(exc, "cause", None) or exc
                 log.error("cannot load code for %s/%s: %s", claim.tenant_id, claim.instance_id, cause)
-                self._give_up(claim, "CodeUnavailableError", f"tenant {claim.tenant_id!r}: {cause}")
+                message = f"tenant {claim.tenant_id!r}: {cause}"
+                if isinstance(cause, LookupError):  # no such code stored: retrying cannot help
+                    self._give_up(claim, "CodeUnavailableError", message)
+                else:  # e.g. the journal or Ray's package store briefly unreachable
+                    self._on_crash(claim, "CodeUnavailableError", message)
                 return
             self._counters["activations"] += 1
             outcomes = await host["actor"].activate.remote(claim.pk, claim.token)

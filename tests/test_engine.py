@@ -278,3 +278,23 @@ def test_engine_refuses_a_conflicting_or_invalid_configuration(make_engine, make
         Engine.start(**{**ENGINE_DEFAULTS, "name": engine.config.name, "database_url": make_database_url()})
     with pytest.raises(InvalidInputError, match="(?s)invalid engine configuration.*max_hosts"):
         Engine.start(name="x", max_hosts=0)
+
+
+def test_dynamic_dispatcher_routes_envelopes_on_the_engine(engine, tenant):
+    from dynwf_ray.dynamic import wrap_workflow_binding
+
+    from .workflows import Dispatcher
+
+    engine.register(tenant, Dispatcher)  # one class that runs whatever metadata names
+    raw = engine.binding(tenant)
+    hello = wrap_workflow_binding(raw, {"workflow": "hello"})
+    three = wrap_workflow_binding(raw, {"workflow": "three"})
+    hello.create(id="d-hello", params={"name": "Dyn"})
+    three.create_batch([{"id": "d-three"}])
+    assert wait_status(raw.get("d-hello"), "complete")["output"] == {
+        "hello": "Hello, Dyn!", "instance": "d-hello",
+    }
+    assert wait_status(raw.get("d-three"), "complete")["output"] == 3
+    bare = raw.create(id="d-bare", params={"name": "no envelope"})
+    status = wait_status(bare, "errored")
+    assert status["error"]["name"] == "MissingDispatcherMetadataError"

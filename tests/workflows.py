@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from dynwf_ray import NonRetryableError, WorkflowEntrypoint
+from dynwf_ray.dynamic import create_dynamic_workflow_entrypoint
 
 
 def append(directory: str, name: str, line: str = "x") -> None:
@@ -111,3 +112,11 @@ class BlockingStep(WorkflowEntrypoint):
 class NotAWorkflow:
     async def run(self, event, step):
         return None
+
+
+def load_runner(metadata, env):
+    """The platform's loader for the dynamic dispatcher: metadata names the workflow."""
+    return {"hello": Hello, "three": ThreeSteps}[metadata["workflow"]](env)
+
+
+Dispatcher = create_dynamic_workflow_entrypoint(load_runner)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs every benchmark in turn and keeps each JSON document in bench/results/.
+# Usage: bench/run_all.sh [--database-url URL]   (run from the repository root)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p bench/results
+py=.venv/bin/python
+run() { local name=$1; shift; echo "== $name" >&2; "$py" "bench/$name.py" "$@" > "bench/results/$name.json"; cat "bench/results/$name.json"; }
+run step_overhead --steps 2000 --runs 5 "$@"
+run replay --steps 10000 --runs 7 "$@"
+run throughput --creates 10000 --workflows 2000 --max-hosts 1 "$@"
+run activation --warm 50 --cold 10 "$@"
+run timers --instances 10000 --max-hosts 2 "$@"
+run tenants --samples 20 --tenants 100000 "$@"
