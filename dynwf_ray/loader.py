@@ -88,6 +88,8 @@ class Loader:
         self._idle: dict[CodeKey, list[_Host]] = {}
         self._busy: dict[int, _Host] = {}
         self._seq = 0
+        self._sent: set[int] = set()  # hosts whose handle the scheduler has
+        self._ended: list[int] = []  # of those, ended since the last acquire
         self._counters = {"cache_hits": 0, "cache_misses": 0, "cold_starts": 0, "warm_starts": 0}
         threading.Thread(target=self._reap_forever, name="dynwf-loader-reaper", daemon=True).start()
 
@@ -126,7 +128,12 @@ class Loader:
     # -- the host pool --------------------------------------------------------
 
     def acquire(self, tenant_id: str, version: str) -> dict:
-        """A host for this code: {"host_id", "actor", "owner", "warm"}."""
+        """A host for this code: {"host_id", "owner", "warm", "actor", "ended"}.
+
+        The actor handle is sent only the first time a host is lent (passing a
+        handle costs milliseconds; the scheduler keeps the ones it got), and
+        "ended" lists hosts ended since the last call, whose handles it can drop.
+        """
         key = (tenant_id, version)
         with self._lock:
             idle = self._idle.get(key)
@@ -136,7 +143,7 @@ class Loader:
                     del self._idle[key]
                 self._busy[host.id] = host
                 self._counters["warm_starts"] += 1
-                return {"host_id": host.id, "actor": host.actor, "owner": host.owner, "warm": True}
+                return self._lend(host, warm=True)
         spec = self.code_spec(tenant_id, version)
         if spec.runtime_env:  # Ray may have dropped the package since (e.g. it restarted)
             publish(spec.blob, version)
@@ -157,8 +164,30 @@ class Loader:
             host = _Host(self._seq, key, actor, owner)
             self._busy[host.id] = host
             self._counters["cold_starts"] += 1
+            lent = self._lend(host, warm=False)
         log.info("started a host for tenant %s version %s", tenant_id, version)
-        return {"host_id": host.id, "actor": actor, "owner": owner, "warm": False}
+        return lent
+
+    def handle(self, host_id: int) -> Any:
+        """The actor handle of a live host (for a caller that lost it)."""
+        with self._lock:
+            host = self._busy.get(host_id)
+            return host.actor if host is not None else None
+
+    def _lend(self, host: _Host, warm: bool) -> dict:
+        lent = {"host_id": host.id, "owner": host.owner, "warm": warm, "ended": self._ended}
+        self._ended = []
+        if host.id not in self._sent:
+            self._sent.add(host.id)
+            lent["actor"] = host.actor
+        return lent
+
+    def _end(self, host: _Host) -> None:
+        """Kill a host's process (lock held)."""
+        ray.kill(host.actor)
+        if host.id in self._sent:
+            self._sent.discard(host.id)
+            self._ended.append(host.id)
 
     def release(self, host_id: int) -> None:
         """An activation ended: the host goes back to its version's warm pool."""
@@ -168,7 +197,7 @@ class Loader:
                 return
             pool = self._idle.setdefault(host.key, [])
             if len(pool) >= self.config.warm_pool_size:
-                ray.kill(host.actor)
+                self._end(host)
                 return
             host.idle_since = time.monotonic()
             pool.append(host)
@@ -177,8 +206,8 @@ class Loader:
         """The host died (or must not be reused): forget it, make sure it is gone."""
         with self._lock:
             host = self._busy.pop(host_id, None)
-        if host is not None:
-            ray.kill(host.actor)
+            if host is not None:
+                self._end(host)
 
     def reset(self) -> None:
         """Kill every host (the scheduler restarted and lost track of busy ones)."""
@@ -186,6 +215,8 @@ class Loader:
             hosts = list(self._busy.values()) + [h for v in self._idle.values() for h in v]
             self._busy.clear()
             self._idle.clear()
+            self._sent.clear()
+            self._ended.clear()
         for host in hosts:
             ray.kill(host.actor)
 
@@ -218,7 +249,7 @@ class Loader:
         self._idle[oldest.key].remove(oldest)
         if not self._idle[oldest.key]:
             del self._idle[oldest.key]
-        ray.kill(oldest.actor)
+        self._end(oldest)
         return True
 
     def _reap_forever(self) -> None:
@@ -232,7 +263,7 @@ class Loader:
                     for host in hosts:
                         if host not in keep:
                             log.info("deactivating idle host of tenant %s version %s", *key)
-                            ray.kill(host.actor)
+                            self._end(host)
                     if keep:
                         self._idle[key] = keep
                     else:

@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 import uuid
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
@@ -68,6 +69,7 @@ class _SchedulerCore:
         # their instances' leases expire and the instances are activated again.
         ray.get(self._loader.reset.remote())
         self._busy: dict[int, Claim] = {}
+        self._hosts: dict[int, Any] = {}  # host id -> actor handle
         self._crashes: dict[int, int] = {}
         self._counters = {"activations": 0, "host_deaths": 0}
         self._stopping = False
@@ -163,11 +165,12 @@ class _SchedulerCore:
                     self._on_crash(claim, "CodeUnavailableError", message)
                 return
             self._counters["activations"] += 1
-            outcomes = await host["actor"].activate.remote(claim.pk, claim.token)
+            outcomes = await self._host_actor(host).activate.remote(claim.pk, claim.token)
         except RayActorError as exc:
             if self._stopping:
                 return
             self._counters["host_deaths"] += 1
+            self._hosts.pop(host["host_id"], None)
             self._loader.discard.remote(host["host_id"])
             self._on_host_death(claim, exc)
             # Instances the host claimed for itself after this one: due again now.
@@ -184,6 +187,19 @@ class _SchedulerCore:
         finally:
             self._busy.pop(claim.pk, None)
             self._wake.set()
+
+    def _host_actor(self, lent: dict) -> Any:
+        """The host's handle: sent by the loader the first time only, then cached here."""
+        for host_id in lent["ended"]:
+            self._hosts.pop(host_id, None)
+        if "actor" in lent:
+            self._hosts[lent["host_id"]] = lent["actor"]
+        actor = self._hosts.get(lent["host_id"])
+        if actor is None:  # e.g. this scheduler restarted while the loader kept the host
+            actor = self._hosts[lent["host_id"]] = ray.get(
+                self._loader.handle.remote(lent["host_id"])
+            )
+        return actor
 
     def _on_host_death(self, claim: Claim, exc: BaseException) -> None:
         log.warning(
