@@ -31,7 +31,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 from sqlalchemy import (
     Index,

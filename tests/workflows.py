@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from dynwf_ray import NonRetryableError, WorkflowEntrypoint
+from dynwf_ray import WorkflowEntrypoint
 from dynwf_ray.dynamic import create_dynamic_workflow_entrypoint
 
 
