@@ -15,7 +15,7 @@
   with that many instances. Idle tenants cost zero processes by construction:
   nothing runs for an instance until it is due and claimed.
 
-Usage: python bench/tenants.py [--samples 20] [--tenants 100000] [--database-url URL]
+Usage: python bench/tenants.py [--samples 20] [--tenants 100000] [--registered-only] [--database-url URL]
 """
 
 from __future__ import annotations
@@ -99,6 +99,9 @@ def registered_tenants(n: int) -> dict:
 def main() -> None:
     samples = arg("--samples", 20)
     n_tenants = arg("--tenants", 100000)
+    if "--registered-only" in sys.argv:
+        emit("tenants", {"registered_tenants": registered_tenants(n_tenants)})
+        return
     url = database_url()
     engine = Engine.start(database_url=url, name="bench-tenants", hibernate_after=600, max_hosts=4)
     try:

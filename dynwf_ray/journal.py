@@ -97,6 +97,7 @@ class InstanceRow(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("tenant_id", "instance_id", name="uq_instances_tenant_instance"),
         Index("ix_instances_wake_at", "wake_at"),
+        Index("ix_instances_lease_wake", "lease_expires_at", "wake_at"),  # next_wake_at
         Index("ix_instances_status", "status"),
     )
     pk: int | None = Field(default=None, primary_key=True)
@@ -227,6 +228,18 @@ _FENCE = (
     )
     .values(lease_expires_at=bindparam("b_until"), updated_at=bindparam("b_now"))
     .returning(I.c.pause_requested)
+)
+_NEXT_TIMER = (
+    select(I.c.wake_at)
+    .where(I.c.wake_at.is_not(None), I.c.lease_expires_at.is_(None))
+    .order_by(I.c.wake_at)
+    .limit(1)
+)
+_NEXT_LEASE_EXPIRY = (
+    select(I.c.lease_expires_at)
+    .where(I.c.lease_expires_at.is_not(None))
+    .order_by(I.c.lease_expires_at)
+    .limit(1)
 )
 _FENCED = and_(I.c.pk == bindparam("b_pk"), I.c.lease_token == bindparam("b_token"))
 _LOAD_INSTANCE = select(*_INFO_COLS).where(I.c.pk == bindparam("b_pk"))
@@ -544,10 +557,15 @@ class Journal:
             return [Claim(*row) for row in conn.execute(stmt, params).all()]
 
     def next_wake_at(self) -> float | None:
-        """When the next instance becomes claimable: its timer, or its lease's expiry."""
-        due = case((I.c.lease_expires_at.is_(None), I.c.wake_at), else_=I.c.lease_expires_at)
+        """When the next instance becomes claimable: its timer, or its lease's expiry.
+
+        Two ordered index walks that stop at the first row (a MIN with a filter, or over
+        a CASE expression, scans every instance: 25 ms at 100,000 of them).
+        """
         with self._read() as conn:
-            return conn.execute(select(func.min(due)).where(I.c.wake_at.is_not(None))).scalar()
+            timer = conn.execute(_NEXT_TIMER).scalar()
+            lease = conn.execute(_NEXT_LEASE_EXPIRY).scalar()
+        return min((t for t in (timer, lease) if t is not None), default=None)
 
     def release(self, pk: int, token: int, wake_at: float, now: float) -> bool:
         """Give up a lease (its holder died or is shutting down): due again at wake_at."""

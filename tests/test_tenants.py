@@ -257,3 +257,36 @@ def test_same_content_is_one_version_but_each_tenant_only_runs_what_it_pushed(en
     with pytest.raises(InvalidStateError, match=f"tenant '{b}' has no code version '{own}'"):
         inst.move_to_version(own)  # a's code is not b's to run
     inst.terminate()
+
+
+def test_a_pip_requirement_lives_only_in_the_tenant_runtime_env(engine, tenant):
+    with pytest.raises(ImportError):
+        __import__("humanize")  # not installed where the engine runs
+    version = engine.push_tenant(tenant, str(REPO / "tenants" / "globex"))
+    out = wait_status(engine.binding(tenant).create(params={"sleep": 0}), "complete")
+    assert out["version"] == version
+    assert out["output"]["total"] == "43.5 MB" and out["output"]["humanize"].startswith("4.")
+    assert out["output"]["title"] == "Globex weekly report"  # [env] of dynwf.toml
+
+
+def _stamp():
+    import time
+
+    return time.time_ns()
+
+
+def test_loader_get_calls_load_only_on_a_miss_and_evicts_the_least_recent(make_engine):
+    import ray
+
+    engine = make_engine(loader_cache_size=2)
+    loader = ray.get_actor(engine.config.loader_name, namespace=engine.config.namespace)
+    first = ray.get(loader.get.remote("a", _stamp))
+    assert ray.get(loader.get.remote("a", _stamp)) == first  # cached: load not called
+    b = ray.get(loader.get.remote("b", _stamp))
+    ray.get(loader.get.remote("a", _stamp))  # a is now the most recently used
+    ray.get(loader.get.remote("c", _stamp))  # over the bound: b is evicted, not a
+    assert ray.get(loader.get.remote("a", _stamp)) == first
+    assert ray.get(loader.get.remote("b", _stamp)) != b  # loaded again
+    stats = engine.stats()
+    assert stats["cache_entries"] == 2 and stats["loader_cache_size"] == 2
+    assert stats["cache_misses"] == 4 and stats["cache_hits"] == 3
