@@ -66,5 +66,10 @@ class EngineConfig(BaseModel):
         return f"dynwf-scheduler-{self.name}"
 
     @property
+    def host_owner_prefix(self) -> str:
+        """Lease owner ids of this engine's hosts start with this."""
+        return f"{self.scheduler_name}/host-"
+
+    @property
     def loader_name(self) -> str:
         return f"dynwf-loader-{self.name}"

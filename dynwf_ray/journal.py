@@ -571,9 +571,11 @@ class Journal:
         """Give up a lease (its holder died or is shutting down): due again at wake_at."""
         return self._release(and_(I.c.pk == pk, I.c.lease_token == token), wake_at, now) > 0
 
-    def release_owner(self, owner: str, wake_at: float, now: float) -> int:
-        """Give up every lease a (dead) holder took; returns how many."""
-        return self._release(I.c.lease_owner == owner, wake_at, now)
+    def release_owner(self, owner: str, wake_at: float, now: float, *, prefix: bool = False) -> int:
+        """Give up every lease a (dead) holder took, or every holder whose id starts with
+        `owner` when prefix=True; returns how many."""
+        which = I.c.lease_owner.startswith(owner, autoescape=True) if prefix else I.c.lease_owner == owner
+        return self._release(which, wake_at, now)
 
     def _release(self, which: Any, wake_at: float, now: float) -> int:
         with self._write() as conn:

@@ -151,7 +151,7 @@ class Loader:
             while self._live() >= self.config.max_hosts and self._evict_one_idle():
                 pass
             self._seq += 1
-            owner = f"{self.config.scheduler_name}/host-{self._seq}-{time.time_ns() % 10**9}"
+            owner = f"{self.config.host_owner_prefix}{self._seq}-{time.time_ns() % 10**9}"
             options: dict[str, Any] = {}
             if spec.runtime_env:
                 options["runtime_env"] = spec.runtime_env

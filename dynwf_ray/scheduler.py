@@ -96,11 +96,14 @@ class _SchedulerCore:
         self._stopping = True
         self._loop.call_soon_threadsafe(self._wake.set)
         ray.get(self._loader.reset.remote())
-        for claim in list(self._busy.values()):
-            try:
-                self.journal.release(claim.pk, claim.token, time.time(), time.time())
-            except Exception:  # noqa: BLE001
-                log.exception("could not release %s/%s", claim.tenant_id, claim.instance_id)
+        now = time.time()
+        try:
+            for claim in list(self._busy.values()):
+                self.journal.release(claim.pk, claim.token, now, now)
+            # and what the hosts claimed for themselves (host_slice chaining)
+            self.journal.release_owner(self.config.host_owner_prefix, now, now, prefix=True)
+        except Exception:  # noqa: BLE001 - the leases then expire on their own
+            log.exception("could not release the leases of stopped activations")
 
     # -- the loop ------------------------------------------------------------
 

@@ -346,3 +346,16 @@ def test_releasing_a_lease_already_given_up_changes_nothing(journal, tenant):
     assert outcome == "suspended"
     assert journal.release(claim.pk, claim.token, d.now, d.now) is False
     assert d.info("r").status == "waiting" and d.info("r").wake_at == d.now + 5
+
+
+def test_release_by_owner_prefix_frees_only_that_engines_hosts(journal, tenant):
+    d = Driver(journal, tenant, Pausable)
+    for i in range(3):
+        d.binding.create(id=f"o{i}")
+    owners = ["dynwf-scheduler-a_b/host-1", "dynwf-scheduler-a_b/host-2", "dynwf-scheduler-aXb/host-1"]
+    for owner in owners:
+        journal.claim_due(d.now, 1, owner, 30, tenant)
+    # "_" in the engine name must not act as a LIKE wildcard: aXb's lease stays.
+    assert journal.release_owner("dynwf-scheduler-a_b/host-", d.now, d.now, prefix=True) == 2
+    statuses = sorted(d.info(f"o{i}").status for i in range(3))
+    assert statuses == ["queued", "queued", "running"]
