@@ -66,14 +66,6 @@ class Manifest(BaseModel):
             raise ValueError(f"entrypoint {v!r}: {name!r} is not a class name")
         return v
 
-    @property
-    def module(self) -> str:
-        return self.entrypoint.partition(":")[0]
-
-    @property
-    def class_name(self) -> str | None:
-        return self.entrypoint.partition(":")[2] or None
-
 
 class Package(BaseModel):
     """A built package: the zip, its manifest and its content-derived version."""
