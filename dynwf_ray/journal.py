@@ -14,6 +14,12 @@ Tables (SQLModel):
 - `steps`: one row per (instance, step name, occurrence count) with status,
   JSON result or error, attempts and timings. Replay reads these.
 - `events`: the inbox, buffered per (instance, type), consumed FIFO.
+- `logs`: what tenant code printed or logged, per instance and step, with
+  trace and span ids; only the newest lines of each instance are kept.
+
+Each instance also carries its trace identity (`trace_context`: its root
+span's W3C traceparent; `trace_caller`: the span that created it), and each
+tenant the platform's telemetry setting for it (`telemetry_json`).
 
 Concurrency rule: every transaction that touches an instance starts by
 updating that instance's row. That single statement does the fencing (it only
@@ -55,6 +61,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Column, Field, SQLModel
 
 from .errors import DuplicateInstanceError, InstanceNotFoundError, InvalidStateError
+from .types import LogLine
 
 TERMINAL = ("complete", "errored", "terminated")
 
@@ -69,6 +76,7 @@ class TenantRow(SQLModel, table=True):
     __tablename__ = "tenants"
     tenant_id: str = Field(primary_key=True, max_length=100)
     latest_version: str | None = None
+    telemetry_json: str | None = None  # the platform's TenantTelemetry for this tenant
     updated_at: float = 0.0
 
 
@@ -119,6 +127,8 @@ class InstanceRow(SQLModel, table=True):
     lease_owner: str | None = None
     lease_expires_at: float | None = None
     activations: int = 0
+    trace_context: str | None = Field(default=None, max_length=55)
+    trace_caller: str | None = Field(default=None, max_length=55)
 
 
 class StepRow(SQLModel, table=True):
@@ -148,12 +158,30 @@ class EventRow(SQLModel, table=True):
     consumed: bool = False
 
 
+class LogRow(SQLModel, table=True):
+    """One line tenant code printed or logged during an activation."""
+
+    __tablename__ = "logs"
+    __table_args__ = (Index("ix_logs_instance", "instance_pk", "pk"),)
+    pk: int | None = Field(default=None, primary_key=True)
+    instance_pk: int
+    at: float
+    stream: str = Field(max_length=16)  # stdout | stderr | a logging level name
+    step: str | None = Field(default=None, max_length=256)
+    count: int | None = None
+    attempt: int | None = None
+    trace_id: str | None = Field(default=None, max_length=32)
+    span_id: str | None = Field(default=None, max_length=16)
+    message: str
+
+
 I = InstanceRow.__table__
 S = StepRow.__table__
 E = EventRow.__table__
 T = TenantRow.__table__
 C = CodeVersionRow.__table__
 B = CodeBlobRow.__table__
+L = LogRow.__table__
 
 
 class LeaseLostError(Exception):
@@ -191,6 +219,8 @@ class InstanceInfo:
     lease_token: int
     lease_expires_at: float | None
     activations: int
+    trace_context: str | None
+    trace_caller: str | None
 
 
 @dataclass(frozen=True)
@@ -393,6 +423,30 @@ class Journal:
                 )
             )
 
+    def code_manifest(self, version: str) -> str | None:
+        """The manifest JSON of a stored code version (without its blob)."""
+        with self._read() as conn:
+            return conn.execute(select(B.c.manifest_json).where(B.c.version == version)).scalar()
+
+    def set_tenant_telemetry(self, tenant_id: str, telemetry_json: str | None, now: float) -> None:
+        """Store the platform's telemetry setting for a tenant (None removes it)."""
+        stmt = self._dialect_insert(T).values(
+            tenant_id=tenant_id, telemetry_json=telemetry_json, updated_at=now
+        )
+        with self._write() as conn:
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["tenant_id"],
+                    set_={"telemetry_json": telemetry_json, "updated_at": now},
+                )
+            )
+
+    def tenant_telemetry(self, tenant_id: str) -> str | None:
+        with self._read() as conn:
+            return conn.execute(
+                select(T.c.telemetry_json).where(T.c.tenant_id == tenant_id)
+            ).scalar()
+
     def latest_version(self, tenant_id: str) -> str | None:
         with self._read() as conn:
             return conn.execute(
@@ -434,12 +488,13 @@ class Journal:
         self,
         tenant_id: str,
         code_version: str,
-        items: Sequence[tuple[str, str, str]],
+        items: Sequence[tuple[str, str, str, str | None, str | None]],
         now: float,
         *,
         skip_existing: bool,
     ) -> list[str]:
-        """Insert (instance_id, params_json, metadata_json) rows, queued and due now.
+        """Insert (instance_id, params_json, metadata_json, trace_context, trace_caller)
+        rows, queued and due now.
 
         With skip_existing, ids the tenant already has are left alone (create_batch);
         otherwise an existing id raises DuplicateInstanceError. Returns the ids inserted.
@@ -449,9 +504,10 @@ class Journal:
                 tenant_id=tenant_id, instance_id=iid, code_version=code_version,
                 params_json=params, metadata_json=meta, status="queued",
                 created_at=now, updated_at=now, wake_at=now, pause_requested=False,
-                lease_token=0, activations=0,
+                lease_token=0, activations=0, trace_context=trace_context,
+                trace_caller=trace_caller,
             )
-            for iid, params, meta in items
+            for iid, params, meta, trace_context, trace_caller in items
         ]
         if not rows:
             return []
@@ -524,6 +580,12 @@ class Journal:
                 select(*_STEP_COLS).where(S.c.instance_pk == pk).order_by(S.c.started_at)
             ).all()
         return [StepRecord(*r) for r in rows]
+
+    def count_by_tenant_status(self) -> dict[tuple[str, str], int]:
+        """Instances per (tenant, status), for the metrics gauges."""
+        stmt = select(I.c.tenant_id, I.c.status, func.count()).group_by(I.c.tenant_id, I.c.status)
+        with self._read() as conn:
+            return {(t, s): n for t, s, n in conn.execute(stmt).all()}
 
     def count_by_status(self, tenant_id: str | None = None) -> dict[str, int]:
         stmt = select(I.c.status, func.count()).group_by(I.c.status)
@@ -647,15 +709,49 @@ class Journal:
             return self._fence(conn, pk, token, now, lease_ttl)
 
     def record_step(
-        self, pk: int, token: int, step: StepRecord, now: float, lease_ttl: float
+        self, pk: int, token: int, step: StepRecord, now: float, lease_ttl: float,
+        logs: Sequence[LogLine] = (), keep_logs: int = 0,
     ) -> bool:
-        """Durably record a step's state (fenced). Returns pause_requested."""
+        """Durably record a step's state (fenced), with the log lines printed since the
+        last write, in the same commit. Returns pause_requested."""
         values = {f: getattr(step, f) for f in _STEP_FIELDS}
         values["instance_pk"] = pk
         with self._write() as conn:
             pause = self._fence(conn, pk, token, now, lease_ttl)
             conn.execute(self._upsert_step, values)
+            if logs:
+                self._insert_logs(conn, pk, logs, keep_logs)
         return pause
+
+    # -- logs ----------------------------------------------------------------
+
+    def append_logs(self, pk: int, logs: Sequence[LogLine], keep: int) -> None:
+        """Store log lines of an instance, keeping only its newest `keep` lines."""
+        if logs:
+            with self._write() as conn:
+                self._insert_logs(conn, pk, logs, keep)
+
+    @staticmethod
+    def _insert_logs(conn: Connection, pk: int, logs: Sequence[LogLine], keep: int) -> None:
+        conn.execute(
+            insert(L),
+            [{**line.model_dump(exclude={"id"}), "instance_pk": pk} for line in logs],
+        )
+        oldest_kept = (
+            select(L.c.pk).where(L.c.instance_pk == pk).order_by(L.c.pk.desc())
+            .offset(max(keep - 1, 0)).limit(1).scalar_subquery()
+        )
+        conn.execute(delete(L).where(L.c.instance_pk == pk, L.c.pk < oldest_kept))
+
+    def read_logs(self, pk: int, after: int = 0, limit: int = 1000) -> list[LogLine]:
+        """An instance's log lines with id > `after`, oldest first."""
+        cols = [L.c.pk.label("id")] + [getattr(L.c, f) for f in LogLine.model_fields if f != "id"]
+        with self._read() as conn:
+            rows = conn.execute(
+                select(*cols).where(L.c.instance_pk == pk, L.c.pk > after)
+                .order_by(L.c.pk).limit(limit)
+            ).all()
+        return [LogLine(**row._mapping) for row in rows]
 
     def take_event(
         self, pk: int, token: int, step: StepRecord, event_type: str, now: float, lease_ttl: float
@@ -777,7 +873,7 @@ class Journal:
                 raise InvalidStateError(f"instance {instance_id!r} is {info.status}; cannot resume")
             return info.status
 
-    def terminate(self, tenant_id: str, instance_id: str, now: float) -> None:
+    def terminate(self, tenant_id: str, instance_id: str, now: float) -> InstanceInfo:
         with self._write() as conn:
             info = self._lock_instance(conn, tenant_id, instance_id)
             if info.status in TERMINAL:
@@ -791,9 +887,14 @@ class Journal:
                     pause_requested=False, updated_at=now,
                 )
             )
+            return info
 
-    def restart(self, tenant_id: str, instance_id: str, now: float) -> None:
-        """Start the instance over: its steps and inbox are discarded, running holders fenced."""
+    def restart(
+        self, tenant_id: str, instance_id: str, now: float,
+        trace: tuple[str | None, str | None] = (None, None),
+    ) -> InstanceInfo:
+        """Start the instance over, in a new trace: its steps, inbox and logs are
+        discarded, running holders fenced. Returns the instance as it was before."""
         with self._write() as conn:
             info = self._lock_instance(conn, tenant_id, instance_id)
             conn.execute(
@@ -801,11 +902,13 @@ class Journal:
                     status="queued", wake_at=now, waiting_for=None, output_json=None,
                     error_name=None, error_message=None, pause_requested=False,
                     lease_token=I.c.lease_token + 1, lease_expires_at=None, lease_owner=None,
-                    updated_at=now,
+                    updated_at=now, trace_context=trace[0], trace_caller=trace[1],
                 )
             )
             conn.execute(delete(S).where(S.c.instance_pk == info.pk))
             conn.execute(delete(E).where(E.c.instance_pk == info.pk))
+            conn.execute(delete(L).where(L.c.instance_pk == info.pk))
+            return info
 
     def _lock_instance(self, conn: Connection, tenant_id: str, instance_id: str) -> InstanceInfo:
         # Touch the row first: on PostgreSQL this takes the row lock (see module docstring).

@@ -207,6 +207,25 @@ class InstanceStatus(BaseModel):
     output: Any = None
 
 
+class LogLine(BaseModel):
+    """One line tenant code printed or logged (`instance.logs()`, `dynwf logs`).
+
+    `id` increases within an instance: pass the last one seen as `after` to get
+    only newer lines. `step`, `count` and `attempt` say which step attempt
+    printed it (None: `run()` itself, outside any step)."""
+
+    model_config = ConfigDict(frozen=True)
+    id: int | None = None
+    at: float
+    stream: str
+    step: str | None = None
+    count: int | None = None
+    attempt: int | None = None
+    trace_id: str | None = None
+    span_id: str | None = None
+    message: str
+
+
 class CreateOptions(BaseModel):
     """One item of `create` / `create_batch`."""
 
