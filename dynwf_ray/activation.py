@@ -12,6 +12,10 @@ the journal under the activation's lease (a lost lease writes nothing):
 - `paused`: a pause was requested; the activation stopped at a step boundary.
 - `lease_lost`: the instance was terminated, restarted or claimed by another
   activation meanwhile; this activation stopped without writing.
+
+Around it, the activation's telemetry: its span (current while `run()` runs),
+the instance's root span when it completes or errors, its captured output,
+and its counts (see `tracing.py`, `logs.py`, `metrics.py`).
 """
 
 from __future__ import annotations
@@ -22,8 +26,11 @@ from typing import Any, Callable, Literal, Mapping
 
 from .entrypoint import WorkflowEntrypoint
 from .errors import InvalidInputError, StepFailedError
-from .journal import Journal, LeaseLostError
+from .journal import ActivationState, Journal, LeaseLostError
+from .logs import LogCapture
+from .metrics import ActivityCounts
 from .step import AttemptTracker, PauseAtBoundary, Step, Suspend
+from .tracing import Tracing, trace_id_of
 from .types import WorkflowEvent, timestamp_to_datetime, to_json
 
 Outcome = Literal["complete", "errored", "suspended", "paused", "lease_lost"]
@@ -39,42 +46,99 @@ async def activate(
     clock: Callable[[], float] = time.time,
     lease_ttl: float = 30.0,
     tracker: AttemptTracker | None = None,
+    tracing: Tracing | None = None,
+    capture_logs: bool = False,
+    keep_logs: int = 1000,
+    counts: ActivityCounts | None = None,
+    warm: bool | None = None,
 ) -> Outcome:
+    """Run one activation. With `tracing`, its spans are emitted; with `capture_logs`
+    (a `LogCapture` must be installed in the process), what it prints is stored."""
     try:
         state = journal.load_activation(pk, token)
-        info = state.info
-        where = f"tenant {info.tenant_id!r} instance {info.instance_id!r}: "
-        step = Step(journal, state, token, clock=clock, lease_ttl=lease_ttl, tracker=tracker)
-        event = WorkflowEvent(
-            payload=json.loads(info.params_json),
-            timestamp=timestamp_to_datetime(info.created_at),
-            instance_id=info.instance_id,
+    except LeaseLostError:
+        return "lease_lost"
+    info = state.info
+    counts = counts if counts is not None else ActivityCounts()
+    if warm is not None:
+        if warm:
+            counts.warm += 1
+        else:
+            counts.cold += 1
+    if info.wake_at is not None:
+        counts.latencies.append(clock() - info.wake_at)
+    trace = tracing.instance(info, clock, warm=warm) if tracing is not None else None
+    log, log_token = (
+        LogCapture.begin(clock, trace_id_of(info.trace_context)) if capture_logs else (None, None)
+    )
+    outcome: Outcome = "lease_lost"
+    error: tuple[str, str] | None = None
+    try:
+        step = Step(
+            journal, state, token, clock=clock, lease_ttl=lease_ttl, tracker=tracker,
+            trace=trace, log=log, keep_logs=keep_logs, counts=counts,
         )
+        if trace is not None:
+            with trace.use():
+                outcome, error = await _run(journal, state, token, workflow_cls, env, clock, step)
+        else:
+            outcome, error = await _run(journal, state, token, workflow_cls, env, clock, step)
+        return outcome
+    finally:
+        if log is not None:
+            LogCapture.end(log_token)
+            if outcome != "lease_lost":
+                journal.append_logs(pk, log.take(final=True), keep_logs)
+        if trace is not None:
+            trace.end(outcome, error)
+            if outcome in ("complete", "errored"):
+                trace.end_instance(outcome, error)
+
+
+async def _run(
+    journal: Journal, state: ActivationState, token: int,
+    workflow_cls: type[WorkflowEntrypoint], env: Mapping[str, Any] | None,
+    clock: Callable[[], float], step: Step,
+) -> tuple[Outcome, tuple[str, str] | None]:
+    """Replay and run `run()`; record how it ended. Returns the outcome and the error."""
+    info = state.info
+    pk = info.pk
+    where = f"tenant {info.tenant_id!r} instance {info.instance_id!r}: "
+    event = WorkflowEvent(
+        payload=json.loads(info.params_json),
+        timestamp=timestamp_to_datetime(info.created_at),
+        instance_id=info.instance_id,
+    )
+    try:
         try:
             output = await workflow_cls(env).run(event, step)
         except Suspend as suspend:
             journal.suspend(pk, token, suspend.wake_at, suspend.waiting_for, clock())
-            return "suspended"
+            return "suspended", None
         except PauseAtBoundary:
             journal.pause_now(pk, token, clock())
-            return "paused"
+            return "paused", None
         except LeaseLostError:
             raise
         except StepFailedError as exc:
-            journal.fail(pk, token, exc.error_name, where + str(exc), clock())
-            return "errored"
+            return _fail(journal, pk, token, exc.error_name, where + str(exc), clock())
         except Exception as exc:  # noqa: BLE001 - the tenant's run() failed
-            journal.fail(pk, token, type(exc).__name__, where + _describe(exc), clock())
-            return "errored"
+            return _fail(journal, pk, token, type(exc).__name__, where + _describe(exc), clock())
         try:
             output_json = to_json(output, f"output of instance {info.instance_id!r}")
         except InvalidInputError as exc:
-            journal.fail(pk, token, type(exc).__name__, where + str(exc), clock())
-            return "errored"
+            return _fail(journal, pk, token, type(exc).__name__, where + str(exc), clock())
         journal.complete(pk, token, output_json, clock())
-        return "complete"
+        return "complete", None
     except LeaseLostError:
-        return "lease_lost"
+        return "lease_lost", None
+
+
+def _fail(
+    journal: Journal, pk: int, token: int, name: str, message: str, now: float
+) -> tuple[Outcome, tuple[str, str]]:
+    journal.fail(pk, token, name, message, now)
+    return "errored", (name, message)
 
 
 def _describe(exc: BaseException) -> str:

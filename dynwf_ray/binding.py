@@ -5,6 +5,11 @@ is looked up by (tenant, id), so another tenant's instance is indistinguishable
 from an unknown id. It works in any process that can reach the journal (the
 platform's driver, an instance host, the CLI); `notify` tells the scheduler
 that new work is due so it does not wait for its next poll.
+
+Each new instance starts a trace: in the caller's trace when `create` runs
+inside a span (see `tracing.py`). Terminating or restarting an instance ends
+that trace's root span, exported with the tenant's telemetry settings
+(`otel_env`: the platform's OTEL_* layer; None exports nothing).
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ from pydantic import ValidationError
 
 from .errors import InvalidInputError, UnknownTenantError
 from .journal import Journal
+from .tracing import end_instance_trace, new_trace_context
 from .types import (
     MAX_BATCH,
     CreateOptions,
     InstanceError,
     InstanceStatus,
+    LogLine,
     to_json,
     validate_event_type,
     validate_id,
@@ -64,11 +71,25 @@ class InstanceHandle:
         self._binding._notify()
 
     def terminate(self) -> None:
-        self._binding._journal.terminate(self._binding.tenant_id, self.id, self._binding._clock())
+        now = self._binding._clock()
+        info = self._binding._journal.terminate(self._binding.tenant_id, self.id, now)
+        self._binding._end_trace(info, "terminated", now)
 
     def restart(self) -> None:
-        self._binding._journal.restart(self._binding.tenant_id, self.id, self._binding._clock())
+        """Start over from the beginning, in a new trace (the old one's root span ends)."""
+        now = self._binding._clock()
+        info = self._binding._journal.restart(
+            self._binding.tenant_id, self.id, now, new_trace_context()
+        )
+        if info.status not in ("complete", "errored", "terminated"):
+            self._binding._end_trace(info, "restarted", now)
         self._binding._notify()
+
+    def logs(self, after: int = 0, limit: int = 1000) -> list[LogLine]:
+        """What the instance's code printed or logged (the newest lines are kept, see
+        `EngineConfig.log_lines_per_instance`), oldest first, ids greater than `after`."""
+        info = self._binding._journal.require_instance(self._binding.tenant_id, self.id)
+        return self._binding._journal.read_logs(info.pk, after, limit)
 
     def move_to_version(self, version: str) -> None:
         """Run this instance on another stored code version of its tenant from its next
@@ -99,8 +120,10 @@ class WorkflowBinding:
         notify: Callable[[], Any] = _no_notify,
         clock: Callable[[], float] = time.time,
         metadata: Mapping[str, Any] | None = None,
+        otel_env: Mapping[str, str] | None = None,
     ):
         self._journal = journal
+        self._otel_env = otel_env
         self.tenant_id = validate_id(tenant_id, "tenant id")
         self._notify = notify
         self._clock = clock
@@ -148,12 +171,19 @@ class WorkflowBinding:
             )
         return version
 
-    def _item(self, options: CreateOptions, version: str) -> tuple[str, str, str]:
-        """(id, params_json, metadata_json): the envelope persisted with the instance."""
+    def _item(
+        self, options: CreateOptions, version: str
+    ) -> tuple[str, str, str, str | None, str | None]:
+        """The envelope persisted with the instance, and its trace identity:
+        (id, params_json, metadata_json, trace_context, trace_caller)."""
         instance_id = options.id or uuid.uuid4().hex
         params_json = to_json(options.params, f"params of instance {instance_id!r}")
         metadata = {**self._metadata, "tenant_id": self.tenant_id, "code_version": version}
-        return instance_id, params_json, json.dumps(metadata)
+        return (instance_id, params_json, json.dumps(metadata), *new_trace_context())
+
+    def _end_trace(self, info: Any, status: str, now: float) -> None:
+        if self._otel_env is not None:
+            end_instance_trace(self._journal, self._otel_env, info, status, now)
 
 
 def _options(**kwargs: Any) -> CreateOptions:

@@ -6,6 +6,7 @@
     dynwf ls [--tenant T] [--status S] list instances
     dynwf status <id> [--tenant T]     status, version, output and steps of one instance
     dynwf send-event <id> <type> <json> [--tenant T]
+    dynwf logs <id> [--tenant T] [-f]   what an instance's code printed; -f follows it
 
 Every command takes --database-url (default: $DYNWF_DATABASE_URL, else the
 embedded SQLite file under ~/.dynwf/). `demo` starts an engine and `push`
@@ -28,6 +29,7 @@ from .config import default_database_url
 from .package import push
 from .errors import DynwfError
 from .journal import InstanceInfo, Journal, StepRecord
+from .types import LogLine
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,6 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     send.add_argument("payload", help="JSON payload")
     send.add_argument("--tenant")
 
+    logs = command("logs", "what an instance's code printed or logged")
+    logs.add_argument("id")
+    logs.add_argument("--tenant")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the instance finishes")
+    logs.add_argument("--interval", type=float, default=0.5, help="seconds between polls with -f")
+
     args = parser.parse_args(argv)
     url = getattr(args, "database_url", None) or default_database_url()
     try:
@@ -88,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(journal, _find(journal, args.id, args.tenant))
         if args.command == "send-event":
             return _send_event(journal, _find(journal, args.id, args.tenant), args.type, args.payload)
+        if args.command == "logs":
+            return _logs(journal, _find(journal, args.id, args.tenant), args.follow, args.interval)
     except DynwfError as exc:
         print(f"dynwf: {exc}", file=sys.stderr)
         return 2
@@ -169,6 +179,7 @@ def _status(journal: Journal, info: InstanceInfo) -> int:
         "next_wake": _when(info.wake_at) if info.wake_at else None,
         "waiting_for": info.waiting_for,
         "activations": info.activations,
+        "trace_id": info.trace_context.split("-")[1] if info.trace_context else None,
         "steps": [_step_doc(s) for s in journal.list_steps(info.pk)],
     }
     print(json.dumps(doc, indent=2))
@@ -192,6 +203,33 @@ def _send_event(journal: Journal, info: InstanceInfo, event_type: str, payload: 
     WorkflowBinding(journal, info.tenant_id).get(info.instance_id).send_event(event_type, data)
     print(f"sent {event_type!r} to {info.tenant_id}/{info.instance_id}")
     return 0
+
+
+def _logs(journal: Journal, info: InstanceInfo, follow: bool, interval: float) -> int:
+    """Print the instance's log lines; with follow, poll for more until it finishes."""
+    after = 0
+    try:
+        while True:
+            lines = journal.read_logs(info.pk, after)
+            for line in lines:
+                print(_log_line(line), flush=True)
+            if lines:
+                after = lines[-1].id
+                continue
+            if not follow:
+                return 0
+            status = journal.get_instance(info.tenant_id, info.instance_id)
+            if status is None or status.status in ("complete", "errored", "terminated"):
+                return 0
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _log_line(line: LogLine) -> str:
+    at = datetime.fromtimestamp(line.at, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    where = f"{line.step}#{line.count} attempt {line.attempt}" if line.step else "run()"
+    return f"{at}  {line.stream:<7} {where}  {line.message}"
 
 
 def _demo(url: str, tenants: Path) -> int:

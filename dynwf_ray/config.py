@@ -3,7 +3,8 @@
 Values come from `Engine.start(**kwargs)`; the journal falls back to the
 environment (`DYNWF_DATABASE_URL`, else a SQLite file under `$DYNWF_HOME`,
 default `~/.dynwf/`). With no `ray_address`, `ray.init()` decides: it honours
-`RAY_ADDRESS` and otherwise starts (or joins) a local Ray.
+`RAY_ADDRESS` and otherwise starts (or joins) a local Ray. Telemetry settings
+default to the OTEL_* variables of the process that starts the engine.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .tracing import otel_environ
 from .types import validate_id
 
 
@@ -55,6 +57,17 @@ class EngineConfig(BaseModel):
     max_activation_failures: int = Field(default=5, ge=1)
     #: Keep the scheduler alive after the driver exits (cluster deployments).
     detached: bool = False
+    #: The platform's OpenTelemetry settings (standard OTEL_* variables) for every
+    #: process that runs steps; tenants' own settings are layered on top (tracing.py).
+    #: Tracing is off unless an exporter or OTLP endpoint is set.
+    telemetry_env: dict[str, str] = Field(default_factory=otel_environ)
+    #: Log lines kept per instance (the newest); each line is at most 4096 characters.
+    log_lines_per_instance: int = Field(default=1000, ge=1)
+    #: Port of the scheduler's Prometheus endpoint (/metrics); 0 picks a free one,
+    #: None serves none.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    #: Address the Prometheus endpoint listens on.
+    metrics_host: str = "127.0.0.1"
 
     @field_validator("name")
     @classmethod

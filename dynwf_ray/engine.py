@@ -24,6 +24,7 @@ from .journal import Journal
 from .loader import Loader
 from .package import package_class, push
 from .scheduler import Scheduler
+from .tracing import tenant_telemetry
 from .types import validate_id
 
 log = logging.getLogger("dynwf_ray.engine")
@@ -103,11 +104,40 @@ class Engine:
     def binding(self, tenant_id: str, metadata: Mapping[str, Any] | None = None) -> WorkflowBinding:
         """The tenant's WORKFLOWS binding: it reaches only that tenant's instances."""
         return WorkflowBinding(
-            self.journal, tenant_id, notify=self._notify, clock=self._clock, metadata=metadata
+            self.journal, tenant_id, notify=self._notify, clock=self._clock, metadata=metadata,
+            otel_env=self.config.telemetry_env,
         )
 
+    def set_tenant_telemetry(
+        self,
+        tenant_id: str,
+        *,
+        endpoint: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        service_name: str | None = None,
+        enabled: bool = True,
+    ) -> None:
+        """Route a tenant's spans: to its own OTLP/HTTP `endpoint` (with `headers`) under
+        its own `service_name`, or nowhere (`enabled=False`). It overrides the platform's
+        and the tenant's own settings; hosts started from now on use it (idle ones are
+        deactivated now). See docs/observability.md."""
+        validate_id(tenant_id, "tenant id")
+        setting = tenant_telemetry(
+            endpoint=endpoint, headers=dict(headers or {}), service_name=service_name,
+            enabled=enabled,
+        )
+        self.journal.set_tenant_telemetry(tenant_id, setting.model_dump_json(), self._clock())
+        ray.get(self._loader.retire.remote(tenant_id))
+
+    def clear_tenant_telemetry(self, tenant_id: str) -> None:
+        """Remove the platform's setting for a tenant (its own and the platform's apply)."""
+        validate_id(tenant_id, "tenant id")
+        self.journal.set_tenant_telemetry(tenant_id, None, self._clock())
+        ray.get(self._loader.retire.remote(tenant_id))
+
     def stats(self) -> dict:
-        """Live host actors, activations (cold/warm) and instance counts by status."""
+        """Live host actors, activations (cold/warm), instance counts by status, and the
+        Prometheus endpoint's URL (`metrics_url`, None unless `metrics_port` is set)."""
         return {
             **ray.get(self._loader.stats.remote()),
             **ray.get(self._scheduler.stats.remote()),

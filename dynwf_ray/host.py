@@ -16,6 +16,13 @@ step callback blocks the process past its timeout (a synchronous loop cannot
 be interrupted) it records that attempt as timed out and ends the process;
 the scheduler sees the host die and activates the instance elsewhere, where
 the retry policy decides what happens next.
+
+A host serves one tenant, so its process has one set of telemetry settings
+(`otel_env`, merged by the loader): its tracer provider is made the process's
+global one, and tenant code that uses the OpenTelemetry API gets spans nested
+under its steps. It captures what activations print (`logs.py`) and counts
+what they did; `activate` returns those counts with its outcomes. `drain`
+flushes pending spans before the loader deactivates the host.
 """
 
 from __future__ import annotations
@@ -29,8 +36,13 @@ from typing import Any, Callable
 
 import ray
 
+from opentelemetry import trace
+
+from . import tracing
 from .activation import Outcome, activate
 from .journal import Journal, LeaseLostError
+from .logs import LogCapture
+from .metrics import ActivityCounts
 from .package import load_class
 
 log = logging.getLogger("dynwf_ray.host")
@@ -100,6 +112,7 @@ class _Watchdog:
             "dynwf: a step callback blocked past its timeout; ending this host process",
             file=sys.stderr, flush=True,
         )
+        tracing.flush_all(1.0)  # the spans of the steps before it
         os._exit(70)
 
 
@@ -117,8 +130,16 @@ class InstanceHost:
         owner: str,
         host_slice: float,
         binding_factory: Callable[[Journal], Any] | None = None,
+        otel_env: dict[str, str] | None = None,
+        keep_logs: int = 1000,
     ):
         self._journal = Journal(database_url, create_tables=False)
+        self._tracing = tracing.tracing_for(otel_env or {}, tenant_id)
+        if self._tracing is not None:
+            trace.set_tracer_provider(self._tracing.provider)
+        self._capture = LogCapture().install()
+        self._keep_logs = keep_logs
+        self._activations = 0
         self._workflow_cls = load_class(tenant_id, version, kind, blob, manifest_json)
         self._code = (tenant_id, version)
         self._lease_ttl = lease_ttl
@@ -127,34 +148,42 @@ class InstanceHost:
         self._watchdog = _Watchdog(self._journal, lease_ttl)
         self._env = {"WORKFLOWS": binding_factory(self._journal)} if binding_factory else {}
 
-    async def activate(self, pk: int, token: int) -> dict[str, int]:
+    async def activate(self, pk: int, token: int) -> dict[str, Any]:
         """Activate this instance, then other due ones of this code for up to host_slice s.
 
-        Returns how many activations ended in each outcome.
+        Returns {"outcomes": {outcome: how many}, "counts": ActivityCounts as a dict}.
         """
         outcomes: dict[str, int] = {}
+        counts = ActivityCounts()
         until = time.monotonic() + self._slice
         while True:
-            outcome = await self._activate_one(pk, token)
+            outcome = await self._activate_one(pk, token, counts)
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
             if time.monotonic() >= until:
-                return outcomes
+                return {"outcomes": outcomes, "counts": counts.as_dict()}
             claims = self._journal.claim_due(
                 time.time(), 1, self._owner, self._lease_ttl, *self._code
             )
             if not claims:
-                return outcomes
+                return {"outcomes": outcomes, "counts": counts.as_dict()}
             pk, token = claims[0].pk, claims[0].token
 
-    async def _activate_one(self, pk: int, token: int) -> Outcome:
+    async def _activate_one(self, pk: int, token: int, counts: ActivityCounts) -> Outcome:
         self._watchdog.watch((pk, token))
+        self._activations += 1
         try:
             return await activate(
                 self._journal, pk, token, self._workflow_cls,
                 env=self._env, lease_ttl=self._lease_ttl, tracker=self._watchdog,
+                tracing=self._tracing, capture_logs=True, keep_logs=self._keep_logs,
+                counts=counts, warm=self._activations > 1,
             )
         finally:
             self._watchdog.watch(None)
+
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        """Export pending spans (called before this host is deactivated)."""
+        tracing.flush_all(timeout_s)
 
     async def pid(self) -> int:
         return os.getpid()

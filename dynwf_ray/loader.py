@@ -12,6 +12,11 @@ One per engine, named `dynwf-loader-<engine name>`. It owns:
   processes killed) after `hibernate_after` seconds, and the least recently
   used idle host is evicted when a cold start needs a slot under `max_hosts`.
 
+A host is started with its tenant's merged telemetry settings (see
+`tracing.tenant_env`), and is asked to flush its pending spans before it is
+deactivated. `retire(tenant)` deactivates a tenant's idle hosts, so new
+telemetry settings apply from its next activation.
+
 Hosts are owned by this actor: if it dies they die with it, and the scheduler
 re-activates their instances.
 """
@@ -33,6 +38,7 @@ from .config import EngineConfig
 from .host import InstanceHost
 from .journal import Journal
 from .package import PACKAGE, Manifest, publish, runtime_env_for
+from .tracing import tenant_env
 
 log = logging.getLogger("dynwf_ray.loader")
 
@@ -63,13 +69,16 @@ class _Host:
 class HostBindingFactory:
     """Builds the tenant-scoped WORKFLOWS binding inside a host (picklable)."""
 
-    def __init__(self, tenant_id: str, scheduler_name: str, namespace: str):
+    def __init__(
+        self, tenant_id: str, scheduler_name: str, namespace: str, otel_env: dict[str, str]
+    ):
         self.tenant_id = tenant_id
         self.scheduler_name = scheduler_name
         self.namespace = namespace
+        self.otel_env = otel_env
 
     def __call__(self, journal: Journal) -> WorkflowBinding:
-        return WorkflowBinding(journal, self.tenant_id, notify=self._notify)
+        return WorkflowBinding(journal, self.tenant_id, notify=self._notify, otel_env=self.otel_env)
 
     def _notify(self) -> None:
         try:
@@ -147,6 +156,7 @@ class Loader:
         spec = self.code_spec(tenant_id, version)
         if spec.runtime_env:  # Ray may have dropped the package since (e.g. it restarted)
             publish(spec.blob, version)
+        otel_env = tenant_env(self.journal, self.config.telemetry_env, tenant_id, version)
         with self._lock:
             while self._live() >= self.config.max_hosts and self._evict_one_idle():
                 pass
@@ -156,10 +166,12 @@ class Loader:
             if spec.runtime_env:
                 options["runtime_env"] = spec.runtime_env
             blob = b"" if spec.runtime_env else spec.blob  # a package arrives as its working_dir
+            cfg = self.config
             actor = InstanceHost.options(**options).remote(
-                self.config.database_url, spec.tenant_id, spec.version, spec.kind, blob,
-                spec.manifest_json, self.config.lease_ttl, owner, self.config.host_slice,
-                HostBindingFactory(tenant_id, self.config.scheduler_name, self.config.namespace),
+                cfg.database_url, spec.tenant_id, spec.version, spec.kind, blob,
+                spec.manifest_json, cfg.lease_ttl, owner, cfg.host_slice,
+                HostBindingFactory(tenant_id, cfg.scheduler_name, cfg.namespace, cfg.telemetry_env),
+                otel_env, cfg.log_lines_per_instance,
             )
             host = _Host(self._seq, key, actor, owner)
             self._busy[host.id] = host
@@ -183,8 +195,8 @@ class Loader:
         return lent
 
     def _end(self, host: _Host) -> None:
-        """Kill a host's process (lock held)."""
-        ray.kill(host.actor)
+        """Deactivate a host: flush its spans, then kill its process (lock held)."""
+        threading.Thread(target=_drain_and_kill, args=([host.actor],), daemon=True).start()
         if host.id in self._sent:
             self._sent.discard(host.id)
             self._ended.append(host.id)
@@ -217,8 +229,16 @@ class Loader:
             self._idle.clear()
             self._sent.clear()
             self._ended.clear()
-        for host in hosts:
-            ray.kill(host.actor)
+        _drain_and_kill([host.actor for host in hosts])
+
+    def retire(self, tenant_id: str) -> int:
+        """Deactivate a tenant's idle hosts (e.g. its telemetry settings changed)."""
+        with self._lock:
+            keys = [key for key in self._idle if key[0] == tenant_id]
+            hosts = [host for key in keys for host in self._idle.pop(key)]
+            for host in hosts:
+                self._end(host)
+        return len(hosts)
 
     def stats(self) -> dict:
         with self._lock:
@@ -228,12 +248,19 @@ class Loader:
                 "busy_hosts": len(self._busy),
                 "idle_hosts": idle,
                 "warm_versions": len(self._idle),
+                "hosts_by_tenant": self._hosts_by_tenant(),
                 "max_hosts": self.config.max_hosts,
                 "warm_pool_size": self.config.warm_pool_size,
                 "cache_entries": len(self._cache),
                 "loader_cache_size": self.config.loader_cache_size,
                 **self._counters,
             }
+
+    def _hosts_by_tenant(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for host in [*self._busy.values(), *(h for v in self._idle.values() for h in v)]:
+            counts[host.key[0]] = counts.get(host.key[0], 0) + 1
+        return counts
 
     def _live(self) -> int:
         return len(self._busy) + sum(len(v) for v in self._idle.values())
@@ -268,3 +295,16 @@ class Loader:
                         self._idle[key] = keep
                     else:
                         del self._idle[key]
+
+
+#: Longest a host being deactivated gets to export its pending spans.
+DRAIN_TIMEOUT = 3.0
+
+
+def _drain_and_kill(actors: list[Any]) -> None:
+    """Ask hosts to flush their spans (bounded wait), then end their processes."""
+    if actors:
+        refs = [actor.drain.remote(DRAIN_TIMEOUT) for actor in actors]
+        ray.wait(refs, num_returns=len(refs), timeout=DRAIN_TIMEOUT + 1)
+    for actor in actors:
+        ray.kill(actor)

@@ -18,7 +18,10 @@ Its loop, on a thread of its own:
 
 A host that dies mid-activation has its leases released at once so its
 instances are activated again; `max_activation_failures` crashes in a row mark
-the instance errored instead of looping forever.
+the instance errored instead of looping forever (and end its trace).
+
+It also owns the engine's metrics (`metrics.py`): hosts return what their
+activations did, and it serves the Prometheus endpoint.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from ray.exceptions import RayActorError
 
 from .config import EngineConfig
 from .journal import Claim, Journal, LeaseLostError
+from .metrics import EngineMetrics
+from .tracing import end_instance_trace
 
 log = logging.getLogger("dynwf_ray.scheduler")
 
@@ -72,6 +77,11 @@ class _SchedulerCore:
         self._hosts: dict[int, Any] = {}  # host id -> actor handle
         self._crashes: dict[int, int] = {}
         self._counters = {"activations": 0, "host_deaths": 0}
+        self.metrics = EngineMetrics(
+            self.config.telemetry_env, self.config.metrics_port, self.config.metrics_host,
+            lambda: ray.get(self._loader.stats.remote())["hosts_by_tenant"],
+            self.journal.count_by_tenant_status,
+        )
         self._stopping = False
         self._next_renewal = 0.0
         self._loop = asyncio.new_event_loop()
@@ -89,7 +99,10 @@ class _SchedulerCore:
         self._loop.call_soon_threadsafe(self._wake.set)
 
     def stats(self) -> dict:
-        return {"busy_activations": len(self._busy), **self._counters}
+        return {
+            "busy_activations": len(self._busy), **self._counters,
+            "metrics_url": self.metrics.url,
+        }
 
     def stop(self) -> None:
         """Stop activating; end hosts; release their instances so the next engine resumes them."""
@@ -104,6 +117,7 @@ class _SchedulerCore:
             self.journal.release_owner(self.config.host_owner_prefix, now, now, prefix=True)
         except Exception:  # noqa: BLE001 - the leases then expire on their own
             log.exception("could not release the leases of stopped activations")
+        self.metrics.shutdown()
 
     # -- the loop ------------------------------------------------------------
 
@@ -168,7 +182,7 @@ class _SchedulerCore:
                     self._on_crash(claim, "CodeUnavailableError", message)
                 return
             self._counters["activations"] += 1
-            outcomes = await self._host_actor(host).activate.remote(claim.pk, claim.token)
+            result = await self._host_actor(host).activate.remote(claim.pk, claim.token)
         except RayActorError as exc:
             if self._stopping:
                 return
@@ -185,8 +199,9 @@ class _SchedulerCore:
             self._on_crash(claim, type(exc).__name__, str(exc))
         else:
             self._crashes.pop(claim.pk, None)
-            self._counters["activations"] += sum(outcomes.values()) - 1
+            self._counters["activations"] += sum(result["outcomes"].values()) - 1
             self._loader.release.remote(host["host_id"])
+            self.metrics.record(claim.tenant_id, result["counts"])
         finally:
             self._busy.pop(claim.pk, None)
             self._wake.set()
@@ -224,7 +239,14 @@ class _SchedulerCore:
 
     def _give_up(self, claim: Claim, name: str, message: str) -> None:
         self._crashes.pop(claim.pk, None)
+        now = time.time()
         try:
-            self.journal.fail(claim.pk, claim.token, name, message[:4000], time.time())
+            self.journal.fail(claim.pk, claim.token, name, message[:4000], now)
         except LeaseLostError:
-            pass
+            return
+        info = self.journal.get_instance(claim.tenant_id, claim.instance_id)
+        if info is not None:
+            end_instance_trace(
+                self.journal, self.config.telemetry_env, info, "errored", now,
+                (name, message[:4000]),
+            )

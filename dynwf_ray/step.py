@@ -7,6 +7,12 @@ outcome is recorded durably, fenced by the activation's lease, before the
 call returns. A sleep, wait or retry delay that is not over raises `Suspend`,
 which ends the activation; the scheduler activates the instance again later.
 
+Telemetry hooks in here too, each optional: an `InstanceTrace` gets a span
+per attempt (current while the callback runs, so tenant spans nest under it)
+and sleep and wait spans when they end; an `ActivationLog` learns which step
+attempt is printing, and its lines go to the journal with the step's record;
+`ActivityCounts` counts attempts, completions, failures and retries.
+
 `Suspend` and `PauseAtBoundary` derive from BaseException so that tenant code
 catching `Exception` cannot swallow them.
 """
@@ -17,6 +23,7 @@ import asyncio
 import inspect
 import json
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any, Callable, Protocol
@@ -38,6 +45,9 @@ from .errors import (
     StepTimeoutError,
     WorkflowTimeoutError,
 )
+from .logs import ActivationLog
+from .metrics import ActivityCounts
+from .tracing import InstanceTrace
 from .journal import (
     STEP_COMPLETE,
     STEP_FAILED,
@@ -147,8 +157,16 @@ class Step:
         clock: Callable[[], float] = time.time,
         lease_ttl: float = 30.0,
         tracker: AttemptTracker | None = None,
+        trace: InstanceTrace | None = None,
+        log: ActivationLog | None = None,
+        keep_logs: int = 1000,
+        counts: ActivityCounts | None = None,
     ):
         self._journal = journal
+        self._trace = trace
+        self._log = log
+        self._keep_logs = keep_logs
+        self._activity = counts if counts is not None else ActivityCounts()
         self._pk = state.info.pk
         self._token = token
         self._clock = clock
@@ -188,17 +206,41 @@ class Step:
         config = self._config(name, retries, timeout)
         attempt = attempts_done + 1
         started = self._clock() if record is None else record.started_at
+        self._activity.steps_started += 1
+        trace, log = self._trace, self._log
+        span = trace.attempt(name, seq, attempt) if trace is not None else None
+        if log is not None:
+            log.step = (name, seq, attempt)
         try:
-            value = await self._attempt(fn, name, seq, attempt, config)
+            if span is not None:
+                with trace.use_span(span):
+                    value = await self._attempt(fn, name, seq, attempt, config)
+            else:
+                value = await self._attempt(fn, name, seq, attempt, config)
         except Exception as exc:  # noqa: BLE001 - any tenant error is a failed attempt
-            self._attempt_failed(name, seq, attempt, started, config, exc)
+            self._attempt_failed(name, seq, attempt, started, config, exc, span)
+        finally:
+            if log is not None:
+                log.step = None
         try:
             text = to_json(value, f"result of step {name!r}")
         except InvalidInputError as exc:
+            self._end_attempt(span, exc, None)
+            self._activity.steps_failed += 1
             self._record(name, seq, STEP_FAILED, started, attempt, error=exc)
             raise StepFailedError(name, type(exc).__name__, str(exc), attempt) from None
+        self._end_attempt(span)
+        self._activity.steps_completed += 1
         self._record(name, seq, STEP_COMPLETE, started, attempt, result_json=text)
         return json.loads(text)
+
+    def _end_attempt(
+        self, span: Any, error: BaseException | None = None, retry_at: float | None = None
+    ) -> None:
+        if span is not None:
+            if error is not None:
+                self._trace.attempt_failed(span, error, retry_at)
+            self._trace.end_span(span)
 
     def _config(self, name: str, retries: Any, timeout: Any) -> StepConfig:
         if retries is None and timeout is None:
@@ -248,15 +290,19 @@ class Step:
 
     def _attempt_failed(
         self, name: str, seq: int, attempt: int, started: float, config: StepConfig,
-        exc: BaseException,
+        exc: BaseException, span: Any = None,
     ) -> None:
         """Record a failed attempt; raise Suspend (retry later) or StepFailedError."""
         delay = retry_delay(config.retries, attempt, exc)
         error_name = type(exc).__name__
         if delay is None:
+            self._end_attempt(span, exc, None)
+            self._activity.steps_failed += 1
             self._record(name, seq, STEP_FAILED, started, attempt, error=exc)
             raise StepFailedError(name, error_name, str(exc), attempt) from exc
         next_at = self._clock() + delay
+        self._end_attempt(span, exc, next_at)
+        self._activity.retries += 1
         self._record(name, seq, STEP_RETRYING, started, attempt, error=exc, next_attempt_at=next_at)
         raise Suspend(next_at)
 
@@ -304,15 +350,23 @@ class Step:
         record = self._records.get((name, seq))
         if record is not None:
             wake_at = json.loads(record.result_json)
+            started = record.started_at
         else:
             self._boundary()
             wake_at = target()
-            self._record(
-                name, seq, STEP_COMPLETE, self._clock(), 0, kind="sleep",
-                result_json=json.dumps(wake_at),
+            started = self._clock()
+            record = self._make_record(
+                name, seq, STEP_COMPLETE, started, 0, kind="sleep",
+                result_json=json.dumps(wake_at), finished=False,
             )
-        if self._clock() < wake_at:
+            self._write(record)
+        now = self._clock()
+        if now < wake_at:
             raise Suspend(wake_at)
+        if record.finished_at is None:  # the first activation past its end: record it once
+            self._write(replace(record, finished_at=now))
+            if self._trace is not None:
+                self._trace.sleep(name, seq, started, now)
 
     # -- events ------------------------------------------------------------
 
@@ -347,6 +401,8 @@ class Step:
         )
         if got is not None:
             event_type, payload_json, created_at = got
+            if self._trace is not None:
+                self._trace.wait(name, seq, type, started, now)
             return ReceivedEvent(
                 type=event_type, payload=json.loads(payload_json),
                 timestamp=timestamp_to_datetime(created_at),
@@ -356,6 +412,8 @@ class Step:
                 f"wait_for_event {name!r} got no {type!r} event within {seconds:g} s"
             )
             self._record(name, seq, STEP_FAILED, started, 0, kind="wait", error=exc)
+            if self._trace is not None:
+                self._trace.wait(name, seq, type, started, now, exc)
             raise exc
         raise Suspend(deadline, waiting_for=type)
 
@@ -382,9 +440,9 @@ class Step:
         self, name: str, seq: int, status: str, started: float, attempts: int, *,
         kind: str = "do",
         result_json: str | None = None, error: BaseException | None = None,
-        next_attempt_at: float | None = None,
+        next_attempt_at: float | None = None, finished: bool | None = None,
     ) -> StepRecord:
-        done = status in (STEP_COMPLETE, STEP_FAILED)
+        done = status in (STEP_COMPLETE, STEP_FAILED) if finished is None else finished
         return StepRecord(
             name=name, seq=seq, kind=kind, status=status, result_json=result_json,
             error_name=type(error).__name__ if error is not None else None,
@@ -397,6 +455,7 @@ class Step:
         self._write(self._make_record(name, seq, status, started, attempts, **kw))
 
     def _write(self, record: StepRecord) -> None:
+        logs = self._log.take() if self._log is not None else ()
         self._pause_requested = self._journal.record_step(
-            self._pk, self._token, record, self._clock(), self._lease_ttl
+            self._pk, self._token, record, self._clock(), self._lease_ttl, logs, self._keep_logs
         )

@@ -1,0 +1,170 @@
+"""Metrics: per-tenant counters and gauges as OpenTelemetry metrics, with a Prometheus endpoint.
+
+Hosts count what their activations did in an `ActivityCounts` and return it
+with each loan's outcomes; the scheduler's `EngineMetrics` adds the counts to
+OpenTelemetry instruments labelled with the tenant, and observes the gauges
+when a reader collects: live host actors per tenant (from the loader),
+queued and hibernated instances per tenant (from the journal).
+
+Readers: a Prometheus endpoint when `EngineConfig.metrics_port` is set (0
+picks a free port; `engine.stats()["metrics_url"]` says which), and OTLP
+export when the platform's environment configures an OTLP endpoint
+(`OTEL_EXPORTER_OTLP_ENDPOINT` or `..._METRICS_ENDPOINT`; `OTEL_METRICS_EXPORTER=none`
+turns it off).
+
+Instruments (every one has the attribute `dynwf.tenant.id`; Prometheus names
+in brackets):
+- `dynwf.steps.started`, `.completed`, `.failed` [dynwf_steps_*_total]: step
+  attempts begun, steps completed, steps failed for good;
+- `dynwf.step.retries` [dynwf_step_retries_total]: failed attempts that will be retried;
+- `dynwf.activations` [dynwf_activations_total], attribute `dynwf.activation.warm`;
+- `dynwf.activation.latency` [dynwf_activation_latency_seconds]: from the
+  moment an instance was due to its activation running;
+- `dynwf.hosts.live`, `dynwf.instances.queued`, `dynwf.instances.hibernated`
+  (waiting on a timer or an event, no process), `dynwf.instances.paused`: gauges.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+
+log = logging.getLogger("dynwf_ray.metrics")
+
+TENANT = "dynwf.tenant.id"
+_LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+
+
+@dataclass
+class ActivityCounts:
+    """What activations in one host did (filled by `Step` and the host, read by the scheduler)."""
+
+    steps_started: int = 0
+    steps_completed: int = 0
+    steps_failed: int = 0
+    retries: int = 0
+    warm: int = 0
+    cold: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EngineMetrics:
+    """The scheduler's instruments and readers."""
+
+    def __init__(
+        self,
+        otel_env: Mapping[str, str],
+        port: int | None,
+        host: str,
+        hosts_by_tenant: Callable[[], Mapping[str, int]],
+        instances_by_tenant: Callable[[], Mapping[tuple[str, str], int]],
+    ):
+        from opentelemetry.metrics import Observation
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.resources import Resource
+
+        self._observation = Observation
+        self._hosts_by_tenant = hosts_by_tenant
+        self._instances_by_tenant = instances_by_tenant
+        self.url: str | None = None
+        readers = []
+        if port is not None:
+            readers.append(self._prometheus(port, host))
+        otlp = self._otlp_reader(otel_env)
+        if otlp is not None:
+            readers.append(otlp)
+        service = otel_env.get("OTEL_SERVICE_NAME", "dynwf")
+        self.provider = MeterProvider(
+            metric_readers=readers, resource=Resource.create({"service.name": service})
+        )
+        meter = self.provider.get_meter("dynwf_ray")
+        self._started = meter.create_counter("dynwf.steps.started", "{step}", "Step attempts begun")
+        self._completed = meter.create_counter("dynwf.steps.completed", "{step}", "Steps completed")
+        self._failed = meter.create_counter("dynwf.steps.failed", "{step}", "Steps failed for good")
+        self._retries = meter.create_counter("dynwf.step.retries", "{attempt}", "Failed attempts to be retried")
+        self._activations = meter.create_counter("dynwf.activations", "{activation}", "Activations")
+        self._latency = meter.create_histogram(
+            "dynwf.activation.latency", "s", "From an instance being due to its activation running",
+            explicit_bucket_boundaries_advisory=_LATENCY_BUCKETS,
+        )
+        meter.create_observable_gauge("dynwf.hosts.live", [self._hosts], "{actor}", "Live host actors")
+        for status, name in (("queued", "queued"), ("waiting", "hibernated"), ("paused", "paused")):
+            meter.create_observable_gauge(
+                f"dynwf.instances.{name}", [self._instances(status)], "{instance}",
+                f"Instances {name} (status {status!r})",
+            )
+
+    def record(self, tenant_id: str, counts: Mapping[str, Any]) -> None:
+        """Add one loan's `ActivityCounts` (as a dict) for a tenant."""
+        attrs = {TENANT: tenant_id}
+        for key, counter in (
+            ("steps_started", self._started), ("steps_completed", self._completed),
+            ("steps_failed", self._failed), ("retries", self._retries),
+        ):
+            if counts.get(key):
+                counter.add(counts[key], attrs)
+        if counts.get("warm"):
+            self._activations.add(counts["warm"], {**attrs, "dynwf.activation.warm": True})
+        if counts.get("cold"):
+            self._activations.add(counts["cold"], {**attrs, "dynwf.activation.warm": False})
+        for latency in counts.get("latencies", ()):
+            self._latency.record(max(latency, 0.0), attrs)
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+        if self._server is not None:
+            self._server.shutdown()
+
+    # -- readers and gauges -------------------------------------------------------
+
+    _server: Any = None
+
+    def _prometheus(self, port: int, host: str) -> Any:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        registry = CollectorRegistry()
+        reader = PrometheusMetricReader(registry=registry)
+        self._server, _ = start_http_server(port, addr=host, registry=registry)
+        self.url = f"http://{host}:{self._server.server_port}/metrics"
+        return reader
+
+    @staticmethod
+    def _otlp_reader(env: Mapping[str, str]) -> Any:
+        names = env.get("OTEL_METRICS_EXPORTER")
+        endpoint = env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+        base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        if env.get("OTEL_SDK_DISABLED", "").lower() == "true" or names == "none":
+            return None
+        if not (endpoint or base) and names != "otlp":
+            return None
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        from .tracing import parse_pairs
+
+        url = endpoint or (base or "http://localhost:4318").rstrip("/") + "/v1/metrics"
+        headers = parse_pairs(env.get("OTEL_EXPORTER_OTLP_HEADERS"))
+        return PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=url, headers=headers or None))
+
+    def _hosts(self, _options: Any) -> list[Any]:
+        try:
+            return [self._observation(n, {TENANT: t}) for t, n in self._hosts_by_tenant().items()]
+        except Exception:  # noqa: BLE001 - a scrape must not fail because the loader is busy
+            log.exception("could not read live hosts")
+            return []
+
+    def _instances(self, status: str) -> Callable[[Any], list[Any]]:
+        def observe(_options: Any) -> list[Any]:
+            try:
+                counts = self._instances_by_tenant()
+            except Exception:  # noqa: BLE001 - e.g. the database is briefly unreachable
+                log.exception("could not count instances")
+                return []
+            return [self._observation(n, {TENANT: t}) for (t, s), n in counts.items() if s == status]
+
+        return observe

@@ -1,0 +1,534 @@
+"""Tracing: one OpenTelemetry trace per workflow instance, across all its activations.
+
+What this module owns:
+
+- **Trace identity.** When an instance is created, `new_trace_context` mints
+  the span id of its root span and picks its trace id: the caller's trace
+  when `create` runs inside a span (e.g. the platform's HTTP request), else a
+  new one. Both travel in the journal with the instance (`trace_context`,
+  W3C traceparent form, and `trace_caller`), so any process, on any node, a
+  day later, adds spans to the same trace.
+- **Spans** (`InstanceTrace`, one per activation): the activation span, a
+  span per step attempt (its error recorded), sleep and event-wait spans
+  (which straddle hibernation, so they hang off the root span and are
+  emitted when they end), and the root span itself, emitted with its minted
+  id when the instance finishes (complete, errored, terminated or
+  restarted). Until then a backend shows the instance's spans under a root
+  it has not received yet.
+- **Export settings**, read from the standard OpenTelemetry variables
+  (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`,
+  `..._HEADERS`, `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+  `OTEL_TRACES_EXPORTER`, `OTEL_SDK_DISABLED`). Three layers are merged per
+  tenant (`merge_otel_env`): the platform's (its process environment when the
+  engine starts), the tenant's (OTEL_* in its `dynwf.toml` `[env]`), and the
+  platform's per-tenant setting (`TenantTelemetry`, stored in the journal).
+  A layer that names an endpoint replaces the endpoint and headers of the
+  layers below it, so a tenant's spans go only where its settings say.
+- **Off means off.** With no exporter configured `tracing_for` returns None
+  and the step path does no tracing work at all.
+
+Exporting is OTLP over HTTP/protobuf through a batching span processor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+    SpanProcessor,
+)
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from .journal import InstanceInfo, Journal
+
+log = logging.getLogger("dynwf_ray.tracing")
+
+#: Variables that say where spans go; a layer naming one replaces them all below it.
+ENDPOINT_KEYS = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+)
+SCOPE = "dynwf_ray"
+
+# Attribute names (OpenTelemetry semantic-convention style: namespaced, dotted).
+TENANT = "dynwf.tenant.id"
+INSTANCE = "dynwf.instance.id"
+VERSION = "dynwf.code.version"
+STEP_NAME = "dynwf.step.name"
+STEP_COUNT = "dynwf.step.count"
+STEP_ATTEMPT = "dynwf.step.attempt"
+STEP_KIND = "dynwf.step.kind"
+
+
+# -- trace identity -------------------------------------------------------------
+
+
+def traceparent(trace_id: int, span_id: int, flags: int) -> str:
+    return f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
+
+
+def parse_traceparent(text: str | None) -> SpanContext | None:
+    """The span context of a W3C traceparent string (None when absent or malformed)."""
+    if not text:
+        return None
+    parts = text.split("-")
+    if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+        return None
+    try:
+        ctx = SpanContext(
+            int(parts[1], 16), int(parts[2], 16), is_remote=True,
+            trace_flags=TraceFlags(int(parts[3], 16)),
+        )
+    except ValueError:
+        return None
+    return ctx if ctx.is_valid else None
+
+
+def trace_id_of(trace_context: str | None) -> str | None:
+    """The hex trace id of an instance's stored trace context."""
+    ctx = parse_traceparent(trace_context)
+    return f"{ctx.trace_id:032x}" if ctx else None
+
+
+def new_trace_context() -> tuple[str, str | None]:
+    """(trace_context, trace_caller) for a new instance: its root span's traceparent, in
+    the current span's trace when there is one (whose traceparent is then the caller)."""
+    caller = trace.get_current_span().get_span_context()
+    span_id = random.getrandbits(64) or 1
+    if caller.is_valid:
+        return (
+            traceparent(caller.trace_id, span_id, caller.trace_flags),
+            traceparent(caller.trace_id, caller.span_id, caller.trace_flags),
+        )
+    return traceparent(random.getrandbits(128) or 1, span_id, TraceFlags.SAMPLED), None
+
+
+# -- export settings ------------------------------------------------------------
+
+
+def otel_environ() -> dict[str, str]:
+    """The OTEL_* variables of this process (the platform's layer)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}
+
+
+def merge_otel_env(*layers: Mapping[str, str]) -> dict[str, str]:
+    """Later layers win; one that names an endpoint drops the endpoints and headers below."""
+    merged: dict[str, str] = {}
+    for layer in layers:
+        if any(k in layer for k in ENDPOINT_KEYS):
+            for key in ENDPOINT_KEYS:
+                merged.pop(key, None)
+        merged.update(layer)
+    return merged
+
+
+class TenantTelemetry(BaseModel):
+    """The platform's per-tenant telemetry setting (`Engine.set_tenant_telemetry`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: OTLP/HTTP base URL (spans go to <endpoint>/v1/traces), e.g. http://collector:4318.
+    endpoint: str | None = None
+    #: Headers sent with every export (e.g. an API key of the tenant's backend).
+    headers: dict[str, str] = Field(default_factory=dict)
+    #: `service.name` of the tenant's spans.
+    service_name: str | None = None
+    #: False turns tracing off for this tenant.
+    enabled: bool = True
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint {v!r} must be an http:// or https:// URL")
+        return v
+
+    def env(self) -> dict[str, str]:
+        """This setting as OTEL_* variables (the top layer of `merge_otel_env`)."""
+        if not self.enabled:
+            return {"OTEL_TRACES_EXPORTER": "none"}
+        env: dict[str, str] = {}
+        if self.endpoint:
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.endpoint
+            env["OTEL_TRACES_EXPORTER"] = "otlp"
+        if self.headers:
+            env["OTEL_EXPORTER_OTLP_HEADERS"] = ",".join(f"{k}={v}" for k, v in self.headers.items())
+        if self.service_name:
+            env["OTEL_SERVICE_NAME"] = self.service_name
+        return env
+
+
+def parse_pairs(text: str | None) -> dict[str, str]:
+    """`k1=v1,k2=v2` (OTEL_EXPORTER_OTLP_HEADERS / OTEL_RESOURCE_ATTRIBUTES)."""
+    pairs: dict[str, str] = {}
+    for item in (text or "").split(","):
+        key, sep, value = item.partition("=")
+        if sep and key.strip():
+            pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def _exporters(env: Mapping[str, str]) -> list[SpanExporter]:
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return []
+    names = env.get("OTEL_TRACES_EXPORTER")
+    if names is None:
+        configured = any(k in env for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        names = "otlp" if configured else "none"
+    exporters: list[SpanExporter] = []
+    for name in (n.strip().lower() for n in names.split(",")):
+        if name == "otlp":
+            exporters.append(_otlp_exporter(env))
+        elif name == "console":
+            exporters.append(ConsoleSpanExporter())
+        elif name not in ("none", ""):
+            log.warning("OTEL_TRACES_EXPORTER=%r: unknown exporter %r ignored", names, name)
+    return exporters
+
+
+def _otlp_exporter(env: Mapping[str, str]) -> SpanExporter:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    if protocol and protocol != "http/protobuf":
+        log.warning("OTLP protocol %r is not supported; exporting over http/protobuf", protocol)
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if not endpoint:
+        base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318")
+        endpoint = base.rstrip("/") + "/v1/traces"
+    headers = parse_pairs(env.get("OTEL_EXPORTER_OTLP_HEADERS"))
+    headers.update(parse_pairs(env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS")))
+    timeout = env.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or env.get("OTEL_EXPORTER_OTLP_TIMEOUT")
+    return OTLPSpanExporter(
+        endpoint=endpoint, headers=headers or None,
+        timeout=float(timeout) / 1000 if timeout else None,
+    )
+
+
+def _batching(exporter: SpanExporter, env: Mapping[str, str]) -> SpanProcessor:
+    """A batching processor with the OTEL_BSP_* settings of `env` (not os.environ)."""
+
+    def number(key: str) -> float | None:
+        value = env.get(key)
+        try:
+            return float(value) if value else None
+        except ValueError:
+            log.warning("%s=%r is not a number; using the default", key, value)
+            return None
+
+    size = number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE")
+    queue = number("OTEL_BSP_MAX_QUEUE_SIZE")
+    return BatchSpanProcessor(
+        exporter,
+        max_queue_size=int(queue) if queue else None,
+        schedule_delay_millis=number("OTEL_BSP_SCHEDULE_DELAY"),
+        max_export_batch_size=int(size) if size else None,
+        export_timeout_millis=number("OTEL_BSP_EXPORT_TIMEOUT"),
+    )
+
+
+_PROVIDERS: dict[tuple, "Tracing | None"] = {}
+_PROVIDERS_LOCK = threading.Lock()
+
+
+def tracing_for(env: Mapping[str, str], tenant_id: str) -> "Tracing | None":
+    """The process's `Tracing` for these settings (one per distinct settings); None = off."""
+    key = (tenant_id, tuple(sorted(env.items())))
+    with _PROVIDERS_LOCK:
+        if key not in _PROVIDERS:
+            exporters = _exporters(env)
+            _PROVIDERS[key] = (
+                Tracing([_batching(e, env) for e in exporters], env, tenant_id)
+                if exporters else None
+            )
+        return _PROVIDERS[key]
+
+
+def flush_all(timeout_s: float = 5.0) -> None:
+    """Flush every provider of this process (before it is ended)."""
+    with _PROVIDERS_LOCK:
+        tracings = [t for t in _PROVIDERS.values() if t is not None]
+    for t in tracings:
+        t.flush(timeout_s)
+
+
+# -- spans --------------------------------------------------------------------
+
+
+class _OpenSpan:
+    """Internal: a span being timed. It is built as a finished `ReadableSpan` when it
+    ends and handed straight to the span processors: the SDK's live `Span` costs about
+    ten times more per step than this does (see bench/tracing_overhead.py)."""
+
+    __slots__ = ("name", "context", "parent", "start", "attributes", "events", "status")
+
+    def __init__(
+        self, name: str, context: SpanContext, parent: SpanContext | None, start: int,
+        attributes: dict[str, Any],
+    ):
+        self.name = name
+        self.context = context
+        self.parent = parent
+        self.start = start
+        self.attributes = attributes
+        self.events: list[Event] = []
+        self.status = _UNSET
+
+    def fail(self, error: BaseException | tuple[str, str], at: int) -> None:
+        """Mark the span failed: `error.type`, status ERROR, and an `exception` event."""
+        if isinstance(error, BaseException):
+            kind, message = type(error).__name__, str(error)
+        else:
+            kind, message = error
+        self.attributes["error.type"] = kind
+        self.status = Status(StatusCode.ERROR, message[:1000])
+        self.events.append(
+            Event("exception", {"exception.type": kind, "exception.message": message[:4000]}, at)
+        )
+
+
+_UNSET = Status(StatusCode.UNSET)
+
+
+class Tracing:
+    """Where one tenant's spans go from this process: its span processors and resource.
+
+    `provider` is a tracer provider on the same processors, for spans that code
+    creates itself with the OpenTelemetry API (a host makes it the global one).
+    """
+
+    def __init__(
+        self, processors: list[SpanProcessor], env: Mapping[str, str] | None = None,
+        tenant_id: str | None = None,
+    ):
+        env = env or {}
+        attributes: dict[str, Any] = parse_pairs(env.get("OTEL_RESOURCE_ATTRIBUTES"))
+        attributes["service.name"] = env.get("OTEL_SERVICE_NAME") or attributes.get(
+            "service.name", "dynwf"
+        )
+        if tenant_id:
+            attributes[TENANT] = tenant_id
+        attributes["process.pid"] = os.getpid()
+        self.resource = Resource.create(attributes)
+        self._processors = list(processors)
+        self._scope = InstrumentationScope(SCOPE)
+        self.provider = TracerProvider(resource=self.resource)
+        for processor in processors:
+            self.provider.add_span_processor(processor)
+
+    def instance(
+        self, info: "InstanceInfo", clock: Callable[[], float], *, warm: bool | None = None
+    ) -> "InstanceTrace | None":
+        """Spans for one activation of an instance (None: no trace context, or the
+        instance's trace is not sampled)."""
+        root = parse_traceparent(info.trace_context)
+        if root is None or not root.trace_flags.sampled:
+            return None
+        return InstanceTrace(self, info, root, clock, warm)
+
+    def end_instance(
+        self, info: "InstanceInfo", status: str, ended_at: float,
+        error: tuple[str, str] | None = None,
+    ) -> None:
+        """Emit the instance's root span (it finished, was terminated or restarted)."""
+        root = parse_traceparent(info.trace_context)
+        if root is None or not root.trace_flags.sampled:
+            return
+        span = _OpenSpan(
+            f"workflow {info.tenant_id}", _local(root), parse_traceparent(info.trace_caller),
+            _ns(info.created_at),
+            {
+                **_instance_attrs(info), "dynwf.instance.status": status,
+                "dynwf.instance.activations": info.activations,
+            },
+        )
+        if error is not None:
+            span.fail(error, _ns(ended_at))
+        self.emit(span, _ns(ended_at))
+
+    def open(
+        self, name: str, parent: SpanContext, start: int, attributes: dict[str, Any]
+    ) -> _OpenSpan:
+        context = SpanContext(
+            parent.trace_id, random.getrandbits(64) or 1, is_remote=False,
+            trace_flags=parent.trace_flags,
+        )
+        return _OpenSpan(name, context, parent, start, attributes)
+
+    def emit(self, span: _OpenSpan, end: int) -> None:
+        finished = ReadableSpan(
+            name=span.name, context=span.context, parent=span.parent, resource=self.resource,
+            attributes=span.attributes, events=span.events, kind=SpanKind.INTERNAL,
+            status=span.status, start_time=span.start, end_time=end,
+            instrumentation_scope=self._scope,
+        )
+        for processor in self._processors:
+            processor.on_end(finished)
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        return self.provider.force_flush(int(timeout_s * 1000))
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def _local(ctx: SpanContext) -> SpanContext:
+    return SpanContext(ctx.trace_id, ctx.span_id, is_remote=False, trace_flags=ctx.trace_flags)
+
+
+def _instance_attrs(info: "InstanceInfo") -> dict[str, Any]:
+    return {TENANT: info.tenant_id, INSTANCE: info.instance_id, VERSION: info.code_version}
+
+
+def _current(span: _OpenSpan) -> Any:
+    """A context manager making `span` the current span (tenant spans nest under it)."""
+    return trace.use_span(
+        NonRecordingSpan(span.context), end_on_exit=False, record_exception=False,
+        set_status_on_exception=False,
+    )
+
+
+class InstanceTrace:
+    """The spans of one activation of one instance."""
+
+    def __init__(
+        self, tracing: Tracing, info: "InstanceInfo", root: SpanContext,
+        clock: Callable[[], float], warm: bool | None,
+    ):
+        self._tracing = tracing
+        self._info = info
+        self._clock = clock
+        self._root = root
+        self._attrs = _instance_attrs(info)
+        attrs = {**self._attrs, "dynwf.activation.number": info.activations}
+        if warm is not None:
+            attrs["dynwf.activation.warm"] = warm
+        self.activation = tracing.open("activation", root, _ns(clock()), attrs)
+
+    def use(self) -> Any:
+        """Make the activation span current while `run()` runs."""
+        return _current(self.activation)
+
+    def end(self, outcome: str, error: tuple[str, str] | None = None) -> None:
+        now = _ns(self._clock())
+        self.activation.attributes["dynwf.activation.outcome"] = outcome
+        if error is not None:
+            self.activation.fail(error, now)
+        self._tracing.emit(self.activation, now)
+
+    def end_instance(self, status: str, error: tuple[str, str] | None = None) -> None:
+        self._tracing.end_instance(self._info, status, self._clock(), error)
+
+    # -- steps --------------------------------------------------------------
+
+    def attempt(self, name: str, count: int, attempt: int) -> _OpenSpan:
+        attrs = self._attrs.copy()
+        attrs[STEP_NAME] = name
+        attrs[STEP_COUNT] = count
+        attrs[STEP_ATTEMPT] = attempt
+        attrs[STEP_KIND] = "do"
+        return self._tracing.open(f"step {name}", self.activation.context, _ns(self._clock()), attrs)
+
+    def use_span(self, span: _OpenSpan) -> Any:
+        """Make an attempt's span current while its callback runs."""
+        return _current(span)
+
+    def attempt_failed(self, span: _OpenSpan, exc: BaseException, retry_at: float | None) -> None:
+        span.fail(exc, _ns(self._clock()))
+        span.attributes["dynwf.step.will_retry"] = retry_at is not None
+        if retry_at is not None:
+            span.attributes["dynwf.step.retry_at"] = retry_at
+
+    def end_span(self, span: _OpenSpan) -> None:
+        self._tracing.emit(span, _ns(self._clock()))
+
+    def sleep(self, name: str, count: int, started: float, ended: float) -> None:
+        """A sleep that is over (it began in an earlier activation, usually)."""
+        span = self._tracing.open(
+            f"sleep {name}", self._root, _ns(started),
+            {**self._attrs, STEP_NAME: name, STEP_COUNT: count, STEP_KIND: "sleep"},
+        )
+        self._tracing.emit(span, _ns(ended))
+
+    def wait(
+        self, name: str, count: int, event_type: str, started: float, ended: float,
+        error: BaseException | None = None,
+    ) -> None:
+        """An event wait that ended: the event arrived, or its timeout passed."""
+        span = self._tracing.open(
+            f"wait_for_event {name}", self._root, _ns(started),
+            {
+                **self._attrs, STEP_NAME: name, STEP_COUNT: count, STEP_KIND: "wait",
+                "dynwf.event.type": event_type,
+            },
+        )
+        if error is not None:
+            span.fail(error, _ns(ended))
+        self._tracing.emit(span, _ns(ended))
+
+
+def current_ids() -> tuple[str, str] | None:
+    """(trace_id, span_id) of the current span, hex, if there is a valid one."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return None
+    return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+
+
+def tenant_telemetry(**kwargs: Any) -> TenantTelemetry:
+    """A validated per-tenant setting; bad values raise InvalidInputError naming them."""
+    try:
+        return TenantTelemetry(**kwargs)
+    except ValidationError as exc:
+        raise InvalidInputError(f"invalid tenant telemetry setting: {exc}") from None
+
+
+def tenant_env(journal: "Journal", defaults: Mapping[str, str], tenant_id: str, version: str) -> dict[str, str]:
+    """The merged OTEL_* settings for a tenant's code version (see the module docstring)."""
+    manifest = json.loads(journal.code_manifest(version) or "{}")
+    tenant_layer = {k: v for k, v in manifest.get("env", {}).items() if k.startswith("OTEL_")}
+    setting = journal.tenant_telemetry(tenant_id)
+    platform_layer = TenantTelemetry(**json.loads(setting)).env() if setting else {}
+    return merge_otel_env(defaults, tenant_layer, platform_layer)
+
+
+def end_instance_trace(
+    journal: "Journal", defaults: Mapping[str, str], info: "InstanceInfo", status: str,
+    ended_at: float, error: tuple[str, str] | None = None,
+) -> None:
+    """Emit an instance's root span from a process that serves many tenants (the platform
+    terminating or restarting it, the scheduler giving up on it), routed like its steps."""
+    try:
+        tracing = tracing_for(tenant_env(journal, defaults, info.tenant_id, info.code_version), info.tenant_id)
+        if tracing is not None:
+            tracing.end_instance(info, status, ended_at, error)
+    except Exception:  # noqa: BLE001 - telemetry must never fail the operation
+        log.exception("could not emit the root span of %s/%s", info.tenant_id, info.instance_id)
