@@ -29,6 +29,7 @@ from bench.workflows import TrivialSteps  # noqa: E402
 from dynwf_ray import Engine  # noqa: E402
 from dynwf_ray.activation import activate  # noqa: E402
 from dynwf_ray.journal import Journal  # noqa: E402
+from dynwf_ray.tracing import new_trace_context  # noqa: E402
 
 
 def sqlite_floor(n: int) -> float:
@@ -49,7 +50,10 @@ def in_process(url: str, steps: int, run: int) -> float:
     journal = Journal(url)
     tenant = f"bench{run}"
     journal.save_code(tenant, "v", "bench", b"", time.time())
-    journal.create_instances(tenant, "v", [("i", f'{{"steps": {steps}}}', "{}")], time.time(), skip_existing=False)
+    journal.create_instances(
+        tenant, "v", [("i", f'{{"steps": {steps}}}', "{}", *new_trace_context())], time.time(),
+        skip_existing=False,
+    )
     (claim,) = journal.claim_due(time.time(), 1, "bench", 60, tenant_id=tenant)
     start = time.perf_counter()
     outcome = asyncio.run(activate(journal, claim.pk, claim.token, TrivialSteps, lease_ttl=60))

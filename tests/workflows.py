@@ -9,6 +9,7 @@ their pid, and wait for a `release` file the test creates.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -97,6 +98,27 @@ class Flaky(WorkflowEntrypoint):
             "charge", charge, retries={"limit": 3, "delay": "200 milliseconds", "backoff": "constant"}
         )
         return {"attempts": attempts}
+
+
+class Observed(WorkflowEntrypoint):
+    """Prints and logs; a step fails once; waits for an approval (its host may be
+    deactivated meanwhile); reports the host pid before and after the wait."""
+
+    async def run(self, event, step):
+        before = await step.do("pid before", os.getpid)
+
+        def charge(ctx):
+            print(f"charging, attempt {ctx.attempt}")
+            if ctx.attempt == 1:
+                logging.getLogger(__name__).warning("card declined")
+                raise RuntimeError("card declined")
+            return ctx.attempt
+
+        await step.do("charge", charge, retries={"limit": 2, "delay": "100 milliseconds", "backoff": "constant"})
+        ok = await step.wait_for_event("approval", type="approval", timeout="1 hour")
+        print(f"approved by {ok.payload['by']}")
+        after = await step.do("pid after", os.getpid)
+        return {"before": before, "after": after}
 
 
 class BlockingStep(WorkflowEntrypoint):
