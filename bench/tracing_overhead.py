@@ -8,12 +8,14 @@ so that drift hits them alike. Modes:
   exporter is configured;
 - `memory`: spans to an in-memory exporter through a batching processor;
 - `otlp`: spans over OTLP/HTTP (protobuf, batched) to a receiver in another
-  process on loopback (`tests/otlp_receiver.py`), which decodes every span.
+  process on loopback (`tests/otlp_receiver.py`), which decodes every span; or,
+  with `--otlp-endpoint URL`, to that endpoint (e.g. a local Arize Phoenix).
 
 Figures: median ms per step of each mode, and each mode's median ratio to
 `off` (target: tracing adds at most 10 %, i.e. ratio <= 1.10).
 
 Usage: python bench/tracing_overhead.py [--steps 2000] [--runs 7] [--database-url URL]
+                                        [--otlp-endpoint URL]
 """
 
 from __future__ import annotations
@@ -67,11 +69,14 @@ def main() -> None:
     runs = arg("--runs", 7)
     journal = Journal(database_url())
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    receiver = subprocess.Popen(
-        [sys.executable, "-c", RECEIVER], cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        text=True,
-    )
-    endpoint = receiver.stdout.readline().strip()
+    endpoint = arg("--otlp-endpoint", None, str)
+    receiver = None
+    if endpoint is None:
+        receiver = subprocess.Popen(
+            [sys.executable, "-c", RECEIVER], cwd=root, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True,
+        )
+        endpoint = receiver.stdout.readline().strip()
     memory = InMemorySpanExporter()
     in_memory = Tracing([BatchSpanProcessor(memory)])
     otlp = tracing_for({"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}, "bench")
@@ -92,9 +97,11 @@ def main() -> None:
                     options["tracing"].flush(30)
     finally:
         capture.uninstall()
-        receiver.stdin.close()
-        received = int(receiver.stdout.readline() or 0)
-        receiver.wait(30)
+        received = None
+        if receiver is not None:
+            receiver.stdin.close()
+            received = int(receiver.stdout.readline() or 0)
+            receiver.wait(30)
     ms = {m: statistics.median(v) * 1000 for m, v in results.items()}
     ratio = {
         m: round(statistics.median(a / b for a, b in zip(results[m], results["off"])), 3)
@@ -108,6 +115,7 @@ def main() -> None:
         "ms_per_step": {m: round(v, 4) for m, v in ms.items()},
         "ratio_to_off": ratio,
         "added_ms_per_step": {m: round(v - ms["off"], 4) for m, v in ms.items()},
+        "otlp_endpoint": "loopback receiver process" if receiver is not None else endpoint,
         "otlp_spans_received": received,
         "otlp_spans_expected": expected_spans,
         "memory_spans": len(memory.get_finished_spans()),

@@ -115,16 +115,17 @@ class Engine:
         endpoint: str | None = None,
         headers: Mapping[str, str] | None = None,
         service_name: str | None = None,
+        resource_attributes: Mapping[str, str] | None = None,
         enabled: bool = True,
     ) -> None:
         """Route a tenant's spans: to its own OTLP/HTTP `endpoint` (with `headers`) under
-        its own `service_name`, or nowhere (`enabled=False`). It overrides the platform's
+        its own `service_name` (and `resource_attributes`), or nowhere (`enabled=False`). It overrides the platform's
         and the tenant's own settings; hosts started from now on use it (idle ones are
         deactivated now). See docs/observability.md."""
         validate_id(tenant_id, "tenant id")
         setting = tenant_telemetry(
             endpoint=endpoint, headers=dict(headers or {}), service_name=service_name,
-            enabled=enabled,
+            resource_attributes=dict(resource_attributes or {}), enabled=enabled,
         )
         self.journal.set_tenant_telemetry(tenant_id, setting.model_dump_json(), self._clock())
         ray.get(self._loader.retire.remote(tenant_id))

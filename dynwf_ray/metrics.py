@@ -8,9 +8,11 @@ queued and hibernated instances per tenant (from the journal).
 
 Readers: a Prometheus endpoint when `EngineConfig.metrics_port` is set (0
 picks a free port; `engine.stats()["metrics_url"]` says which), and OTLP
-export when the platform's environment configures an OTLP endpoint
-(`OTEL_EXPORTER_OTLP_ENDPOINT` or `..._METRICS_ENDPOINT`; `OTEL_METRICS_EXPORTER=none`
-turns it off).
+export when the platform's settings ask for it: `OTEL_METRICS_EXPORTER=otlp` or
+`OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` (to `OTEL_EXPORTER_OTLP_ENDPOINT` +
+`/v1/metrics` unless the latter is set). Unlike the SDK's default, an OTLP
+endpoint alone does not turn metrics export on: many tracing backends (Phoenix,
+for one) accept no metrics and would answer every export with an error.
 
 Instruments (every one has the attribute `dynwf.tenant.id`; Prometheus names
 in brackets):
@@ -129,18 +131,22 @@ class EngineMetrics:
 
         registry = CollectorRegistry()
         reader = PrometheusMetricReader(registry=registry)
-        self._server, _ = start_http_server(port, addr=host, registry=registry)
-        self.url = f"http://{host}:{self._server.server_port}/metrics"
+        try:
+            self._server, _ = start_http_server(port, addr=host, registry=registry)
+        except OSError as exc:  # e.g. the port is taken: run on, without the endpoint
+            log.error("cannot serve Prometheus metrics on %s:%s: %s", host, port, exc)
+        else:
+            self.url = f"http://{host}:{self._server.server_port}/metrics"
         return reader
 
     @staticmethod
     def _otlp_reader(env: Mapping[str, str]) -> Any:
-        names = env.get("OTEL_METRICS_EXPORTER")
+        names = env.get("OTEL_METRICS_EXPORTER", "")
         endpoint = env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
         base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         if env.get("OTEL_SDK_DISABLED", "").lower() == "true" or names == "none":
             return None
-        if not (endpoint or base) and names != "otlp":
+        if "otlp" not in names.split(",") and not endpoint:
             return None
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader

@@ -37,6 +37,7 @@ import logging
 import os
 import random
 import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from opentelemetry import trace
@@ -157,6 +158,8 @@ class TenantTelemetry(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict)
     #: `service.name` of the tenant's spans.
     service_name: str | None = None
+    #: More resource attributes of the tenant's spans (e.g. a backend's project name).
+    resource_attributes: dict[str, str] = Field(default_factory=dict)
     #: False turns tracing off for this tenant.
     enabled: bool = True
 
@@ -179,6 +182,10 @@ class TenantTelemetry(BaseModel):
             env["OTEL_EXPORTER_OTLP_HEADERS"] = ",".join(f"{k}={v}" for k, v in self.headers.items())
         if self.service_name:
             env["OTEL_SERVICE_NAME"] = self.service_name
+        if self.resource_attributes:
+            env["OTEL_RESOURCE_ATTRIBUTES"] = ",".join(
+                f"{k}={v}" for k, v in self.resource_attributes.items()
+            )
         return env
 
 
@@ -251,21 +258,33 @@ def _batching(exporter: SpanExporter, env: Mapping[str, str]) -> SpanProcessor:
     )
 
 
-_PROVIDERS: dict[tuple, "Tracing | None"] = {}
+#: Distinct settings a process keeps a `Tracing` for (a platform process emitting root
+#: spans for many tenants with endpoints of their own); the least recently used beyond
+#: this are flushed and shut down.
+MAX_PROVIDERS = 64
+_PROVIDERS: "OrderedDict[tuple, Tracing | None]" = OrderedDict()
 _PROVIDERS_LOCK = threading.Lock()
 
 
-def tracing_for(env: Mapping[str, str], tenant_id: str) -> "Tracing | None":
-    """The process's `Tracing` for these settings (one per distinct settings); None = off."""
+def tracing_for(env: Mapping[str, str], tenant_id: str | None = None) -> "Tracing | None":
+    """The process's `Tracing` for these settings; None = tracing off. `tenant_id`
+    becomes a resource attribute (a host's process serves one tenant)."""
     key = (tenant_id, tuple(sorted(env.items())))
+    evicted: list[Tracing] = []
     with _PROVIDERS_LOCK:
-        if key not in _PROVIDERS:
-            exporters = _exporters(env)
-            _PROVIDERS[key] = (
-                Tracing([_batching(e, env) for e in exporters], env, tenant_id)
-                if exporters else None
-            )
-        return _PROVIDERS[key]
+        if key in _PROVIDERS:
+            _PROVIDERS.move_to_end(key)
+            return _PROVIDERS[key]
+        exporters = _exporters(env)
+        tracing = Tracing([_batching(e, env) for e in exporters], env, tenant_id) if exporters else None
+        _PROVIDERS[key] = tracing
+        while len(_PROVIDERS) > MAX_PROVIDERS:
+            old = _PROVIDERS.popitem(last=False)[1]
+            if old is not None:
+                evicted.append(old)
+    for old in evicted:  # flushes what it holds, ends its export thread
+        threading.Thread(target=old.shutdown, daemon=True).start()
+    return tracing
 
 
 def flush_all(timeout_s: float = 5.0) -> None:
@@ -527,7 +546,7 @@ def end_instance_trace(
     """Emit an instance's root span from a process that serves many tenants (the platform
     terminating or restarting it, the scheduler giving up on it), routed like its steps."""
     try:
-        tracing = tracing_for(tenant_env(journal, defaults, info.tenant_id, info.code_version), info.tenant_id)
+        tracing = tracing_for(tenant_env(journal, defaults, info.tenant_id, info.code_version))
         if tracing is not None:
             tracing.end_instance(info, status, ended_at, error)
     except Exception:  # noqa: BLE001 - telemetry must never fail the operation
