@@ -8,7 +8,8 @@ so that drift hits them alike. Modes:
   exporter is configured;
 - `memory`: spans to an in-memory exporter through a batching processor;
 - `otlp`: spans over OTLP/HTTP (protobuf, batched) to a receiver in another
-  process on loopback (`tests/otlp_receiver.py`), which decodes every span; or,
+  process on loopback (`tests/otlp_receiver.py`), which decodes every span after
+  the runs (a collector's CPU is not the engine's); or,
   with `--otlp-endpoint URL`, to that endpoint (e.g. a local Arize Phoenix).
 
 Figures: median ms per step of each mode, and each mode's median ratio to
@@ -42,7 +43,7 @@ from dynwf_ray.tracing import Tracing, new_trace_context, tracing_for  # noqa: E
 RECEIVER = """
 import sys, time
 from tests.otlp_receiver import OtlpReceiver
-r = OtlpReceiver()
+r = OtlpReceiver(decode_later=True)  # decodes after the runs, off the clock
 print(r.endpoint, flush=True)
 sys.stdin.read()  # until the benchmark closes our stdin
 print(len(r.received()), flush=True)

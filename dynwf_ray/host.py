@@ -134,7 +134,7 @@ class InstanceHost:
         keep_logs: int = 1000,
     ):
         self._journal = Journal(database_url, create_tables=False)
-        self._tracing = tracing.tracing_for(otel_env or {}, tenant_id)
+        self._tracing = tracing.tracing_for(otel_env or {}, tenant_id, version)
         if self._tracing is not None:
             trace.set_tracer_provider(self._tracing.provider)
         self._capture = LogCapture().install()

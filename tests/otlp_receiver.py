@@ -2,7 +2,9 @@
 
 It accepts `POST /v1/traces` with an ExportTraceServiceRequest (protobuf, as
 the SDK's OTLP/HTTP exporter sends it), decodes every span, and keeps them in
-memory as `ReceivedSpan`s.
+memory as `ReceivedSpan`s. With `decode_later=True` it keeps the request bodies
+and decodes them when asked (`received()`): a benchmark's receiver then does
+not compete for the CPU with what it measures, as a remote collector would not.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ def _value(v: Any) -> Any:
 
 
 class OtlpReceiver:
-    def __init__(self) -> None:
+    def __init__(self, decode_later: bool = False) -> None:
         self.spans: list[ReceivedSpan] = []
+        self._bodies: list[bytes] | None = [] if decode_later else None
         self.requests = 0
         self._lock = threading.Lock()
         receiver = self
@@ -53,7 +56,7 @@ class OtlpReceiver:
                     self.send_response(404)
                     self.end_headers()
                     return
-                receiver._add(ExportTraceServiceRequest.FromString(body))
+                receiver._add_body(body)
                 reply = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -67,6 +70,13 @@ class OtlpReceiver:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self._server.server_port}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def _add_body(self, body: bytes) -> None:
+        with self._lock:
+            if self._bodies is not None:
+                self._bodies.append(body)
+                return
+        self._add(ExportTraceServiceRequest.FromString(body))
 
     def _add(self, request: ExportTraceServiceRequest) -> None:
         spans = []
@@ -89,6 +99,10 @@ class OtlpReceiver:
             self.requests += 1
 
     def received(self) -> list[ReceivedSpan]:
+        with self._lock:
+            bodies, self._bodies = self._bodies, ([] if self._bodies is not None else None)
+        for body in bodies or ():
+            self._add(ExportTraceServiceRequest.FromString(body))
         with self._lock:
             return list(self.spans)
 

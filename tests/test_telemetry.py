@@ -77,6 +77,7 @@ def test_each_tenant_endpoint_gets_one_trace_per_instance_and_only_its_own(obser
         spans = receiver.received()
         # Only this tenant's spans, under its own service name.
         assert {s.resource["dynwf.tenant.id"] for s in spans} == {tenant}
+        assert {s.resource["dynwf.code.version"] for s in spans} == {info.code_version}
         assert {s.resource["service.name"] for s in spans} == {f"svc-{tenant}"}
         assert {s.trace_id for s in spans} == {trace_id}
         root = next(s for s in spans if s.span_id == root_id)

@@ -98,10 +98,11 @@ def test_one_trace_across_hibernations_with_parentage_in_order(journal, tenant, 
     owner = [0, 1, 2, 3]  # which activation ran each attempt
     for span, i in zip(steps, owner):
         assert span.parent.span_id == activations[i].context.span_id
-        assert span.attributes["dynwf.tenant.id"] == tenant
         assert span.attributes["dynwf.instance.id"] == "j1"
-        assert span.attributes["dynwf.code.version"] == "v1"
         assert span.attributes["dynwf.step.count"] == 1
+    for span in [root, *activations]:  # tenant and version: here, and in a host's resource
+        assert span.attributes["dynwf.tenant.id"] == tenant
+        assert span.attributes["dynwf.code.version"] == "v1"
     failed = steps[2]
     assert failed.status.status_code is StatusCode.ERROR
     assert failed.attributes["dynwf.step.will_retry"] is True
