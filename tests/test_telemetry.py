@@ -18,6 +18,7 @@ from dynwf_ray.cli import main as cli
 from dynwf_ray.tracing import parse_traceparent
 
 from .conftest import wait_status, wait_until
+from .test_tenants import write_tenant
 from .otlp_receiver import OtlpReceiver
 from .workflows import Observed
 
@@ -104,6 +105,49 @@ def test_each_tenant_endpoint_gets_one_trace_per_instance_and_only_its_own(obser
     root = next(s for s in receivers[0].received() if s.name.startswith("workflow "))
     assert root.parent_span_id == f"{caller_ctx.span_id:016x}"
     assert engine.journal.get_instance(tenants[1], "trip").trace_caller is None
+
+
+PUSHED = """
+from opentelemetry import trace
+from dynwf_ray import WorkflowEntrypoint
+
+class Pushed(WorkflowEntrypoint):
+    async def run(self, event, step):
+        def nested():
+            with trace.get_tracer("tenant").start_as_current_span("tenant work"):
+                return 42
+        return await step.do("answer", nested)
+"""
+
+
+def test_a_pushed_tenant_routes_its_spans_with_its_own_manifest(observed, receivers, tmp_path):
+    """OTEL_* in a tenant's dynwf.toml route the spans of its hosts (in its runtime env),
+    and spans its code makes with the OpenTelemetry API nest under the step."""
+    engine, _ = observed
+    own = OtlpReceiver()
+    try:
+        tenant = f"t{uuid.uuid4().hex[:8]}"
+        directory = write_tenant(
+            tmp_path, tenant, PUSHED,
+            f'''
+            [env]
+            OTEL_EXPORTER_OTLP_ENDPOINT = "{own.endpoint}"
+            OTEL_SERVICE_NAME = "its-own"
+            ''',
+        )
+        engine.push_tenant(tenant, str(directory))
+        handle = engine.binding(tenant).create(id="q")
+        assert wait_status(handle, "complete")["output"] == 42
+        root_id = engine.journal.get_instance(tenant, "q").trace_context.split("-")[2]
+        wait_until(lambda: any(s.span_id == root_id for s in own.received()), what="the root span")
+        spans = {s.name: s for s in own.received()}
+        assert {s.resource["service.name"] for s in spans.values()} == {"its-own"}
+        assert spans["tenant work"].parent_span_id == spans["step answer"].span_id
+        assert spans["step answer"].parent_span_id == spans["activation"].span_id
+        for other in receivers:  # nothing of this tenant anywhere else
+            assert all(s.resource.get("dynwf.tenant.id") != tenant for s in other.received())
+    finally:
+        own.close()
 
 
 def test_logs_through_the_api_and_the_cli(observed, capsys):
