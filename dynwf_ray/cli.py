@@ -278,6 +278,9 @@ def _demo(url: str, tenants: Path) -> int:
                 print("the globex report did not finish within 5 minutes", file=sys.stderr)
                 return 1
             time.sleep(0.1)
+        print(f"what acme/{order.id} printed and logged (dynwf logs {order.id}):")
+        for line in order.logs():
+            print("  " + _log_line(line))
         ok = True
         for tenant, inst in (("acme", order), ("globex", report)):
             status = inst.status()

@@ -1,10 +1,12 @@
 """Acme's order workflow: what a customer of the platform pushes (plain Python, no extra deps)."""
 
+import logging
 import os
 
 from dynwf_ray import NonRetryableError, WorkflowEntrypoint
 
 TENANT = "acme"
+log = logging.getLogger("acme.orders")  # what it prints or logs is kept per step (`dynwf logs`)
 
 
 class OrderWorkflow(WorkflowEntrypoint):
@@ -14,9 +16,11 @@ class OrderWorkflow(WorkflowEntrypoint):
         total = await step.do("price order", lambda: round(sum(i["price"] for i in items), 2))
 
         def charge(ctx):
+            print(f"charging {total} (attempt {ctx.attempt})")
             if total > 10_000:
                 raise NonRetryableError(f"order total {total} is over the card limit")
             if ctx.attempt < order.get("fail_charge_times", 0) + 1:
+                log.warning("payment gateway timed out")
                 raise RuntimeError(f"payment gateway timed out (attempt {ctx.attempt})")
             return {"charged": total, "attempts": ctx.attempt}
 
@@ -30,6 +34,7 @@ class OrderWorkflow(WorkflowEntrypoint):
             "manager approval", type="approval", timeout=order.get("approval_timeout", "1 hour")
         )
         shipped = await step.do("ship", lambda: {"tracking": f"ACME-{event.instance_id[:8]}"})
+        print(f"approved by {approval.payload.get('by')}, shipped as {shipped['tracking']}")
         return {
             "tenant": TENANT,
             "module_file": os.path.abspath(__file__),
