@@ -108,12 +108,14 @@ class _Handler(logging.Handler):
         self.stderr: TextIO | None = None  # the process's stderr before capture
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith(_IGNORED_LOGGERS):
+            return  # the engine's and Ray's own loggers have handlers of their own
         if record.levelno >= logging.WARNING and self.stderr is not None and len(logging.getLogger().handlers) == 1:
             # We are the root's only handler, so logging's last resort (warnings to
             # stderr) no longer fires: keep printing them where they went before.
             self.stderr.write(self.format(record) + "\n")
         log = _CURRENT.get()
-        if log is None or record.name.startswith(_IGNORED_LOGGERS):
+        if log is None:
             return
         try:
             message = self.format(record)

@@ -20,6 +20,8 @@ def test_ls_status_and_send_event(shared_journal_url, journal, tenant, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["status"] == "queued" and doc["version"] == "v1"
     assert doc["metadata"] == {"region": "eu", "tenant_id": tenant, "code_version": "v1"}
+    trace_context = journal.get_instance(tenant, "cli-1").trace_context
+    assert len(doc["trace_id"]) == 32 and doc["trace_id"] == trace_context.split("-")[1]
 
     args = ["send-event", "cli-1", "approval", '{"by": "ops"}', "--tenant", tenant]
     assert main(args + ["--database-url", shared_journal_url]) == 0

@@ -236,7 +236,8 @@ def test_full_restart_resumes_from_the_journal_with_ray_and_source_gone(make_dat
             capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
         )
         assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        # The last JSON line: Ray also forwards what the hosts printed to this stdout.
+        return json.loads(next(l for l in reversed(done.stdout.splitlines()) if l.startswith("{")))
 
     assert phase("one")["status"] == "waiting"  # Ray is shut down when the process exits
     shutil.rmtree(source)  # the pushed code now exists only in the journal
