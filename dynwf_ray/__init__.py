@@ -2,7 +2,7 @@
 
 Tenant-facing: `WorkflowEntrypoint`, `NonRetryableError` (and the errors a
 step can raise). Platform-facing: `Engine`, `EngineConfig`, `WorkflowBinding`,
-`InstanceHandle` and the error classes.
+`InstanceHandle`, `LogLine` (what `InstanceHandle.logs()` returns) and the error classes.
 """
 
 from .binding import InstanceHandle, WorkflowBinding
@@ -23,7 +23,7 @@ from .errors import (
     UnknownTenantError,
     WorkflowTimeoutError,
 )
-from .types import ReceivedEvent, StepContext, WorkflowEvent
+from .types import LogLine, ReceivedEvent, StepContext, WorkflowEvent
 
 __all__ = [
     "DuplicateInstanceError",
@@ -34,6 +34,7 @@ __all__ = [
     "InstanceNotFoundError",
     "InvalidInputError",
     "InvalidStateError",
+    "LogLine",
     "NonRetryableError",
     "NotSerializableError",
     "PayloadTooLargeError",
