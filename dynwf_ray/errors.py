@@ -43,6 +43,10 @@ class UnknownTenantError(DynwfError, LookupError):
     """No code is registered for this tenant."""
 
 
+class JournalSchemaError(DynwfError):
+    """The journal database was created by an older dynwf-ray and lacks columns."""
+
+
 class InvalidStateError(DynwfError):
     """The operation does not apply to the instance in its current status."""
 

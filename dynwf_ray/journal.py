@@ -52,6 +52,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     or_,
     select,
     update,
@@ -60,7 +61,12 @@ from sqlalchemy.engine import Connection, Engine as SAEngine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Column, Field, SQLModel
 
-from .errors import DuplicateInstanceError, InstanceNotFoundError, InvalidStateError
+from .errors import (
+    DuplicateInstanceError,
+    InstanceNotFoundError,
+    InvalidStateError,
+    JournalSchemaError,
+)
 from .types import LogLine
 
 TERMINAL = ("complete", "errored", "terminated")
@@ -380,6 +386,24 @@ class Journal:
         if create_tables:
             with _TABLE_LOCK:
                 SQLModel.metadata.create_all(self.engine)
+            self._check_schema()
+
+    def _check_schema(self) -> None:
+        """Tables are created when missing, never altered: refuse a journal whose tables
+        lack columns this code writes, naming them, instead of failing on first use."""
+        inspector = inspect(self.engine)
+        missing = []
+        for table in SQLModel.metadata.sorted_tables:
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            lacking = [c.name for c in table.columns if c.name not in have]
+            if lacking:
+                missing.append(f"table {table.name!r} lacks {', '.join(lacking)}")
+        if missing:
+            raise JournalSchemaError(
+                f"the journal at {self.engine.url.render_as_string(hide_password=True)} was "
+                f"created by an older dynwf-ray: {'; '.join(missing)}. There are no schema "
+                "migrations yet: start on a new journal, or add the columns by hand"
+            )
 
     def close(self) -> None:
         self.engine.dispose()

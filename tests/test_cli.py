@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import sqlalchemy as sa
+
+from dynwf_ray import JournalSchemaError
 from dynwf_ray.binding import WorkflowBinding
 from dynwf_ray.cli import main
+from dynwf_ray.journal import Journal
 
 
 def test_ls_status_and_send_event(shared_journal_url, journal, tenant, capsys):
@@ -38,3 +43,17 @@ def test_cli_errors_name_what_was_wrong(shared_journal_url, journal, tenant, cap
     assert "payload is not valid JSON" in capsys.readouterr().err
     assert main(url + ["send-event", "cli-2", "bad type!", "{}", "--tenant", tenant]) == 2
     assert "event type 'bad type!' is invalid" in capsys.readouterr().err
+
+
+def test_a_journal_from_an_older_version_is_refused_naming_what_it_lacks(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = sa.create_engine(url)
+    with old.begin() as conn:  # the instances table as it was before trace columns existed
+        conn.execute(sa.text(
+            "CREATE TABLE instances (pk INTEGER PRIMARY KEY, tenant_id VARCHAR, instance_id VARCHAR)"
+        ))
+    old.dispose()
+    with pytest.raises(JournalSchemaError, match="table 'instances' lacks code_version, .*trace_context, trace_caller"):
+        Journal(url)
+    assert main(["ls", "--database-url", url]) == 2
+    assert "created by an older dynwf-ray" in capsys.readouterr().err
