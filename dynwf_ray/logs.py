@@ -81,10 +81,6 @@ class ActivationLog:
         return lines
 
 
-def current() -> ActivationLog | None:
-    return _CURRENT.get()
-
-
 class _Tee:
     """A text stream that also hands writes to the current activation's log."""
 

@@ -469,8 +469,6 @@ class _Current:
         otel_context.detach(self._token)
 
 
-_current = _Current
-
 
 class InstanceTrace:
     """The spans of one activation of one instance."""
@@ -491,7 +489,7 @@ class InstanceTrace:
 
     def use(self) -> Any:
         """Make the activation span current while `run()` runs."""
-        return _current(self.activation)
+        return _Current(self.activation)
 
     def end(self, outcome: str, error: tuple[str, str] | None = None) -> None:
         now = _ns(self._clock())
@@ -514,7 +512,7 @@ class InstanceTrace:
 
     def use_span(self, span: _OpenSpan) -> Any:
         """Make an attempt's span current while its callback runs."""
-        return _current(span)
+        return _Current(span)
 
     def attempt_failed(self, span: _OpenSpan, exc: BaseException, retry_at: float | None) -> None:
         span.fail(exc, _ns(self._clock()))
