@@ -29,12 +29,14 @@ in brackets):
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
 log = logging.getLogger("dynwf_ray.metrics")
 
 TENANT = "dynwf.tenant.id"
+_COUNTS_FRESH = 1.0  # seconds a count of instances serves the gauges
 _LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 
 
@@ -72,6 +74,8 @@ class EngineMetrics:
         self._observation = Observation
         self._hosts_by_tenant = hosts_by_tenant
         self._instances_by_tenant = instances_by_tenant
+        self._counted: Mapping[tuple[str, str], int] = {}
+        self._counted_at = float("-inf")
         self.url: str | None = None
         readers = []
         if port is not None:
@@ -164,10 +168,19 @@ class EngineMetrics:
             log.exception("could not read live hosts")
             return []
 
+    def _counts(self) -> Mapping[tuple[str, str], int]:
+        """Instances per (tenant, status): one journal query serves the gauges of one
+        collection (they are observed one after the other)."""
+        now = time.monotonic()
+        if now - self._counted_at > _COUNTS_FRESH:
+            self._counted = self._instances_by_tenant()
+            self._counted_at = now
+        return self._counted
+
     def _instances(self, status: str) -> Callable[[Any], list[Any]]:
         def observe(_options: Any) -> list[Any]:
             try:
-                counts = self._instances_by_tenant()
+                counts = self._counts()
             except Exception:  # noqa: BLE001 - e.g. the database is briefly unreachable
                 log.exception("could not count instances")
                 return []
