@@ -208,6 +208,7 @@ def test_prometheus_endpoint_has_per_tenant_metrics(observed):
     tenant = tenants[1]
     run_observed(engine, tenant, "counted")
     run_observed(engine, tenant, "counted-again")  # so the test needs no other test before it
+    run_observed(engine, tenants[0], "counted-other")
     sleeper = engine.binding(tenant).create(id="asleep")  # waits for an approval that never comes
     wait_status(sleeper, "waiting")
     url = engine.stats()["metrics_url"]
