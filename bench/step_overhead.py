@@ -14,7 +14,6 @@ Usage: python bench/step_overhead.py [--steps 2000] [--runs 5] [--database-url U
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sqlite3
 import statistics
@@ -25,11 +24,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import arg, database_url, emit, wait_until  # noqa: E402
-from bench.workflows import TrivialSteps  # noqa: E402
+from bench.workflows import TrivialSteps, trivial_steps_in_process  # noqa: E402
 from dynwf_ray import Engine  # noqa: E402
-from dynwf_ray.activation import activate  # noqa: E402
 from dynwf_ray.journal import Journal  # noqa: E402
-from dynwf_ray.tracing import new_trace_context  # noqa: E402
 
 
 def sqlite_floor(n: int) -> float:
@@ -48,19 +45,10 @@ def sqlite_floor(n: int) -> float:
 
 def in_process(url: str, steps: int, run: int) -> float:
     journal = Journal(url)
-    tenant = f"bench{run}"
-    journal.save_code(tenant, "v", "bench", b"", time.time())
-    journal.create_instances(
-        tenant, "v", [("i", f'{{"steps": {steps}}}', "{}", *new_trace_context())], time.time(),
-        skip_existing=False,
-    )
-    (claim,) = journal.claim_due(time.time(), 1, "bench", 60, tenant_id=tenant)
-    start = time.perf_counter()
-    outcome = asyncio.run(activate(journal, claim.pk, claim.token, TrivialSteps, lease_ttl=60))
-    elapsed = time.perf_counter() - start
-    assert outcome == "complete", outcome
-    journal.close()
-    return elapsed / steps
+    try:
+        return trivial_steps_in_process(journal, steps, f"bench{run}")
+    finally:
+        journal.close()
 
 
 def in_host(engine: Engine, steps: int, run: int) -> float:

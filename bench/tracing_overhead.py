@@ -21,12 +21,10 @@ Usage: python bench/tracing_overhead.py [--steps 2000] [--runs 7] [--database-ur
 
 from __future__ import annotations
 
-import asyncio
 import os
 import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,11 +32,10 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
 from bench._common import arg, database_url, emit  # noqa: E402
-from bench.workflows import TrivialSteps  # noqa: E402
-from dynwf_ray.activation import activate  # noqa: E402
+from bench.workflows import trivial_steps_in_process  # noqa: E402
 from dynwf_ray.journal import Journal  # noqa: E402
 from dynwf_ray.logs import LogCapture  # noqa: E402
-from dynwf_ray.tracing import Tracing, new_trace_context, tracing_for  # noqa: E402
+from dynwf_ray.tracing import Tracing, tracing_for  # noqa: E402
 
 RECEIVER = """
 import sys, time
@@ -51,18 +48,7 @@ print(len(r.received()), flush=True)
 
 
 def run_once(journal: Journal, steps: int, tag: str, **options) -> float:
-    tenant = f"b-{tag}"
-    journal.save_code(tenant, "v", "bench", b"", time.time())
-    journal.create_instances(
-        tenant, "v", [("i", f'{{"steps": {steps}}}', "{}", *new_trace_context())], time.time(),
-        skip_existing=False,
-    )
-    (claim,) = journal.claim_due(time.time(), 1, "bench", 600, tenant_id=tenant)
-    start = time.perf_counter()
-    outcome = asyncio.run(activate(journal, claim.pk, claim.token, TrivialSteps, lease_ttl=600, **options))
-    elapsed = time.perf_counter() - start
-    assert outcome == "complete", outcome
-    return elapsed / steps
+    return trivial_steps_in_process(journal, steps, f"b-{tag}", **options)
 
 
 def main() -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
 from dynwf_ray import WorkflowEntrypoint
+from dynwf_ray.activation import activate
+from dynwf_ray.journal import Journal
+from dynwf_ray.tracing import new_trace_context
 
 
 class TrivialSteps(WorkflowEntrypoint):
@@ -15,6 +19,22 @@ class TrivialSteps(WorkflowEntrypoint):
         for i in range(event.payload["steps"]):
             await step.do("s", lambda: 1)
         return "done"
+
+
+def trivial_steps_in_process(journal: Journal, steps: int, tenant: str, **options) -> float:
+    """Seconds per step of one `TrivialSteps` activation run in this process (no Ray);
+    `options` go to `activate` (tracing, log capture)."""
+    journal.save_code(tenant, "v", "bench", b"", time.time())
+    journal.create_instances(
+        tenant, "v", [("i", f'{{"steps": {steps}}}', "{}", *new_trace_context())], time.time(),
+        skip_existing=False,
+    )
+    (claim,) = journal.claim_due(time.time(), 1, "bench", 600, tenant_id=tenant)
+    start = time.perf_counter()
+    outcome = asyncio.run(activate(journal, claim.pk, claim.token, TrivialSteps, lease_ttl=600, **options))
+    elapsed = time.perf_counter() - start
+    assert outcome == "complete", outcome
+    return elapsed / steps
 
 
 class ThreeSteps(WorkflowEntrypoint):
