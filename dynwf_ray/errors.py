@@ -4,8 +4,10 @@ Tenant code sees `NonRetryableError` (raise it to stop a step's retries),
 `StepFailedError` (a step that used up its retries) and `WorkflowTimeoutError`
 (a `wait_for_event` that timed out). Platform code sees the input errors
 (`InvalidInputError` and its kinds `PayloadTooLargeError`, `NotSerializableError`),
-`InstanceNotFoundError`, `DuplicateInstanceError`, `UnknownTenantError` and
-`InvalidStateError`. Each message names the thing that was wrong.
+`InstanceNotFoundError`, `DuplicateInstanceError`, `UnknownTenantError`,
+`InvalidStateError` and `SandboxUnavailableError`. A step attempt that goes
+over a sandbox limit fails with `ResourceLimitError`. Each message names the
+thing that was wrong.
 """
 
 from __future__ import annotations
@@ -75,6 +77,17 @@ class StepFailedError(DynwfError):
 
 class StepTimeoutError(DynwfError):
     """One attempt of a step ran longer than its timeout."""
+
+
+class ResourceLimitError(DynwfError):
+    """Tenant code went over a limit of its sandbox (memory, CPU time per attempt,
+    processes, open files, file size, scratch disk, log volume). The message names
+    the limit and its value; the step's retry policy decides what follows."""
+
+
+class SandboxUnavailableError(DynwfError):
+    """Strict sandboxing was asked for but a kernel mechanism it needs is missing;
+    the message names it (use `sandbox="process"` to run without the kernel jail)."""
 
 
 class WorkflowTimeoutError(DynwfError, TimeoutError):
