@@ -1,8 +1,13 @@
 """One activation of one instance: load it from the journal, replay, run, record the outcome.
 
-This is the whole life of an instance inside a process, free of Ray: the
-instance host actor calls `activate`, and tests call it directly with a fake
-clock. An activation ends in exactly one of these outcomes, each written to
+This is the whole life of an instance, free of Ray: the instance host actor
+calls `activate`, and tests call it directly with a fake clock. Where the
+tenant's `run()` executes is the `Runner`'s business: an instance host passes
+a sandbox session (`sandbox/supervisor.py`: tenant code in a jailed process,
+every step a message), tests and the tenant-author harness pass the workflow
+class itself (`InProcess`: run() in this process, trusted code only). Either
+way the `Step` that records the journal lives here, on the trusted side.
+An activation ends in exactly one of these outcomes, each written to
 the journal under the activation's lease (a lost lease writes nothing):
 
 - `complete`: `run()` returned; its output is stored.
@@ -12,6 +17,8 @@ the journal under the activation's lease (a lost lease writes nothing):
 - `paused`: a pause was requested; the activation stopped at a step boundary.
 - `lease_lost`: the instance was terminated, restarted or claimed by another
   activation meanwhile; this activation stopped without writing.
+- `crashed`: the sandbox died for no reason that can be recorded as the
+  tenant's; the instance is released to be activated again at once.
 
 Around it, the activation's telemetry: its span (current while `run()` runs),
 the instance's root span when it completes or errors, its captured output,
@@ -22,25 +29,53 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Protocol
 
 from .entrypoint import WorkflowEntrypoint
 from .errors import InvalidInputError, StepFailedError
 from .journal import ActivationState, Journal, LeaseLostError
 from .logs import LogCapture
 from .metrics import ActivityCounts
-from .step import AttemptTracker, PauseAtBoundary, Step, Suspend
-from .tracing import Tracing, trace_id_of
+from .step import Abandon, AttemptTracker, PauseAtBoundary, Step, Suspend, error_name_of
+from .tracing import InstanceTrace, Tracing, trace_id_of
 from .types import WorkflowEvent, timestamp_to_datetime, to_json
 
-Outcome = Literal["complete", "errored", "suspended", "paused", "lease_lost"]
+Outcome = Literal["complete", "errored", "suspended", "paused", "lease_lost", "crashed"]
+
+
+class Runner(Protocol):
+    """Runs the tenant's `run(event, step)` for one activation and returns its output.
+
+    Raises what `run()` raised (an exception with a `tenant_error_name` stands for
+    an exception of tenant code that arrived as data), or the step's internal
+    control flow (`Suspend`, `PauseAtBoundary`, `Abandon`, `LeaseLostError`)."""
+
+    async def run(
+        self, state: ActivationState, event: WorkflowEvent, step: Step, trace: InstanceTrace | None
+    ) -> Any: ...
+
+
+class InProcess:
+    """A `Runner` for trusted code: the workflow class runs in this process."""
+
+    def __init__(self, workflow_cls: type[WorkflowEntrypoint], env: Mapping[str, Any] | None = None):
+        self.workflow_cls = workflow_cls
+        self.env = env
+
+    async def run(
+        self, state: ActivationState, event: WorkflowEvent, step: Step, trace: InstanceTrace | None
+    ) -> Any:
+        if trace is not None:
+            with trace.use():
+                return await self.workflow_cls(self.env).run(event, step)
+        return await self.workflow_cls(self.env).run(event, step)
 
 
 async def activate(
     journal: Journal,
     pk: int,
     token: int,
-    workflow_cls: type[WorkflowEntrypoint],
+    code: type[WorkflowEntrypoint] | Runner,
     *,
     env: Mapping[str, Any] | None = None,
     clock: Callable[[], float] = time.time,
@@ -52,8 +87,11 @@ async def activate(
     counts: ActivityCounts | None = None,
     warm: bool | None = None,
 ) -> Outcome:
-    """Run one activation. With `tracing`, its spans are emitted; with `capture_logs`
-    (a `LogCapture` must be installed in the process), what it prints is stored."""
+    """Run one activation of `code` (a workflow class, run in this process with `env`,
+    or a `Runner`). With `tracing`, its spans are emitted; with `capture_logs` (a
+    `LogCapture` must be installed in the process), what it prints is stored; a
+    runner that captures output itself hands it to `step.log`."""
+    runner: Runner = InProcess(code, env) if isinstance(code, type) else code
     try:
         state = journal.load_activation(pk, token)
     except LeaseLostError:
@@ -78,11 +116,7 @@ async def activate(
             journal, state, token, clock=clock, lease_ttl=lease_ttl, tracker=tracker,
             trace=trace, log=log, keep_logs=keep_logs, counts=counts,
         )
-        if trace is not None:
-            with trace.use():
-                outcome, error = await _run(journal, state, token, workflow_cls, env, clock, step)
-        else:
-            outcome, error = await _run(journal, state, token, workflow_cls, env, clock, step)
+        outcome, error = await _run(journal, state, token, runner, clock, step, trace)
         return outcome
     finally:
         if log is not None:
@@ -96,9 +130,8 @@ async def activate(
 
 
 async def _run(
-    journal: Journal, state: ActivationState, token: int,
-    workflow_cls: type[WorkflowEntrypoint], env: Mapping[str, Any] | None,
-    clock: Callable[[], float], step: Step,
+    journal: Journal, state: ActivationState, token: int, runner: Runner,
+    clock: Callable[[], float], step: Step, trace: InstanceTrace | None,
 ) -> tuple[Outcome, tuple[str, str] | None]:
     """Replay and run `run()`; record how it ended. Returns the outcome and the error."""
     info = state.info
@@ -108,10 +141,14 @@ async def _run(
         payload=json.loads(info.params_json),
         timestamp=timestamp_to_datetime(info.created_at),
         instance_id=info.instance_id,
+        metadata=json.loads(info.metadata_json or "{}"),
     )
     try:
         try:
-            output = await workflow_cls(env).run(event, step)
+            output = await runner.run(state, event, step, trace)
+        except Abandon as abandon:
+            journal.release(pk, token, clock(), clock())
+            return "crashed", ("SandboxCrashedError", where + abandon.reason)
         except Suspend as suspend:
             journal.suspend(pk, token, suspend.wake_at, suspend.waiting_for, clock())
             return "suspended", None
@@ -123,7 +160,7 @@ async def _run(
         except StepFailedError as exc:
             return _fail(journal, pk, token, exc.error_name, where + str(exc), clock())
         except Exception as exc:  # noqa: BLE001 - the tenant's run() failed
-            return _fail(journal, pk, token, type(exc).__name__, where + _describe(exc), clock())
+            return _fail(journal, pk, token, error_name_of(exc), where + _describe(exc), clock())
         try:
             output_json = to_json(output, f"output of instance {info.instance_id!r}")
         except InvalidInputError as exc:

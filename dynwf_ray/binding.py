@@ -36,6 +36,12 @@ from .types import (
 )
 
 
+#: Instance methods tenant code may call on handles from its WORKFLOWS binding.
+_SANDBOX_INSTANCE_METHODS = {
+    "status", "pause", "resume", "terminate", "restart", "send_event", "logs",
+}
+
+
 def _no_notify() -> None:
     return None
 
@@ -162,6 +168,30 @@ class WorkflowBinding:
         validate_id(id)
         self._journal.require_instance(self.tenant_id, id)
         return InstanceHandle(self, id)
+
+    def sandbox_call(self, method: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """Answer `env["WORKFLOWS"].<method>(...)` called by tenant code in a sandbox.
+
+        Arguments and results are JSON: handles travel as instance ids, and
+        `instance.<m>` methods name the instance by their first argument. Only
+        this tenant's instances are reachable, as for any caller of the binding.
+        """
+        try:
+            if method == "create":
+                return self.create(*args, **kwargs).id
+            if method == "create_batch":
+                return [h.id for h in self.create_batch(*args, **kwargs)]
+            if method == "get":
+                return self.get(*args, **kwargs).id
+            name = method.removeprefix("instance.")
+            if name not in _SANDBOX_INSTANCE_METHODS or not args or not isinstance(args[0], str):
+                raise InvalidInputError(f"WORKFLOWS has no method {method!r}")
+            result = getattr(self.get(args[0]), name)(*args[1:], **kwargs)
+        except TypeError as exc:
+            raise InvalidInputError(f"WORKFLOWS.{method}(): {exc}") from None
+        if isinstance(result, list):
+            return [r.model_dump() if hasattr(r, "model_dump") else r for r in result]
+        return result
 
     def _version(self) -> str:
         version = self._journal.latest_version(self.tenant_id)

@@ -55,11 +55,14 @@ class ActivationLog:
         if rest:
             self._partial[stream] = rest
 
-    def add(self, stream: str, message: str) -> None:
+    def add(self, stream: str, message: str, step: Any = ..., ids: Any = ...) -> None:
+        """One line; `step` ((name, count, attempt) or None) and `ids` ((trace id, span
+        id) or None) default to the step and span current now (a sandbox's lines say
+        which step printed them)."""
         if len(message) > MAX_LINE_CHARS:
             message = message[:MAX_LINE_CHARS] + f" [cut: {len(message)} characters]"
-        ids = tracing.current_ids()
-        step = self.step
+        ids = tracing.current_ids() if ids is ... else ids
+        step = self.step if step is ... else step
         self._lines.append(
             LogLine(
                 at=self._clock(), stream=stream, message=message,

@@ -13,8 +13,9 @@ and sleep and wait spans when they end; an `ActivationLog` learns which step
 attempt is printing, and its lines go to the journal with the step's record;
 `ActivityCounts` counts attempts, completions, failures and retries.
 
-`Suspend` and `PauseAtBoundary` derive from BaseException so that tenant code
-catching `Exception` cannot swallow them.
+`Suspend`, `PauseAtBoundary` and `Abandon` derive from BaseException so that
+tenant code catching `Exception` cannot swallow them (in a sandbox, tenant code
+never sees them at all: the supervisor runs this class).
 """
 
 from __future__ import annotations
@@ -87,6 +88,17 @@ class PauseAtBoundary(BaseException):
     """Internal: a pause was requested; stop before the next new step."""
 
 
+class Abandon(BaseException):
+    """Internal: end this activation with no outcome of the tenant's; the instance is
+    released to be activated again at once. Raised when its sandbox died for no
+    reason of the tenant's that could be recorded (`crash` counts it as a crash)."""
+
+    def __init__(self, reason: str, crash: bool = True):
+        super().__init__(reason)
+        self.reason = reason
+        self.crash = crash
+
+
 class AttemptTracker(Protocol):
     """Internal: told when a step attempt starts and ends (the host's watchdog)."""
 
@@ -120,6 +132,12 @@ def retry_delay(config: RetryConfig, attempt: int, exc: BaseException) -> float 
     if not policy.retry(state) or policy.stop(state):
         return None
     return float(policy.wait(state))
+
+
+def error_name_of(exc: BaseException) -> str:
+    """The name recorded for an attempt's exception: a sandbox's exceptions arrive as
+    data (`TenantError`) and carry the tenant's own exception name."""
+    return getattr(exc, "tenant_error_name", None) or type(exc).__name__
 
 
 def _takes_context(fn: Callable[..., Any]) -> bool:
@@ -177,6 +195,10 @@ class Step:
         self._pause_requested = state.info.pause_requested
         self.instance_id = state.info.instance_id
 
+    def now(self) -> float:
+        """The activation's clock (a fake one in tests)."""
+        return self._clock()
+
     # -- step.do -----------------------------------------------------------
 
     async def do(
@@ -186,9 +208,14 @@ class Step:
         *,
         retries: dict | RetryConfig | None = None,
         timeout: Any = None,
+        count: int | None = None,
     ) -> Any:
-        """Run `fn` once, durably; on replay return its recorded result."""
-        seq = self._next_seq(name)
+        """Run `fn` once, durably; on replay return its recorded result.
+
+        `count` is the occurrence count of `name` when the caller keeps it (a
+        sandbox replays finished steps itself and says which occurrence it asks for).
+        """
+        seq = self._next_seq(name, count)
         record = self._records.get((name, seq))
         attempts_done = 0
         if record is not None:
@@ -239,7 +266,7 @@ class Step:
     ) -> None:
         if span is not None:
             if error is not None:
-                self._trace.attempt_failed(span, error, retry_at)
+                self._trace.attempt_failed(span, (error_name_of(error), str(error)), retry_at)
             self._trace.end_span(span)
 
     def _config(self, name: str, retries: Any, timeout: Any) -> StepConfig:
@@ -294,7 +321,7 @@ class Step:
     ) -> None:
         """Record a failed attempt; raise Suspend (retry later) or StepFailedError."""
         delay = retry_delay(config.retries, attempt, exc)
-        error_name = type(exc).__name__
+        error_name = error_name_of(exc)
         if delay is None:
             self._end_attempt(span, exc, None)
             self._activity.steps_failed += 1
@@ -322,14 +349,16 @@ class Step:
 
     # -- sleeping ----------------------------------------------------------
 
-    async def sleep(self, name: str, duration: Any) -> None:
+    async def sleep(self, name: str, duration: Any, *, count: int | None = None) -> None:
         """Durable sleep: the instance hibernates until `duration` has passed."""
         seconds = parse_duration(duration, f"duration of sleep {name!r}")
         if seconds > MAX_SLEEP.total_seconds():
             raise InvalidInputError(f"sleep {name!r}: {seconds:g} s is longer than 365 days")
-        await self._sleep_until(name, lambda: self._clock() + seconds)
+        await self._sleep_until(name, lambda: self._clock() + seconds, count)
 
-    async def sleep_until(self, name: str, when: datetime | float) -> None:
+    async def sleep_until(
+        self, name: str, when: datetime | float, *, count: int | None = None
+    ) -> None:
         """Durable sleep until a datetime (naive means UTC) or a UNIX timestamp."""
         if isinstance(when, datetime):
             if when.tzinfo is None:
@@ -343,10 +372,12 @@ class Step:
             )
         if target - self._clock() > MAX_SLEEP.total_seconds():
             raise InvalidInputError(f"sleep_until {name!r}: more than 365 days ahead")
-        await self._sleep_until(name, lambda: target)
+        await self._sleep_until(name, lambda: target, count)
 
-    async def _sleep_until(self, name: str, target: Callable[[], float]) -> None:
-        seq = self._next_seq(name)
+    async def _sleep_until(
+        self, name: str, target: Callable[[], float], count: int | None = None
+    ) -> None:
+        seq = self._next_seq(name, count)
         record = self._records.get((name, seq))
         if record is not None:
             wake_at = json.loads(record.result_json)
@@ -371,14 +402,17 @@ class Step:
     # -- events ------------------------------------------------------------
 
     async def wait_for_event(
-        self, name: str, *, type: str, timeout: Any = DEFAULT_WAIT_TIMEOUT
+        self, name: str, *, type: str, timeout: Any = DEFAULT_WAIT_TIMEOUT,
+        count: int | None = None,
     ) -> ReceivedEvent:
         """Wait (hibernated) for an event of `type`; events sent earlier are buffered FIFO."""
         validate_event_type(type)
-        seconds = parse_duration(timeout, f"timeout of wait_for_event {name!r}")
+        seconds = parse_duration(
+            DEFAULT_WAIT_TIMEOUT if timeout is None else timeout, f"timeout of wait_for_event {name!r}"
+        )
         if seconds > MAX_SLEEP.total_seconds():
             raise InvalidInputError(f"wait_for_event {name!r}: timeout longer than 365 days")
-        seq = self._next_seq(name)
+        seq = self._next_seq(name, count)
         record = self._records.get((name, seq))
         if record is not None and record.status == STEP_COMPLETE:
             return self._received(json.loads(record.result_json))
@@ -426,10 +460,10 @@ class Step:
 
     # -- internals ---------------------------------------------------------
 
-    def _next_seq(self, name: str) -> int:
+    def _next_seq(self, name: str, count: int | None = None) -> int:
         validate_step_name(name)
-        seq = self._counts.get(name, 0) + 1
-        self._counts[name] = seq
+        seq = self._counts.get(name, 0) + 1 if count is None else count
+        self._counts[name] = max(seq, self._counts.get(name, 0))
         return seq
 
     def _boundary(self) -> None:
@@ -445,7 +479,7 @@ class Step:
         done = status in (STEP_COMPLETE, STEP_FAILED) if finished is None else finished
         return StepRecord(
             name=name, seq=seq, kind=kind, status=status, result_json=result_json,
-            error_name=type(error).__name__ if error is not None else None,
+            error_name=error_name_of(error) if error is not None else None,
             error_message=str(error) if error is not None else None,
             attempts=attempts, next_attempt_at=next_attempt_at,
             started_at=started, finished_at=self._clock() if done else None,

@@ -432,6 +432,29 @@ class Tracing:
         for processor in self._processors:
             processor.on_end(finished)
 
+    def emit_tenant_span(self, data: Mapping[str, Any], redact: Callable[[str], str]) -> None:
+        """Export a span tenant code made in its sandbox (it arrives as data: `data` is
+        untrusted, so every field is checked and cut to size)."""
+        parent = data.get("parent_id")
+        trace_id, span_id = int(data["trace_id"], 16), int(data["span_id"], 16)
+        if not trace_id or not span_id:
+            raise ValueError("invalid span ids")
+        flags = TraceFlags(TraceFlags.SAMPLED)
+        context = SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags)
+        parent_ctx = (
+            SpanContext(trace_id, int(parent, 16), is_remote=True, trace_flags=flags)
+            if isinstance(parent, str) else None
+        )
+        attributes = {
+            str(k)[:128]: redact(v[:4096]) if isinstance(v, str) else v
+            for k, v in list(dict(data.get("attributes") or {}).items())[:64]
+            if isinstance(v, (str, int, float, bool))
+        }
+        span = _OpenSpan(redact(str(data["name"])[:256]), context, parent_ctx, int(data["start"]), attributes)
+        if data.get("error") is not None:
+            span.status = Status(StatusCode.ERROR, redact(str(data["error"])[:1000]))
+        self.emit(span, int(data["end"]))
+
     def flush(self, timeout_s: float = 5.0) -> bool:
         return self.provider.force_flush(int(timeout_s * 1000))
 
@@ -514,7 +537,9 @@ class InstanceTrace:
         """Make an attempt's span current while its callback runs."""
         return _Current(span)
 
-    def attempt_failed(self, span: _OpenSpan, exc: BaseException, retry_at: float | None) -> None:
+    def attempt_failed(
+        self, span: _OpenSpan, exc: BaseException | tuple[str, str], retry_at: float | None
+    ) -> None:
         span.fail(exc, _ns(self._clock()))
         span.attributes["dynwf.step.will_retry"] = retry_at is not None
         if retry_at is not None:

@@ -167,6 +167,9 @@ class WorkflowEvent(BaseModel):
     payload: Any = None
     timestamp: datetime
     instance_id: str
+    #: The envelope's routing metadata (tenant id, code version, what the platform
+    #: added). Read-only: a hint for routing, never authorization.
+    metadata: dict[str, Any] = Field(default_factory=dict)
 
 
 class ReceivedEvent(BaseModel):

@@ -1,0 +1,533 @@
+"""The trusted side of a sandbox: runs activations in it and answers every message.
+
+A `SandboxSession` owns one live sandbox process of one (tenant, code version)
+and is the `Runner` (see `activation.py`) of the activations it hosts, one at
+a time. It treats the sandbox as hostile:
+
+- every message is size-checked before it is read and shape-checked before
+  it is used (`protocol.check`); request ids must be new, answers must match
+  a `call` that is outstanding, nothing may arrive between activations. A
+  message that breaks these rules ends the sandbox and errors the instance
+  with `SandboxProtocolError` naming the violation;
+- the journal is written only here, through the activation's `Step`, so a
+  sandbox can neither record a step nor make one look recorded; errors of the
+  platform (a failed commit, a lost lease) end the activation on this side
+  and never reach tenant code;
+- limits are enforced from outside: CPU seconds per step attempt (and per
+  stretch of `run()` between steps), wall time of `run()` between steps, log
+  volume per activation, and the jail's own (memory, processes, files). Going
+  over one kills the sandbox; the step attempt in flight fails with
+  `ResourceLimitError` naming the limit (its retry policy decides what
+  follows), or, outside a step, the instance errors with it;
+- a sandbox that dies for another reason (killed, crashed) abandons the
+  activation: the instance is released and activated again.
+
+Bindings the platform gives the tenant (`env`) live here: a `bind` request
+names one and a public method of it, with JSON arguments; the answer is JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..errors import DynwfError, NonRetryableError, ResourceLimitError, StepFailedError
+from ..journal import STEP_COMPLETE, STEP_FAILED, ActivationState, LeaseLostError
+from ..step import Abandon, PauseAtBoundary, Step, Suspend
+from ..tracing import InstanceTrace, current_ids, traceparent
+from ..types import WorkflowEvent, to_json
+from . import protocol
+from .policy import SandboxLimits
+
+log = logging.getLogger("dynwf_ray.sandbox")
+
+#: Seconds a new sandbox gets to import the tenant's code and say it is ready.
+BOOT_TIMEOUT = 60.0
+#: Seconds a sandbox gets to wind an activation down after `end`.
+END_GRACE = 2.0
+#: Longest `run()` may go between two steps without asking for anything (wall clock).
+RUN_SEGMENT_TIMEOUT = 600.0
+#: Recorded results sent ahead with `activate` so replay needs no round trips.
+REPLAY_BUDGET_CHARS = 4 * 1024 * 1024
+#: How often CPU time and deadlines are checked while the sandbox runs.
+_WATCH_EVERY = 0.1
+
+
+class TenantError(Exception):
+    """An exception of tenant code, received as data (its name and message)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.tenant_error_name = name
+
+
+class TenantNonRetryableError(NonRetryableError):
+    """A `NonRetryableError` (or a result that can never be stored) from a sandbox."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.tenant_error_name = name
+
+
+class _Lost(BaseException):
+    """Internal: the sandbox is gone (killed by us for a limit, or it died)."""
+
+    def __init__(self, reason: str, limit: bool):
+        super().__init__(reason)
+        self.reason = reason
+        self.limit = limit
+
+
+@dataclass
+class _Activation:
+    step: Step
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    requests: dict[int, asyncio.Task] = field(default_factory=dict)
+    calls: dict[int, asyncio.Future] = field(default_factory=dict)  # request id -> answer
+    call_steps: dict[int, tuple[str, int, int]] = field(default_factory=dict)
+    call_ids: dict[int, tuple[str, str] | None] = field(default_factory=dict)  # its span
+    ids: tuple[str, str] | None = None  # the activation span's (trace id, span id)
+    last_id: int = 0
+    log_chars: int = 0
+    cpu_mark: float = 0.0
+    wall_mark: float = 0.0
+
+
+class SandboxSession:
+    """One live sandbox and the activations it runs (one at a time)."""
+
+    def __init__(
+        self,
+        sandbox: Any,
+        *,
+        tenant_id: str,
+        limits: SandboxLimits,
+        bindings: Mapping[str, Any] | None = None,
+        values: Mapping[str, str] | None = None,
+        secrets: Mapping[str, str] | None = None,
+        tracing: Any = None,
+    ):
+        self.sandbox = sandbox
+        self.tenant_id = tenant_id
+        self.limits = limits
+        self.bindings = dict(bindings or {})
+        self.values = {**(values or {}), **(secrets or {})}
+        self._secrets = [v for v in (secrets or {}).values() if v]
+        self._tracing = tracing
+        self.healthy = True
+        self.activations = 0
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._read_task: asyncio.Task | None = None
+        self._current: _Activation | None = None
+        self._closed_reason: str | None = None
+
+    # -- life ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Wait until the sandbox imported the tenant's code. Raises TenantError if it
+        did not (the message names the cause)."""
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=self.sandbox.sock)
+        try:
+            message = await asyncio.wait_for(self._read(), BOOT_TIMEOUT)
+        except (asyncio.TimeoutError, _Lost, protocol.ProtocolError) as exc:
+            self.close()
+            reason = exc.reason if isinstance(exc, _Lost) else str(exc) or "no answer"
+            raise TenantError(
+                "SandboxStartError", f"tenant {self.tenant_id!r}: its sandbox did not start: {reason}"
+            ) from None
+        if message.get("op") == "boot_error":
+            self.close()
+            raise TenantError(
+                "CodeImportError",
+                f"tenant {self.tenant_id!r}: its code does not import: "
+                f"{str(message.get('name'))[:200]}: {str(message.get('message'))[:2000]}",
+            )
+        if message.get("op") != "ready":
+            self.close()
+            raise TenantError("SandboxProtocolError", f"expected 'ready', got {message.get('op')!r}")
+        self._read_task = asyncio.ensure_future(self._read_forever())
+
+    def close(self, reason: str = "closed") -> None:
+        """End the sandbox (idempotent)."""
+        self.healthy = False
+        if self._closed_reason is None:
+            self._closed_reason = reason
+        try:
+            self.sandbox.kill()
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        if self._writer is not None:
+            self._writer.close()
+        if self._read_task is not None and self._read_task is not _current_task():
+            self._read_task.cancel()
+
+    async def _read(self) -> dict[str, Any]:
+        assert self._reader is not None
+        try:
+            header = await self._reader.readexactly(4)
+            body = await self._reader.readexactly(
+                protocol.frame_length(header, protocol.MAX_SANDBOX_FRAME)
+            )
+        except (asyncio.IncompleteReadError, ConnectionError):
+            raise _Lost(self._death_reason(), limit=False) from None
+        return protocol.decode(body)
+
+    async def _read_forever(self) -> None:
+        while True:
+            try:
+                message: Any = await self._read()
+            except (_Lost, protocol.ProtocolError) as exc:
+                message = exc
+            current = self._current
+            if current is None:
+                self.close("a message arrived while no activation ran")
+                return
+            current.queue.put_nowait(("message", message))
+            if isinstance(message, BaseException):
+                return
+
+    def _death_reason(self) -> str:
+        try:
+            self.sandbox.wait(0.5)
+            reason = self.sandbox.exit_reason()
+        except Exception:  # noqa: BLE001
+            reason = None
+        return reason or "the sandbox process ended"
+
+    def _send(self, message: dict[str, Any]) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(protocol.encode(message))
+
+    # -- one activation --------------------------------------------------------
+
+    async def run(
+        self, state: ActivationState, event: WorkflowEvent, step: Step, trace: InstanceTrace | None
+    ) -> Any:
+        if not self.healthy:
+            raise Abandon(self._closed_reason or "the sandbox is gone")
+        act = _Activation(step)
+        if trace is not None:
+            ctx = trace.activation.context
+            act.ids = (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}")
+        act.cpu_mark, act.wall_mark = self._cpu(), time.monotonic()
+        self._current = act
+        self.activations += 1
+        try:
+            self._send({
+                "t": "activate",
+                "event": {"payload": event.payload, "timestamp": event.timestamp.timestamp(),
+                          "instance_id": event.instance_id},
+                "metadata": event.metadata,
+                "env": self.values,
+                "bindings": sorted(self.bindings),
+                "replay": _replay(state),
+                "trace": _traceparent_of(trace.activation.context) if trace is not None else None,
+            })
+            return await self._serve(act)
+        finally:
+            self._current = None
+            for task in act.requests.values():
+                task.cancel()
+
+    async def _serve(self, act: _Activation) -> Any:
+        while True:
+            try:
+                kind, item = await asyncio.wait_for(act.queue.get(), _WATCH_EVERY)
+            except asyncio.TimeoutError:
+                self._watch(act)
+                continue
+            if kind == "ended":  # a request ended the activation (suspend, pause, lease...)
+                await self._wind_down(act)
+                raise item
+            if isinstance(item, _Lost):
+                if self._closed_reason is None:  # it died on its own (we did not end it)
+                    self._lost(act, item)  # raises unless steps in flight end the activation
+                continue
+            if isinstance(item, protocol.ProtocolError):
+                self._violation(str(item))
+            try:
+                done = self._dispatch(act, protocol.check(item), item)
+            except protocol.ProtocolError as exc:
+                self._violation(str(exc))
+            if done is not None:
+                return done()
+
+    def _dispatch(self, act: _Activation, op: str, message: dict[str, Any]) -> Any:
+        """Act on one message; returns a thunk that ends the activation, or None."""
+        if protocol.is_request(op):
+            rid = message["id"]
+            if rid <= act.last_id:
+                raise protocol.ProtocolError(f"request id {rid} was used before")
+            act.last_id = rid
+            act.cpu_mark, act.wall_mark = self._cpu(), time.monotonic()
+            act.requests[rid] = asyncio.ensure_future(self._request(act, op, message))
+        elif op in ("result", "raise"):
+            future = act.calls.pop(message["id"], None)
+            if future is None:
+                raise protocol.ProtocolError(f"an answer to call {message['id']}, which is not running")
+            act.cpu_mark, act.wall_mark = self._cpu(), time.monotonic()
+            if not future.done():
+                future.set_result(message)
+        elif op == "log":
+            self._log(act, message["lines"])
+        elif op == "spans":
+            self._spans(act, message["spans"])
+        elif op in ("return", "fail"):
+            if act.calls:
+                raise protocol.ProtocolError(f"run() ended while step call {next(iter(act.calls))} ran")
+            if op == "fail":
+                name, text = message["name"][:200], message["message"]
+                return lambda: _raise(TenantError(name, self._redact(text)))
+            value = message.get("value")
+            return lambda: value
+        elif op == "idle":
+            raise protocol.ProtocolError("'idle' while the activation was running")
+        else:
+            raise protocol.ProtocolError(f"unexpected {op!r} during an activation")
+        return None
+
+    async def _request(self, act: _Activation, op: str, message: dict[str, Any]) -> None:
+        rid = message["id"]
+        try:
+            value = await self._answer(act, op, message)
+        except (Suspend, PauseAtBoundary, LeaseLostError, Abandon, _Lost) as exc:
+            act.queue.put_nowait(("ended", exc))
+            return
+        except StepFailedError as exc:
+            if not self.healthy:  # the sandbox died in the attempt: replay from the journal
+                act.queue.put_nowait(("ended", Suspend(act.step.now())))
+                return
+            self._send({"t": "err", "id": rid, "name": "StepFailedError", "step": exc.step,
+                        "error_name": exc.error_name, "error_message": self._redact(exc.message),
+                        "attempts": exc.attempts, "message": self._redact(str(exc))})
+        except DynwfError as exc:  # bad input, a wait that timed out...: the tenant's to handle
+            if not self.healthy:
+                act.queue.put_nowait(("ended", Suspend(act.step.now())))
+                return
+            self._send({"t": "err", "id": rid, "name": type(exc).__name__,
+                        "message": self._redact(str(exc))})
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a fault of the platform: never the tenant's
+            act.queue.put_nowait(("ended", exc))
+            return
+        else:
+            if not self.healthy:
+                act.queue.put_nowait(("ended", Suspend(act.step.now())))
+                return
+            self._send({"t": "ok", "id": rid, "value": value})
+        finally:
+            act.requests.pop(rid, None)
+
+    async def _answer(self, act: _Activation, op: str, m: dict[str, Any]) -> Any:
+        step, name, count = act.step, m.get("name"), m.get("count")
+        if op == "do":
+            return await step.do(
+                name, _RemoteCallback(self, act, m["id"]), retries=m.get("retries"),
+                timeout=m.get("timeout"), count=count,
+            )
+        if op == "sleep":
+            return await step.sleep(name, m.get("seconds"), count=count)
+        if op == "sleep_until":
+            return await step.sleep_until(name, m["at"], count=count)
+        if op == "wait":
+            event = await step.wait_for_event(name, type=m["type"], timeout=m.get("timeout"), count=count)
+            return {"type": event.type, "payload": event.payload, "timestamp": event.timestamp.timestamp()}
+        return self._bind(m["binding"], m["method"], m["args"], m["kwargs"])
+
+    def _bind(self, binding: str, method: str, args: list, kwargs: dict) -> Any:
+        target = self.bindings.get(binding)
+        if target is None:
+            raise DynwfError(f"no binding named {binding!r}")
+        call = getattr(target, "sandbox_call", None)
+        if call is not None:  # a binding that routes its own methods (WORKFLOWS)
+            return call(method, args, kwargs)
+        if method.startswith("_") or method not in _public_methods(type(target)):
+            raise DynwfError(f"binding {binding!r} has no method {method!r}")
+        result = getattr(target, method)(*args, **kwargs)
+        return json.loads(to_json(result, f"result of {binding}.{method}()"))
+
+    # -- step callbacks ---------------------------------------------------------
+
+    def _call(self, act: _Activation, rid: int, name: str, count: int, attempt: int) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        act.calls[rid] = future
+        act.call_steps[rid] = (name, count, attempt)
+        ids = act.call_ids[rid] = current_ids()
+        act.cpu_mark, act.wall_mark = self._cpu(), time.monotonic()
+        self._send({"t": "call", "id": rid, "count": count, "attempt": attempt,
+                    "span": f"00-{ids[0]}-{ids[1]}-01" if ids else None})
+        return future
+
+    # -- limits and endings -------------------------------------------------------
+
+    def _cpu(self) -> float:
+        try:
+            return self.sandbox.cpu_seconds()
+        except Exception:  # noqa: BLE001 - gone: the reader finds out
+            return 0.0
+
+    def _watch(self, act: _Activation) -> None:
+        used = self._cpu() - act.cpu_mark
+        if used > self.limits.cpu_seconds:
+            self._over(act, f"CPU time limit of {self.limits.cpu_seconds:g} s per step attempt")
+        if not act.calls and not act.requests and time.monotonic() - act.wall_mark > RUN_SEGMENT_TIMEOUT:
+            self._over(act, f"run() went {RUN_SEGMENT_TIMEOUT:g} s without a step")
+
+    def _over(self, act: _Activation, limit: str) -> None:
+        """A limit was hit: end the sandbox; fail the attempt in flight, or the instance."""
+        self.close(limit)
+        self._lost(act, _Lost(limit, limit=True))
+
+    def _lost(self, act: _Activation, lost: _Lost) -> None:
+        self.healthy = False
+        if act.calls:  # an attempt was running: it fails (or, if we can't tell why, is abandoned)
+            for future in act.calls.values():
+                if not future.done():
+                    future.set_exception(lost)
+            act.calls.clear()
+            return
+        if act.requests:  # requests are in flight: they end the activation when they finish
+            return
+        if lost.limit:
+            raise TenantError("ResourceLimitError", f"the sandbox went over its {lost.reason}")
+        raise Abandon(lost.reason)
+
+    def _violation(self, what: str) -> None:
+        self.close(f"protocol violation: {what}")
+        raise TenantError("SandboxProtocolError", f"the sandbox broke its channel protocol: {what}")
+
+    async def _wind_down(self, act: _Activation) -> None:
+        """Tell the sandbox the activation is over and wait for it to settle."""
+        for task in list(act.requests.values()):
+            task.cancel()
+        if not self.healthy:
+            return
+        self._send({"t": "end"})
+        deadline = time.monotonic() + END_GRACE
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                kind, item = await asyncio.wait_for(act.queue.get(), left)
+            except asyncio.TimeoutError:
+                break
+            if kind == "message" and isinstance(item, dict) and item.get("op") == "idle":
+                return
+            if kind == "message" and isinstance(item, dict) and item.get("op") == "log":
+                continue  # the last lines of an ending activation are not kept
+            if isinstance(item, BaseException):
+                break
+        self.close("it did not settle after its activation ended")
+
+    # -- output ---------------------------------------------------------------------
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "[secret]")
+        return text
+
+    def _log(self, act: _Activation, lines: list) -> None:
+        log_ = act.step._log
+        for stream, text, call in lines:
+            act.log_chars += len(text)
+            if act.log_chars > self.limits.log_kib * 1024:
+                self._over(act, f"log volume limit of {self.limits.log_kib} KiB per activation")
+                return
+            if log_ is not None:
+                log_.add(
+                    stream, self._redact(text), step=act.call_steps.get(call) if call else None,
+                    ids=act.call_ids.get(call) if call else act.ids,
+                )
+
+    def _spans(self, act: _Activation, spans: list) -> None:
+        if self._tracing is None:
+            return
+        for span in spans[:1000]:
+            try:
+                self._tracing.emit_tenant_span(span, self._redact)
+            except Exception:  # noqa: BLE001 - a malformed span is dropped, nothing more
+                log.debug("dropped a malformed span from tenant %s", self.tenant_id)
+
+
+class _RemoteCallback:
+    """What `Step.do` calls for a sandboxed step: it runs the callback in the sandbox."""
+
+    def __init__(self, session: SandboxSession, act: _Activation, rid: int):
+        self._session = session
+        self._act = act
+        self._rid = rid
+
+    async def __call__(self, ctx: Any) -> Any:
+        future = self._session._call(self._act, self._rid, ctx.step, ctx.count, ctx.attempt)
+        try:
+            answer = await future
+        except _Lost as lost:
+            if lost.limit:
+                raise ResourceLimitError(f"step {ctx.step!r}: the sandbox went over its {lost.reason}") from None
+            raise Abandon(lost.reason) from None
+        except asyncio.CancelledError:  # the step's timeout: the callback is still running there
+            self._session.close(f"step {ctx.step!r} went over its timeout")
+            raise
+        finally:
+            self._act.calls.pop(self._rid, None)
+        if answer["op"] == "result":
+            return answer.get("value")
+        name, text = answer["name"][:200], self._session._redact(answer["message"])
+        if name == "ResourceLimitError":  # reported by the sandbox itself (MemoryError)
+            raise ResourceLimitError(f"step {ctx.step!r}: {text}; the limit is {self._session.limits.memory_mb} MiB")
+        if not answer["retryable"]:
+            raise TenantNonRetryableError(name, text)
+        raise TenantError(name, text)
+
+
+def _current_task() -> asyncio.Task | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
+
+
+def _raise(exc: BaseException) -> Any:
+    raise exc
+
+
+def _public_methods(cls: type) -> set[str]:
+    return {
+        n for klass in cls.__mro__ if klass is not object
+        for n, v in vars(klass).items() if not n.startswith("_") and callable(v)
+    }
+
+
+def _traceparent_of(ctx: Any) -> str:
+    return traceparent(ctx.trace_id, ctx.span_id, int(ctx.trace_flags))
+
+
+def _replay(state: ActivationState) -> dict[str, Any]:
+    """Finished steps the sandbox may answer itself: "name\\x00count" -> outcome."""
+    out: dict[str, Any] = {}
+    budget = REPLAY_BUDGET_CHARS
+    for r in state.steps:
+        key = f"{r.name}\x00{r.seq}"
+        if r.kind == "do" and r.status == STEP_COMPLETE:
+            budget -= len(r.result_json or "")
+            if budget < 0:
+                break
+            out[key] = ["ok", json.loads(r.result_json) if r.result_json else None]
+        elif r.kind == "do" and r.status == STEP_FAILED:
+            error = StepFailedError(r.name, r.error_name or "", r.error_message or "", r.attempts)
+            out[key] = ["failed", {
+                "t": "err", "name": "StepFailedError", "step": r.name, "error_name": r.error_name,
+                "error_message": r.error_message, "attempts": r.attempts, "message": str(error),
+            }]
+        elif r.kind == "sleep" and r.finished_at is not None:
+            out[key] = ["ok", None]
+        elif r.kind == "wait" and r.status == STEP_COMPLETE:
+            out[key] = ["ok", json.loads(r.result_json)]
+        elif r.kind == "wait" and r.status == STEP_FAILED:
+            out[key] = ["failed", {"t": "err", "name": "WorkflowTimeoutError",
+                                   "message": r.error_message or ""}]
+    return out

@@ -1,0 +1,281 @@
+"""The supervisor and the sandbox runtime, without Ray and without the jail.
+
+A plain forked child runs `runtime.serve` on one end of a socketpair (a fake
+of `template.Sandbox`); the supervisor runs real activations against a real
+journal on the other end, with a fake clock. This checks the protocol, replay
+across the boundary, retries with the tenant's error names, logs, bindings,
+and that forged or oversized messages end the sandbox with a clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import pickle
+import signal
+import socket
+import time
+
+import pytest
+
+from dynwf_ray import NonRetryableError, WorkflowEntrypoint
+from dynwf_ray.activation import activate
+from dynwf_ray.binding import WorkflowBinding
+from dynwf_ray.sandbox import runtime
+from dynwf_ray.sandbox.policy import SandboxLimits
+from dynwf_ray.sandbox.supervisor import SandboxSession
+
+
+class ForkedSandbox:
+    """A fake of template.Sandbox: a forked child serving the runtime, no jail."""
+
+    def __init__(self, cls: type):
+        ours, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            try:
+                ours.close()
+                runtime.serve(theirs, {"pickled_class": base64.b64encode(pickle.dumps(cls)).decode()})
+            finally:
+                os._exit(0)
+        theirs.close()
+        self.pid, self.sock, self.extra = pid, ours, []
+        self._status: int | None = None
+
+    def kill(self) -> None:
+        if self._status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.wait(5)
+
+    def wait(self, timeout: float | None) -> int | None:
+        deadline = time.monotonic() + (timeout or 0)
+        while self._status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self._status = status
+            elif time.monotonic() > deadline:
+                return None
+            else:
+                time.sleep(0.01)
+        return self._status
+
+    def exit_reason(self) -> str | None:
+        return None if self._status is None else f"exit status {self._status}"
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Driver:
+    """Plays the scheduler and the host: claims due instances and runs them in a sandbox."""
+
+    def __init__(self, journal, tenant, cls, limits: SandboxLimits | None = None):
+        self.journal, self.tenant, self.cls = journal, tenant, cls
+        self.limits = limits or SandboxLimits()
+        self.now = 1_000_000.0
+        journal.save_code(tenant, "v1", "test", b"", self.now)
+        self.binding = WorkflowBinding(journal, tenant, clock=lambda: self.now)
+        self.loop = asyncio.new_event_loop()
+        self.session: SandboxSession | None = None
+        self.sandboxes: list[ForkedSandbox] = []
+
+    def close(self) -> None:
+        for sandbox in self.sandboxes:
+            sandbox.kill()
+        self.loop.close()
+
+    def _session(self) -> SandboxSession:
+        if self.session is None or not self.session.healthy:
+            sandbox = ForkedSandbox(self.cls)
+            self.sandboxes.append(sandbox)
+            self.session = SandboxSession(
+                sandbox, tenant_id=self.tenant, limits=self.limits,
+                bindings={"WORKFLOWS": self.binding}, secrets={"TOKEN": "s3cr3t-value"},
+            )
+            self.loop.run_until_complete(self.session.start())
+        return self.session
+
+    def tick(self) -> list[str]:
+        outcomes = []
+        for claim in self.journal.claim_due(self.now, 1000, "test", 30, tenant_id=self.tenant):
+            session = self._session()
+            outcomes.append(self.loop.run_until_complete(activate(
+                self.journal, claim.pk, claim.token, session, clock=lambda: self.now,
+                capture_logs=True,
+            )))
+        return outcomes
+
+    def info(self, instance_id):
+        return self.journal.get_instance(self.tenant, instance_id)
+
+    def steps(self, instance_id):
+        return {(s.name, s.seq): s for s in self.journal.list_steps(self.info(instance_id).pk)}
+
+
+@pytest.fixture
+def driver(journal, tenant):
+    made: list[Driver] = []
+
+    def make(cls, **kwargs) -> Driver:
+        made.append(Driver(journal, tenant, cls, **kwargs))
+        return made[-1]
+
+    yield make
+    for d in made:
+        d.close()
+
+
+class Replayed(WorkflowEntrypoint):
+    async def run(self, event, step):
+        a = await step.do("a", lambda: os.getpid())
+        await step.sleep("nap", "10 seconds")
+        loop = [await step.do("same", lambda i=i: i) for i in range(3)]
+        b = await step.do("b", lambda: os.getpid())
+        return {"a": a, "b": b, "loop": loop, "params": event.payload,
+                "tenant": event.metadata.get("tenant_id")}
+
+
+def test_replay_across_the_boundary_runs_each_step_once(driver):
+    d = driver(Replayed)
+    d.binding.create(id="r", params={"k": 1})
+    assert d.tick() == ["suspended"]
+    d.now += 10
+    assert d.tick() == ["complete"]
+    out = d.info("r")
+    import json
+    output = json.loads(out.output_json)
+    assert output["loop"] == [0, 1, 2] and output["params"] == {"k": 1}
+    assert output["tenant"] == d.tenant
+    assert output["a"] == output["b"] == d.sandboxes[0].pid  # one warm sandbox, replayed locally
+    assert all(s.attempts == 1 for s in d.steps("r").values() if s.kind == "do")
+    assert len(d.sandboxes) == 1
+
+
+class Flaky(WorkflowEntrypoint):
+    async def run(self, event, step):
+        def flaky(ctx):
+            print(f"attempt {ctx.attempt}")
+            if ctx.attempt < 3:
+                raise KeyError(f"not yet {ctx.attempt}")
+            return ctx.attempt
+
+        got = await step.do("flaky", flaky, retries={"limit": 5, "delay": 1, "backoff": "constant"})
+        try:
+            await step.do("never", lambda: (_ for _ in ()).throw(NonRetryableError("no")))
+        except Exception as exc:  # noqa: BLE001
+            caught = f"{type(exc).__name__}: {exc}"
+        return {"got": got, "caught": caught}
+
+
+def test_retries_keep_the_tenants_error_names_and_logs_are_kept_per_attempt(driver):
+    d = driver(Flaky)
+    d.binding.create(id="f")
+    for _ in range(2):
+        assert d.tick() == ["suspended"]
+        d.now += 1
+    assert d.tick() == ["complete"]
+    import json
+    out = json.loads(d.info("f").output_json)
+    assert out["got"] == 3
+    assert out["caught"].startswith("StepFailedError: step 'never' failed after 1 attempt(s): NonRetryableError: no")
+    steps = d.steps("f")
+    assert steps[("flaky", 1)].attempts == 3 and steps[("never", 1)].error_name == "NonRetryableError"
+    lines = [(l.step, l.attempt, l.message) for l in d.journal.read_logs(d.info("f").pk)]
+    assert ("flaky", 1, "attempt 1") in lines and ("flaky", 3, "attempt 3") in lines
+
+
+class Creates(WorkflowEntrypoint):
+    async def run(self, event, step):
+        wf = self.env["WORKFLOWS"]
+        if event.payload.get("child"):
+            return "child"
+        child = await step.do("spawn", lambda: wf.create(id="kid", params={"child": True}).id)
+        status = wf.get(child).status()["status"]
+        try:
+            wf.get("nope")
+        except Exception as exc:  # noqa: BLE001
+            missing = type(exc).__name__
+        print("token is s3cr3t-value")
+        return {"child": child, "status": status, "missing": missing}
+
+
+def test_the_workflows_binding_works_from_the_sandbox_and_secrets_are_redacted(driver):
+    d = driver(Creates)
+    d.binding.create(id="p", params={})
+    outcomes = d.tick()
+    assert "complete" in outcomes
+    import json
+    out = json.loads(d.info("p").output_json)
+    assert out == {"child": "kid", "status": "queued", "missing": "InstanceNotFoundError"}
+    messages = [l.message for l in d.journal.read_logs(d.info("p").pk)]
+    assert "token is [secret]" in messages and not any("s3cr3t" in m for m in messages)
+
+
+def _channel_socket():
+    import gc
+    for obj in gc.get_objects():
+        if isinstance(obj, runtime._Channel):
+            return obj.sock
+    raise AssertionError("no channel")
+
+
+class Forges(WorkflowEntrypoint):
+    async def run(self, event, step):
+        how = event.payload["how"]
+
+        def attack():
+            sock = _channel_socket()
+            if how == "oversized":
+                sock.sendall((2**31 - 1).to_bytes(4, "big"))
+            elif how == "forged answer":
+                from dynwf_ray.sandbox import protocol
+                protocol.send(sock, {"op": "result", "id": 10**6, "value": "forged"})
+            elif how == "garbage":
+                sock.sendall((5).to_bytes(4, "big") + b"\xff{not")
+            elif how == "reused id":
+                from dynwf_ray.sandbox import protocol
+                protocol.send(sock, {"op": "do", "id": 1, "name": "x", "count": 1})
+            return "sent"
+
+        await step.do("attack", attack)
+        return "should not complete"
+
+
+@pytest.mark.parametrize("how", ["oversized", "forged answer", "garbage", "reused id"])
+def test_a_forged_message_ends_the_sandbox_with_a_clear_error(driver, how):
+    d = driver(Forges)
+    d.binding.create(id="x", params={"how": how})
+    assert d.tick() == ["errored"]
+    info = d.info("x")
+    assert info.error_name == "SandboxProtocolError", (info.error_name, info.error_message)
+    assert d.sandboxes[0].wait(5) is not None  # the sandbox is gone
+    assert ("attack", 1) not in d.steps("x") or d.steps("x")[("attack", 1)].status != "complete"
+
+
+class Spins(WorkflowEntrypoint):
+    async def run(self, event, step):
+        def spin():
+            while True:
+                pass
+
+        await step.do("spin", spin, retries={"limit": 0, "delay": 1})
+        return "no"
+
+
+def test_cpu_limit_ends_the_attempt_with_resource_limit_error(driver):
+    d = driver(Spins, limits=SandboxLimits(cpu_seconds=0.5))
+    d.binding.create(id="s")
+    assert d.tick() == ["suspended"]  # the sandbox was killed; the failure is recorded
+    step = d.steps("s")[("spin", 1)]
+    assert step.status == "failed" and step.error_name == "ResourceLimitError"
+    assert "CPU time limit of 0.5 s" in step.error_message
+    assert d.sandboxes[0].wait(5) is not None
+    assert d.tick() == ["errored"]  # replayed in a new sandbox: run() sees StepFailedError
+    assert d.info("s").error_name == "ResourceLimitError"
+    assert len(d.sandboxes) == 2
