@@ -12,8 +12,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .sandbox.policy import SandboxLimits
 from .tracing import otel_environ
 from .types import validate_id
 
@@ -68,6 +71,15 @@ class EngineConfig(BaseModel):
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     #: Address the Prometheus endpoint listens on.
     metrics_host: str = "127.0.0.1"
+    #: How tenant code is confined (docs/security.md). "strict": a jailed sandbox process
+    #: (namespaces, Landlock, seccomp, cgroups, rlimits, no capabilities); the engine
+    #: refuses to start where a mechanism is missing, and says which. "process": a
+    #: separate process with a clean environment and rlimits only (e.g. macOS, old
+    #: kernels); a warning says so at start.
+    sandbox: Literal["strict", "process"] = "strict"
+    #: Default resource limits of every tenant's sandboxes (a tenant's policy may
+    #: override them: `Engine.set_tenant_policy`).
+    sandbox_limits: SandboxLimits = Field(default_factory=SandboxLimits)
 
     @field_validator("name")
     @classmethod

@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import ray
 from pydantic import ValidationError
 
 from .binding import WorkflowBinding
 from .config import EngineConfig
-from .errors import InvalidInputError
+from .errors import InvalidInputError, SandboxUnavailableError
 from .journal import Journal
 from .loader import Loader
 from .package import package_class, push
+from .sandbox.policy import SandboxLimits, TenantPolicy
 from .scheduler import Scheduler
 from .tracing import tenant_telemetry
 from .types import validate_id
@@ -44,12 +45,18 @@ class Engine:
         self._clock: Callable[[], float] = time.time
 
     @classmethod
-    def start(cls, **kwargs: Any) -> "Engine":
-        """Start (or join) Ray, open the journal, start the scheduler. See `EngineConfig`."""
+    def start(cls, *, bindings: Mapping[str, Callable[[str], Any]] | None = None, **kwargs: Any) -> "Engine":
+        """Start (or join) Ray, open the journal, start the scheduler. See `EngineConfig`.
+
+        `bindings` are the platform's own objects tenant code may call, by name
+        (`self.env["KV"].get("k")`): each value is a picklable factory called with a
+        tenant id in the trusted host process, whose result's public methods the
+        tenant's sandbox calls with JSON arguments (docs/security.md)."""
         try:
             config = EngineConfig(**kwargs)
         except ValidationError as exc:
             raise InvalidInputError(f"invalid engine configuration: {exc}") from None
+        _check_sandbox(config.sandbox)
         owns_ray = False
         if not ray.is_initialized():
             ray.init(
@@ -63,7 +70,7 @@ class Engine:
         lifetime = {"lifetime": "detached"} if config.detached else {}
         loader = Loader.options(
             name=config.loader_name, namespace=config.namespace, get_if_exists=True, **lifetime
-        ).remote(config.model_dump())
+        ).remote(config.model_dump(), dict(bindings or {}))
         scheduler = Scheduler.options(
             name=config.scheduler_name, namespace=config.namespace, get_if_exists=True, **lifetime
         ).remote(config.model_dump())
@@ -91,7 +98,7 @@ class Engine:
         nothing, when the code does not import or has no WorkflowEntrypoint.
         """
         validate_id(tenant_id, "tenant id")
-        return push(self.journal, tenant_id, path, self._clock())
+        return push(self.journal, tenant_id, path, self._clock(), self.config.sandbox)
 
     def versions(self, tenant_id: str) -> list[dict]:
         """The tenant's stored code versions, oldest first, and which one is the latest."""
@@ -136,6 +143,46 @@ class Engine:
         self.journal.set_tenant_telemetry(tenant_id, None, self._clock())
         ray.get(self._loader.retire.remote(tenant_id))
 
+    def set_tenant_policy(
+        self,
+        tenant_id: str,
+        *,
+        egress: Sequence[str] | None = None,
+        limits: SandboxLimits | Mapping[str, Any] | None = None,
+        paths: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
+        secrets: Mapping[str, str] | None = None,
+    ) -> TenantPolicy:
+        """Grant a tenant's sandboxes more than nothing: outbound connections to
+        `egress` ("host:port", through the egress proxy), resource `limits` other than
+        the engine's defaults, extra filesystem `paths` ({path: "ro" | "rw"}), plain
+        `env` values and `secrets` (both read as `self.env[name]`; secrets are redacted
+        from logs, spans and errors). Replaces the tenant's previous policy; hosts
+        started from now on use it (idle ones are deactivated now). Returns the policy
+        with secrets masked. See docs/security.md."""
+        validate_id(tenant_id, "tenant id")
+        try:
+            policy = TenantPolicy(
+                egress=tuple(egress or ()), limits=limits, paths=dict(paths or {}),
+                env=dict(env or {}), secrets=dict(secrets or {}),
+            )
+        except ValidationError as exc:
+            raise InvalidInputError(f"tenant {tenant_id!r} policy: {exc}") from None
+        self.journal.set_tenant_policy(tenant_id, policy.model_dump_json(), self._clock())
+        ray.get(self._loader.retire.remote(tenant_id))
+        return policy.masked()
+
+    def tenant_policy(self, tenant_id: str) -> TenantPolicy:
+        """The tenant's policy, secrets masked (the defaults when the platform set none)."""
+        validate_id(tenant_id, "tenant id")
+        stored = self.journal.tenant_policy(tenant_id)
+        return (TenantPolicy.model_validate_json(stored) if stored else TenantPolicy()).masked()
+
+    def sandboxes(self) -> list[dict]:
+        """Live hosts and their sandboxes: host pid, tenant, version, and per sandbox its
+        pid (as seen from the host's node), the instance it runs and its activations."""
+        return ray.get(self._loader.sandboxes.remote())
+
     def stats(self) -> dict:
         """Live host actors, activations (cold/warm), instance counts by status, and the
         Prometheus endpoint's URL (`metrics_url`, None unless `metrics_port` is set)."""
@@ -164,3 +211,22 @@ class Engine:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _check_sandbox(mode: str) -> None:
+    """Strict sandboxing needs every kernel mechanism: refuse to start without one."""
+    from .sandbox import jail
+
+    missing = {k: v for k, v in jail.probe().items() if v is not None and k in jail.REQUIRED}
+    if mode == "strict" and missing:
+        raise SandboxUnavailableError(
+            "tenant code cannot be sandboxed here; missing: "
+            + "; ".join(f"{k}: {v}" for k, v in missing.items())
+            + '. Start the engine with sandbox="process" to run tenant code in plain '
+            "processes (no kernel isolation between tenants)"
+        )
+    if mode == "process":
+        log.warning(
+            "sandbox=\"process\": tenant code runs in separate processes with a clean "
+            "environment and rlimits, but without kernel isolation (see docs/security.md)"
+        )

@@ -1,119 +1,296 @@
-"""`InstanceHost`: the Ray actor in which an instance is activated.
+"""`InstanceHost`: the trusted Ray actor in which instances of one code version are activated.
 
-A host is created for one (tenant, code version) and hosts one instance at a
-time: the scheduler sends it `activate(pk, token)`, it runs the activation
-(see `activation.py`) writing straight to the journal. While more instances of
-its code are due it claims and runs them itself, one after the other, for up to
+A host is created for one (tenant, code version), in that version's Ray
+runtime env (so Ray has put the code, and any pip packages, on this node). It
+holds the journal and Ray; tenant code never runs in it. Tenant code runs in
+*sandboxes*: jailed processes forked from a template process the host starts
+once (`sandbox/template.py`, `sandbox/jail.py`), each with its own scratch
+directory and nothing of the platform. The host keeps one warm sandbox and
+runs each activation in it through a `SandboxSession` (`sandbox/supervisor.py`),
+which answers every step, binding call and log line the sandbox sends and does
+the fenced journal writes. A sandbox that went over a limit, broke the
+protocol or died is replaced by a new fork (milliseconds).
+
+The scheduler sends `activate(pk, token)`; while more instances of its code
+are due the host claims and runs them itself, one after the other, for up to
 `host_slice` seconds before it returns to the scheduler: a warm tenant's
 instances are activated without a scheduler round trip each. Leases it claims
 carry its owner id, so if it dies the scheduler releases all of them at once.
-Idle hosts stay warm for the next activation of the same code until the
-loader deactivates them (kills the process) after the hibernation timeout.
+A heartbeat thread renews the lease of the activation in progress every third
+of the lease TTL, so a long step keeps its lease.
 
-Its watchdog thread does two things while an activation runs: it renews the
-lease every third of the lease TTL (so a long step keeps its lease), and if a
-step callback blocks the process past its timeout (a synchronous loop cannot
-be interrupted) it records that attempt as timed out and ends the process;
-the scheduler sees the host die and activates the instance elsewhere, where
-the retry policy decides what happens next.
-
-A host serves one tenant, so its process has one set of telemetry settings
-(`otel_env`, merged by the loader): its tracer provider is made the process's
-global one, and tenant code that uses the OpenTelemetry API gets spans nested
-under its steps. It captures what activations print (`logs.py`) and counts
-what they did; `activate` returns those counts with its outcomes. `drain`
-flushes pending spans before the loader deactivates the host.
+Telemetry stays on this side: step spans are built here, the tenant's own
+spans arrive from the sandbox as data, and both are exported with the
+tenant's settings (`otel_env`, merged by the loader), so the tenant's backend
+credentials never enter a sandbox. `drain` flushes them before the loader
+deactivates the host.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable
 
 import ray
 
-from opentelemetry import trace
-
 from . import tracing
 from .activation import Outcome, activate
-from .journal import Journal, LeaseLostError
-from .logs import LogCapture
+from .journal import ActivationState, Journal, LeaseLostError, sqlite_url_path
 from .metrics import ActivityCounts
-from .package import load_class
+from .package import PACKAGE, Manifest
+from .sandbox.policy import JailSpec, SandboxLimits, TenantPolicy
+from .errors import InvalidInputError
+from .sandbox.supervisor import BOOT_TIMEOUT, SandboxSession, TenantError
+from .sandbox.template import Template
+from .step import Abandon, Step
+from .tracing import InstanceTrace
+from .types import WorkflowEvent
 
 log = logging.getLogger("dynwf_ray.host")
 
-#: Extra time a blocking step callback gets past its timeout before its host is ended.
-OVERRUN_GRACE = 1.0
+#: Port the egress forwarder listens on inside a sandbox's own network namespace.
+EGRESS_PORT = 3128
+#: Environment variables a sandbox gets besides its tenant's own (`dynwf.toml [env]`).
+_BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-class _Watchdog:
-    """Lease heartbeat and blocked-step detector, on its own thread."""
+class _Heartbeat:
+    """Renews the lease of the activation in progress, on its own thread."""
 
     def __init__(self, journal: Journal, lease_ttl: float):
         self._journal = journal
         self._lease_ttl = lease_ttl
         self._cond = threading.Condition()
         self._lease: tuple[int, int] | None = None
-        self._deadline: float | None = None
-        self._on_overrun: Callable[[], None] | None = None
-        threading.Thread(target=self._loop, name="dynwf-watchdog", daemon=True).start()
+        threading.Thread(target=self._loop, name="dynwf-heartbeat", daemon=True).start()
 
     def watch(self, lease: tuple[int, int] | None) -> None:
         with self._cond:
             self._lease = lease
             self._cond.notify()
 
-    # AttemptTracker protocol (called by Step on the activation's thread).
-    def begin(self, deadline: float, on_overrun: Callable[[], None]) -> None:
-        self._deadline = deadline
-        self._on_overrun = on_overrun
-
-    def end(self) -> None:
-        self._deadline = None
-        self._on_overrun = None
-
     def _loop(self) -> None:
-        heartbeat_every = self._lease_ttl / 3
-        next_beat = time.monotonic() + heartbeat_every
+        every = self._lease_ttl / 3
         while True:
             with self._cond:
-                if self._lease is None:
+                while self._lease is None:
                     self._cond.wait()
-                    next_beat = time.monotonic() + heartbeat_every
-                    continue
-                self._cond.wait(timeout=min(0.2, heartbeat_every))
-                lease, deadline, on_overrun = self._lease, self._deadline, self._on_overrun
-            if lease is None:
-                continue
-            now = time.monotonic()
-            if deadline is not None and on_overrun is not None and now > deadline + OVERRUN_GRACE:
-                self._overrun(on_overrun)
-            if now >= next_beat:
-                next_beat = now + heartbeat_every
-                try:
-                    self._journal.renew_lease(lease[0], lease[1], time.time(), self._lease_ttl)
-                except LeaseLostError:
-                    pass  # the activation's next write finds out and stops
-                except Exception:  # noqa: BLE001 - keep beating through a DB hiccup
-                    log.exception("lease heartbeat failed")
+                lease = self._lease
+                self._cond.wait(timeout=every)
+                if self._lease != lease:
+                    continue  # that activation ended meanwhile
+            try:
+                self._journal.renew_lease(lease[0], lease[1], time.time(), self._lease_ttl)
+            except LeaseLostError:
+                pass  # the activation's next write finds out and stops
+            except Exception:  # noqa: BLE001 - keep beating through a DB hiccup
+                log.exception("lease heartbeat failed")
 
-    @staticmethod
-    def _overrun(on_overrun: Callable[[], None]) -> None:
+
+def _tenant_env(manifest: Manifest) -> dict[str, str]:
+    """A sandbox's whole environment: a minimal base and the tenant's own `[env]`, less
+    OTEL_* (its tracing settings are read here, on the trusted side, where spans are
+    exported: its backend credentials never enter the sandbox)."""
+    return {**_BASE_ENV, **{k: v for k, v in manifest.env.items() if not k.startswith("OTEL_")}}
+
+
+def check_entrypoint(entrypoint: str, manifest: dict[str, Any], mode: str) -> str:
+    """Import a pushed tenant's entrypoint in a sandbox and resolve it to module:Class.
+
+    Runs as a Ray task in the tenant's runtime env (its files and pip packages are
+    on this node), before anything is stored. Raises InvalidInputError naming what
+    is wrong: tenant code, even its import, never runs outside a sandbox.
+    """
+    from .sandbox import protocol
+
+    code_dir = os.getcwd()
+    template = _start_template(
+        python=sys.executable, sys_path=_sandbox_sys_path(()), env=_tenant_env(Manifest(**manifest)),
+        cwd=code_dir, preload=["dynwf_ray.sandbox.runtime"], mode=mode,
+    )
+    scratch = tempfile.mkdtemp(prefix="dynwf-validate-")
+    try:
+        spec = JailSpec(mode=mode, read_only=(code_dir,), read_write=(scratch,))
+        sandbox = template.spawn(spec, "dynwf_ray.sandbox.runtime:validate", {"entrypoint": entrypoint})
+        sandbox.sock.settimeout(BOOT_TIMEOUT)
         try:
-            on_overrun()
-        except Exception:  # noqa: BLE001 - we end the process either way
-            log.exception("could not record the timed-out attempt")
-        print(
-            "dynwf: a step callback blocked past its timeout; ending this host process",
-            file=sys.stderr, flush=True,
+            reply = protocol.recv(sandbox.sock, protocol.MAX_SANDBOX_FRAME)
+        except (OSError, protocol.ProtocolError) as exc:
+            reply = {"op": "boot_error", "name": type(exc).__name__, "message": str(exc)}
+        if reply is None:
+            reply = {"op": "boot_error", "name": "SandboxError",
+                     "message": f"the sandbox ended ({sandbox.exit_reason() or 'no answer'})"}
+        if reply.get("op") == "ready" and isinstance(reply.get("entrypoint"), str):
+            return reply["entrypoint"]
+        if reply.get("name") == "InvalidInputError":
+            raise InvalidInputError(str(reply.get("message")))
+        raise InvalidInputError(f"{reply.get('name')}: {reply.get('message')}")
+    finally:
+        template.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _start_template(**options: Any) -> Template:
+    """Start the template from a thread that lives as long as this process: the template
+    ends when the thread that started it does (PR_SET_PDEATHSIG follows the thread)."""
+    box: dict[str, Any] = {}
+    started = threading.Event()
+
+    def own() -> None:
+        try:
+            box["template"] = Template.start(**options)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = exc
+        started.set()
+        threading.Event().wait()  # never returns: the template lives as long as we do
+
+    threading.Thread(target=own, name="dynwf-template", daemon=True).start()
+    started.wait()
+    if "error" in box:
+        raise box["error"]
+    return box["template"]
+
+
+def _private_paths(database_url: str) -> tuple[str, ...]:
+    """Paths a sandbox must never be able to read: the SQLite journal's directory."""
+    path = sqlite_url_path(database_url)
+    return (os.path.dirname(os.path.abspath(path)),) if path else ()
+
+
+def _sandbox_sys_path(private: tuple[str, ...]) -> list[str]:
+    """This process's import path for the sandbox, less any entry that would make a
+    private path readable (Landlock grants a directory's whole subtree)."""
+    def exposes(entry: str) -> bool:
+        entry = os.path.abspath(entry)
+        return any(p == entry or p.startswith(entry.rstrip("/") + "/") for p in private)
+
+    return [p for p in sys.path if p and os.path.exists(p) and not exposes(p)]
+
+
+class _Sandboxes:
+    """The host's sandboxes: a `Runner` (see activation.py) that runs each activation
+    in a warm sandbox, forking a new one when there is none."""
+
+    def __init__(
+        self, tenant_id: str, version: str, kind: str, blob: bytes, manifest_json: str,
+        mode: str, limits: SandboxLimits, policy: TenantPolicy, bindings: dict[str, Any],
+        tracing_: Any, max_crashes: int, private: tuple[str, ...] = (),
+    ):
+        manifest = Manifest(**json.loads(manifest_json)) if kind == PACKAGE else Manifest()
+        self._tenant_id = tenant_id
+        self._limits = policy.limits or limits
+        self._policy = policy
+        self._bindings = bindings
+        self._tracing = tracing_
+        self._max_crashes = max_crashes
+        self._crashes: dict[int, int] = {}
+        self._code_dir = os.getcwd()  # a package's working_dir, materialized by Ray
+        self._boot: dict[str, Any] = (
+            {"entrypoint": manifest.entrypoint} if kind == PACKAGE
+            else {"pickled_class": base64.b64encode(blob).decode()}
         )
-        tracing.flush_all(1.0)  # the spans of the steps before it
-        os._exit(70)
+        env = _tenant_env(manifest)
+        self._egress = None
+        if policy.egress:
+            from .sandbox.egress import EgressProxy, proxy_env
+
+            self._egress = EgressProxy(policy.egress)
+            env.update(proxy_env(EGRESS_PORT))
+            self._boot["egress_port"] = EGRESS_PORT
+        self._spec = dict(
+            mode=mode,
+            read_only=(self._code_dir, *(p for p, m in policy.paths.items() if m == "ro")),
+            limits=self._limits,
+            egress_port=EGRESS_PORT if policy.egress else None,
+        )
+        self._rw_paths = tuple(p for p, m in policy.paths.items() if m == "rw")
+        self.template = _start_template(
+            python=sys.executable,
+            sys_path=_sandbox_sys_path(private),
+            env=env,
+            cwd=self._code_dir,
+            preload=["dynwf_ray.sandbox.runtime", "opentelemetry.sdk.trace"],
+            mode=mode,
+        )
+        self._idle: list[tuple[SandboxSession, str]] = []
+        self.live: dict[int, dict[str, Any]] = {}  # pid -> what it runs (engine.sandboxes())
+        self.started = 0
+
+    async def _session(self) -> tuple[SandboxSession, str]:
+        while self._idle:
+            session, scratch = self._idle.pop()
+            if session.healthy:
+                return session, scratch
+            self._ended(session, scratch)
+        scratch = tempfile.mkdtemp(prefix=f"dynwf-sandbox-{self._tenant_id}-")
+        spec = JailSpec(read_write=(scratch, *self._rw_paths), **self._spec)
+        sandbox = self.template.spawn(
+            spec, "dynwf_ray.sandbox.runtime:serve", self._boot, extra=1 if self._egress else 0
+        )
+        if self._egress is not None:
+            self._egress.attach(sandbox.extra[0], self._tenant_id)
+        self.started += 1
+        session = SandboxSession(
+            sandbox, tenant_id=self._tenant_id, limits=self._limits, bindings=self._bindings,
+            values=self._policy.env, secrets=self._policy.secrets, tracing=self._tracing,
+        )
+        self.live[sandbox.pid] = {"pid": sandbox.pid, "instance": None, "activations": 0}
+        try:
+            await session.start()
+        except BaseException:
+            self._ended(session, scratch)
+            raise
+        return session, scratch
+
+    def _ended(self, session: SandboxSession, scratch: str) -> None:
+        session.close()
+        self.live.pop(session.sandbox.pid, None)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    async def run(
+        self, state: ActivationState, event: WorkflowEvent, step: Step, trace: InstanceTrace | None
+    ) -> Any:
+        pk = state.info.pk
+        session, scratch = await self._session()
+        entry = self.live.get(session.sandbox.pid, {})
+        entry.update(instance=state.info.instance_id, activations=entry.get("activations", 0) + 1)
+        try:
+            output = await session.run(state, event, step, trace)
+        except Abandon as abandon:
+            crashes = self._crashes.get(pk, 0) + 1
+            self._crashes[pk] = crashes
+            if crashes >= self._max_crashes:
+                self._crashes.pop(pk, None)
+                raise TenantError(
+                    "SandboxCrashedError",
+                    f"its sandbox ended {crashes} times in a row; last: {abandon.reason}",
+                ) from None
+            raise
+        else:
+            self._crashes.pop(pk, None)
+            return output
+        finally:
+            entry["instance"] = None
+            if session.healthy:
+                self._idle.append((session, scratch))
+            else:
+                self._ended(session, scratch)
+
+    def close(self) -> None:
+        for session, scratch in self._idle:
+            self._ended(session, scratch)
+        self._idle.clear()
+        self.template.close()
+        if self._egress is not None:
+            self._egress.close()
 
 
 @ray.remote(num_cpus=0)
@@ -132,21 +309,29 @@ class InstanceHost:
         binding_factory: Callable[[Journal], Any] | None = None,
         otel_env: dict[str, str] | None = None,
         keep_logs: int = 1000,
+        sandbox: dict[str, Any] | None = None,
     ):
+        sandbox = sandbox or {}
         self._journal = Journal(database_url, create_tables=False)
         self._tracing = tracing.tracing_for(otel_env or {}, tenant_id, version)
-        if self._tracing is not None:
-            trace.set_tracer_provider(self._tracing.provider)
-        self._capture = LogCapture().install()
         self._keep_logs = keep_logs
         self._activations = 0
-        self._workflow_cls = load_class(tenant_id, version, kind, blob, manifest_json)
         self._code = (tenant_id, version)
         self._lease_ttl = lease_ttl
         self._owner = owner
         self._slice = host_slice
-        self._watchdog = _Watchdog(self._journal, lease_ttl)
-        self._env = {"WORKFLOWS": binding_factory(self._journal)} if binding_factory else {}
+        self._heartbeat = _Heartbeat(self._journal, lease_ttl)
+        bindings = {name: make(tenant_id) for name, make in (sandbox.get("bindings") or {}).items()}
+        if binding_factory is not None:
+            bindings["WORKFLOWS"] = binding_factory(self._journal)
+        self._sandboxes = _Sandboxes(
+            tenant_id, version, kind, blob, manifest_json,
+            mode=sandbox.get("mode", "strict"),
+            limits=SandboxLimits(**sandbox.get("limits", {})),
+            policy=TenantPolicy(**sandbox.get("policy", {})),
+            bindings=bindings, tracing_=self._tracing,
+            max_crashes=sandbox.get("max_crashes", 5), private=_private_paths(database_url),
+        )
 
     async def activate(self, pk: int, token: int) -> dict[str, Any]:
         """Activate this instance, then other due ones of this code for up to host_slice s.
@@ -169,21 +354,29 @@ class InstanceHost:
             pk, token = claims[0].pk, claims[0].token
 
     async def _activate_one(self, pk: int, token: int, counts: ActivityCounts) -> Outcome:
-        self._watchdog.watch((pk, token))
+        self._heartbeat.watch((pk, token))
         self._activations += 1
         try:
             return await activate(
-                self._journal, pk, token, self._workflow_cls,
-                env=self._env, lease_ttl=self._lease_ttl, tracker=self._watchdog,
-                tracing=self._tracing, capture_logs=True, keep_logs=self._keep_logs,
-                counts=counts, warm=self._activations > 1,
+                self._journal, pk, token, self._sandboxes,
+                lease_ttl=self._lease_ttl, tracing=self._tracing, capture_logs=True,
+                keep_logs=self._keep_logs, counts=counts, warm=self._activations > 1,
             )
         finally:
-            self._watchdog.watch(None)
+            self._heartbeat.watch(None)
 
     async def drain(self, timeout_s: float = 5.0) -> None:
-        """Export pending spans (called before this host is deactivated)."""
+        """Export pending spans and end the sandboxes (before the host is deactivated)."""
+        self._sandboxes.close()
         tracing.flush_all(timeout_s)
 
     async def pid(self) -> int:
         return os.getpid()
+
+    async def sandboxes(self) -> dict[str, Any]:
+        """This host's live sandboxes: {"host_pid", "started", "sandboxes": [...]}."""
+        return {
+            "host_pid": os.getpid(), "tenant": self._code[0], "version": self._code[1],
+            "started": self._sandboxes.started,
+            "sandboxes": [dict(v) for v in self._sandboxes.live.values()],
+        }

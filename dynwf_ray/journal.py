@@ -86,6 +86,16 @@ class TenantRow(SQLModel, table=True):
     updated_at: float = 0.0
 
 
+class TenantPolicyRow(SQLModel, table=True):
+    """What the platform grants a tenant's sandboxes (`TenantPolicy` as JSON). A table of
+    its own, so journals from before it existed need no new column."""
+
+    __tablename__ = "tenant_policies"
+    tenant_id: str = Field(primary_key=True, max_length=100)
+    policy_json: str
+    updated_at: float = 0.0
+
+
 class CodeBlobRow(SQLModel, table=True):
     """Tenant code, stored once per content (version = hash of the content)."""
 
@@ -188,6 +198,7 @@ T = TenantRow.__table__
 C = CodeVersionRow.__table__
 B = CodeBlobRow.__table__
 L = LogRow.__table__
+P = TenantPolicyRow.__table__
 
 
 class LeaseLostError(Exception):
@@ -347,7 +358,7 @@ def _claim_statement(by_tenant: bool, by_version: bool, skip_locked: bool):
     )
 
 
-def _sqlite_url_path(url: str) -> str | None:
+def sqlite_url_path(url: str) -> str | None:
     prefix = "sqlite:///"
     return url[len(prefix):] if url.startswith(prefix) else None
 
@@ -359,7 +370,7 @@ class Journal:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
-            path = _sqlite_url_path(url)
+            path = sqlite_url_path(url)
             if path and path != ":memory:":
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self.engine: SAEngine = create_engine(
@@ -470,6 +481,17 @@ class Journal:
             return conn.execute(
                 select(T.c.telemetry_json).where(T.c.tenant_id == tenant_id)
             ).scalar()
+
+    def set_tenant_policy(self, tenant_id: str, policy_json: str | None, now: float) -> None:
+        """Store the platform's sandbox policy for a tenant (None: back to the defaults)."""
+        with self._write() as conn:
+            conn.execute(delete(P).where(P.c.tenant_id == tenant_id))
+            if policy_json is not None:
+                conn.execute(insert(P).values(tenant_id=tenant_id, policy_json=policy_json, updated_at=now))
+
+    def tenant_policy(self, tenant_id: str) -> str | None:
+        with self._read() as conn:
+            return conn.execute(select(P.c.policy_json).where(P.c.tenant_id == tenant_id)).scalar()
 
     def latest_version(self, tenant_id: str) -> str | None:
         with self._read() as conn:

@@ -13,9 +13,10 @@ One per engine, named `dynwf-loader-<engine name>`. It owns:
   used idle host is evicted when a cold start needs a slot under `max_hosts`.
 
 A host is started with its tenant's merged telemetry settings (see
-`tracing.tenant_env`), and is asked to flush its pending spans before it is
-deactivated. `retire(tenant)` deactivates a tenant's idle hosts, so new
-telemetry settings apply from its next activation.
+`tracing.tenant_env`) and sandbox policy (the engine's mode and limits, the
+tenant's `TenantPolicy` from the journal), and is asked to flush its pending
+spans before it is deactivated. `retire(tenant)` deactivates a tenant's idle
+hosts, so new settings apply from its next activation.
 
 Hosts are owned by this actor: if it dies they die with it, and the scheduler
 re-activates their instances.
@@ -89,8 +90,9 @@ class HostBindingFactory:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4)
 class Loader:
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, bindings: dict[str, Callable[[str], Any]] | None = None):
         self.config = EngineConfig(**config)
+        self._bindings = dict(bindings or {})
         self.journal = Journal(self.config.database_url, create_tables=False)
         self._lock = threading.RLock()
         self._cache: OrderedDict[Any, Any] = OrderedDict()
@@ -157,6 +159,13 @@ class Loader:
         if spec.runtime_env:  # Ray may have dropped the package since (e.g. it restarted)
             publish(spec.blob, version)
         otel_env = tenant_env(self.journal, self.config.telemetry_env, tenant_id, version)
+        sandbox = {
+            "mode": self.config.sandbox,
+            "limits": self.config.sandbox_limits.model_dump(),
+            "policy": json.loads(self.journal.tenant_policy(tenant_id) or "{}"),
+            "max_crashes": self.config.max_activation_failures,
+            "bindings": self._bindings,
+        }
         with self._lock:
             while self._live() >= self.config.max_hosts and self._evict_one_idle():
                 pass
@@ -171,7 +180,7 @@ class Loader:
                 cfg.database_url, spec.tenant_id, spec.version, spec.kind, blob,
                 spec.manifest_json, cfg.lease_ttl, owner, cfg.host_slice,
                 HostBindingFactory(tenant_id, cfg.scheduler_name, cfg.namespace, cfg.telemetry_env),
-                otel_env, cfg.log_lines_per_instance,
+                otel_env, cfg.log_lines_per_instance, sandbox,
             )
             host = _Host(self._seq, key, actor, owner)
             self._busy[host.id] = host
@@ -179,6 +188,22 @@ class Loader:
             lent = self._lend(host, warm=False)
         log.info("started a host for tenant %s version %s", tenant_id, version)
         return lent
+
+    def sandboxes(self) -> list[dict]:
+        """What every live host reports of its sandboxes (see `InstanceHost.sandboxes`)."""
+        with self._lock:
+            actors = [h.actor for h in self._busy.values()] + [
+                h.actor for v in self._idle.values() for h in v
+            ]
+        refs = [a.sandboxes.remote() for a in actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5.0) if refs else ([], [])
+        out = []
+        for ref in ready:
+            try:
+                out.append(ray.get(ref))
+            except Exception:  # noqa: BLE001 - a host that died meanwhile
+                pass
+        return out
 
     def handle(self, host_id: int) -> Any:
         """The actor handle of a live host (for a caller that lost it)."""
@@ -232,7 +257,7 @@ class Loader:
         _drain_and_kill([host.actor for host in hosts])
 
     def retire(self, tenant_id: str) -> int:
-        """Deactivate a tenant's idle hosts (e.g. its telemetry settings changed)."""
+        """Deactivate a tenant's idle hosts (its telemetry settings or policy changed)."""
         with self._lock:
             keys = [key for key in self._idle if key[0] == tenant_id]
             hosts = [host for key in keys for host in self._idle.pop(key)]

@@ -11,21 +11,21 @@ Without `:Class`, the module must define exactly one `WorkflowEntrypoint`
 subclass. `build_package` zips the directory deterministically (sorted paths,
 fixed timestamps, no caches or hidden files), so the same content always gives
 the same bytes and the same version: `v-` + the first 32 hex digits of its
-SHA-256. `inspect_entrypoint` runs *inside* the tenant's runtime env (a Ray
-task) to prove the code imports and the class is a `WorkflowEntrypoint` before
-anything is stored (`push`). `publish` puts a stored package into Ray's
+SHA-256. Before anything is stored (`push`), a Ray task in the tenant's runtime
+env imports the code *inside a sandbox* (`host.check_entrypoint`: tenant code
+never runs outside one, not even its import) to prove it imports and that the
+class is a `WorkflowEntrypoint`. `publish` puts a stored package into Ray's
 package store for a runtime env's working_dir; that store is only a cache of
 the journal.
 
 Registered classes (`Engine.register`) are the other kind of code: a cloudpickled
-`WorkflowEntrypoint` subclass (`package_class` / `load_class`).
+`WorkflowEntrypoint` subclass of the platform's own (`package_class`), loaded by
+the sandbox runtime.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import io
 import json
 import os
@@ -39,6 +39,7 @@ from ray import cloudpickle
 
 from .entrypoint import WorkflowEntrypoint
 from .errors import InvalidInputError
+from .sandbox.runtime import check_class
 
 PICKLED_CLASS = "pickled-class"
 PACKAGE = "package"
@@ -151,51 +152,6 @@ def publish(blob: bytes, version: str) -> str:
     return uri
 
 
-def inspect_entrypoint(entrypoint: str) -> str:
-    """Import a tenant entrypoint (in its runtime env) and resolve it to module:Class.
-
-    Raises InvalidInputError naming what is wrong.
-    """
-    module_name, _, class_name = entrypoint.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except BaseException as exc:  # noqa: BLE001 - any import failure is the tenant's
-        raise InvalidInputError(
-            f"module {module_name!r} does not import: {type(exc).__name__}: {exc}"
-        ) from None
-    if class_name:
-        cls = getattr(module, class_name, None)
-        if cls is None:
-            raise InvalidInputError(f"module {module_name!r} has no attribute {class_name!r}")
-        _check_class(cls, entrypoint)
-        return entrypoint
-    found = [
-        obj for obj in vars(module).values()
-        if inspect.isclass(obj) and issubclass(obj, WorkflowEntrypoint)
-        and obj is not WorkflowEntrypoint and obj.__module__ == module.__name__
-    ]
-    if len(found) != 1:
-        names = ", ".join(c.__name__ for c in found) or "none"
-        raise InvalidInputError(
-            f"module {module_name!r} must define exactly one WorkflowEntrypoint subclass "
-            f"(found {names}); name one with entrypoint = \"{module_name}:Class\" in {MANIFEST_FILE}"
-        )
-    _check_class(found[0], f"{module_name}:{found[0].__name__}")
-    return f"{module_name}:{found[0].__name__}"
-
-
-def load_entrypoint(entrypoint: str) -> type[WorkflowEntrypoint]:
-    module_name, _, class_name = entrypoint.partition(":")
-    return getattr(importlib.import_module(module_name), class_name)
-
-
-def _check_class(cls: Any, where: str) -> None:
-    if not (inspect.isclass(cls) and issubclass(cls, WorkflowEntrypoint)):
-        raise InvalidInputError(f"{where} is not a subclass of WorkflowEntrypoint")
-    if cls.run is WorkflowEntrypoint.run:
-        raise InvalidInputError(f"{where} does not implement run(event, step)")
-
-
 # -- registered classes ------------------------------------------------------
 
 
@@ -205,22 +161,9 @@ def package_class(cls: Any) -> tuple[str, str, bytes]:
         raise InvalidInputError(
             f"workflow class must be a subclass of WorkflowEntrypoint, got {cls!r}"
         )
-    _check_class(cls, cls.__qualname__)
+    check_class(cls, cls.__qualname__)
     blob = cloudpickle.dumps(cls)
     return _version(blob), PICKLED_CLASS, blob
-
-
-def load_class(tenant_id: str, version: str, kind: str, blob: bytes, manifest_json: str) -> type[WorkflowEntrypoint]:
-    """The workflow class of a stored code version, in the process that runs it."""
-    if kind == PACKAGE:
-        return load_entrypoint(Manifest(**json.loads(manifest_json)).entrypoint)
-    if kind != PICKLED_CLASS:
-        raise InvalidInputError(
-            f"tenant {tenant_id!r} version {version!r}: unknown code kind {kind!r}"
-        )
-    cls = cloudpickle.loads(blob)
-    _check_class(cls, f"tenant {tenant_id!r} version {version!r}")
-    return cls
 
 
 def _version(blob: bytes) -> str:
@@ -233,7 +176,9 @@ def _version(blob: bytes) -> str:
 PUSH_TIMEOUT = 900.0
 
 
-def push(journal: Any, tenant_id: str, path: str | os.PathLike, now: float) -> str:
+def push(
+    journal: Any, tenant_id: str, path: str | os.PathLike, now: float, sandbox_mode: str = "strict"
+) -> str:
     """Build, validate (inside its own runtime env) and store a tenant's code; returns its version.
 
     Needs Ray to be initialized. Nothing is stored unless the code imports and
@@ -248,10 +193,14 @@ def push(journal: Any, tenant_id: str, path: str | os.PathLike, now: float) -> s
     stored = journal.find_code(package.version)  # this content was validated before
     if stored is None:
         env = runtime_env_for(package.manifest, publish(package.blob, package.version))
-        check = ray.remote(num_cpus=0, max_retries=0)(inspect_entrypoint)
+        from .host import check_entrypoint
+
+        check = ray.remote(num_cpus=0, max_retries=0)(check_entrypoint)
         try:
             entrypoint = ray.get(
-                check.options(runtime_env=env).remote(package.manifest.entrypoint),
+                check.options(runtime_env=env).remote(
+                    package.manifest.entrypoint, package.manifest.model_dump(), sandbox_mode
+                ),
                 timeout=PUSH_TIMEOUT,
             )
         except RayTaskError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import json
 from pathlib import Path
 
 import psutil
@@ -42,6 +43,24 @@ def process_gone(pid: int) -> bool:
 
 def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
+
+
+def lend(engine, tenant: str, path: Path) -> None:
+    """Let the tenant's sandboxes write to `path` (where steered workflows report)."""
+    engine.set_tenant_policy(tenant, paths={str(path): "rw"})
+
+
+def sandbox_of(engine, instance_id: str) -> dict:
+    """The live sandbox running `instance_id`, with its host's pid (the trusted side's view)."""
+    for host in engine.sandboxes():
+        for sandbox in host["sandboxes"]:
+            if sandbox["instance"] == instance_id:
+                return {**sandbox, "host_pid": host["host_pid"]}
+    return {}
+
+
+def tenant_hosts(engine, tenant: str) -> int:
+    return engine.stats()["hosts_by_tenant"].get(tenant, 0)
 
 
 def test_create_run_and_status(engine, tenant):
@@ -101,16 +120,18 @@ def test_create_batch_is_idempotent_and_bounded(engine, tenant):
 
 def test_sigkill_mid_step_resumes_without_repeating_completed_steps(engine, tenant, tmp_path):
     engine.register(tenant, Steered)
+    lend(engine, tenant, tmp_path)
     inst = engine.binding(tenant).create(id="k", params={"dir": str(tmp_path)})
-    pid = int(wait_until(lambda: lines(tmp_path / "b.log"), what="step b to start")[0])
+    first = wait_until(lambda: lines(tmp_path / "b.log"), what="step b to start")[0]
+    pid = wait_until(lambda: sandbox_of(engine, "k"), what="its sandbox")["pid"]
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: len(lines(tmp_path / "b.log")) == 2, what="step b to run again")
     (tmp_path / "release").touch()
     status = wait_status(inst, "complete")
     assert status["output"] == ["a", "b", "c"]
     assert len(lines(tmp_path / "a.log")) == 1  # completed before the kill: not run again
-    b_pids = [int(p) for p in lines(tmp_path / "b.log")]
-    assert b_pids[0] == pid and b_pids[1] != pid  # the interrupted step ran again elsewhere
+    b_runs = lines(tmp_path / "b.log")
+    assert b_runs[0] == first and b_runs[1] != first  # the interrupted step ran again elsewhere
     info = engine.journal.get_instance(tenant, "k")
     steps = engine.journal.list_steps(info.pk)
     assert [(s.name, s.seq, s.status) for s in steps] == [
@@ -123,24 +144,23 @@ def test_sleep_hibernates_the_instance_and_its_host(engine, tenant):
     inst = engine.binding(tenant).create(id="s", params={"sleep": 4})
     wait_status(inst, "waiting")
     info = engine.journal.get_instance(tenant, "s")
-    before = engine.journal.list_steps(info.pk)[0]
-    pid = int(before.result_json)
-    # hibernate_after is 1.5 s: the idle host process is killed while the instance sleeps.
-    wait_until(lambda: process_gone(pid), timeout=30, what="the idle host to be deactivated")
+    before = json.loads(engine.journal.list_steps(info.pk)[0].result_json)
+    # hibernate_after is 1.5 s: the idle host and its sandbox end while the instance sleeps.
+    wait_until(lambda: tenant_hosts(engine, tenant) == 0, timeout=30, what="the idle host to end")
     assert inst.status()["status"] == "waiting"
     out = wait_status(inst, "complete")["output"]
-    assert out["before"] == pid and out["after"] != pid
+    assert out["before"] == before and out["after"] != before  # a new sandbox after the sleep
 
 
 def test_wait_for_event_across_hibernation(engine, tenant):
     engine.register(tenant, Approval)
     inst = engine.binding(tenant).create(id="w")
     wait_status(inst, "waiting")
-    pid = int(engine.journal.list_steps(engine.journal.get_instance(tenant, "w").pk)[0].result_json)
-    wait_until(lambda: process_gone(pid), timeout=30, what="the idle host to be deactivated")
+    before = json.loads(engine.journal.list_steps(engine.journal.get_instance(tenant, "w").pk)[0].result_json)
+    wait_until(lambda: tenant_hosts(engine, tenant) == 0, timeout=30, what="the idle host to end")
     inst.send_event("approval", {"by": "alice"})
     out = wait_status(inst, "complete")["output"]
-    assert out["by"] == "alice" and out["before"] == pid and out["after"] != pid
+    assert out["by"] == "alice" and out["before"] == before and out["after"] != before
 
 
 def test_wait_for_event_timeout_errors_the_instance(engine, tenant):
@@ -169,6 +189,7 @@ def test_retries_with_backoff_complete(engine, tenant):
 
 def test_pause_resume_terminate_restart_live(engine, tenant, tmp_path):
     engine.register(tenant, Steered)
+    lend(engine, tenant, tmp_path)
     wf = engine.binding(tenant)
     inst = wf.create(id="p", params={"dir": str(tmp_path)})
     wait_until(lambda: lines(tmp_path / "b.log"), what="step b to start")
@@ -196,7 +217,7 @@ def test_pause_resume_terminate_restart_live(engine, tenant, tmp_path):
     assert other.status()["status"] == "terminated"
 
 
-def test_blocking_step_past_its_timeout_ends_its_host_not_the_engine(engine, tenant):
+def test_blocking_step_past_its_timeout_ends_its_sandbox_not_the_engine(engine, tenant):
     engine.register(tenant, BlockingStep)
     inst = engine.binding(tenant).create()
     status = wait_status(inst, "errored", timeout=90)
@@ -209,6 +230,7 @@ def test_blocking_step_past_its_timeout_ends_its_host_not_the_engine(engine, ten
 def test_admission_queues_instances_beyond_max_hosts(make_engine, tmp_path):
     engine = make_engine(max_hosts=1)
     engine.register("adm", Steered)
+    lend(engine, "adm", tmp_path)
     wf = engine.binding("adm")
     dirs = [tmp_path / str(i) for i in range(3)]
     for d in dirs:
@@ -228,6 +250,7 @@ def test_admission_queues_instances_beyond_max_hosts(make_engine, tmp_path):
 def _start_mixed_work(engine, tmp_path):
     """One instance running a blocked step, one sleeping, one waiting for an event."""
     engine.register("mix", Steered)
+    lend(engine, "mix", tmp_path)
     engine.register("nap", SleepThenPid)
     engine.register("ask", Approval)
     running = engine.binding("mix").create(id="run", params={"dir": str(tmp_path)})
@@ -242,10 +265,11 @@ def _start_mixed_work(engine, tmp_path):
 def test_scheduler_killed_and_restarted_loses_nothing(make_engine, tmp_path):
     engine = make_engine(lease_ttl=2.0)
     running, sleeping, waiting = _start_mixed_work(engine, tmp_path)
+    first = wait_until(lambda: sandbox_of(engine, "run"), what="the running sandbox")
     scheduler = ray.get_actor(engine.config.scheduler_name, namespace=engine.config.namespace)
     ray.kill(scheduler, no_restart=False)  # Ray restarts it; its hosts die with it
-    first_pid = int(lines(tmp_path / "b.log")[0])
-    wait_until(lambda: process_gone(first_pid), what="the old host to die with its scheduler")
+    wait_until(lambda: process_gone(first["host_pid"]), what="the old host to die with its scheduler")
+    wait_until(lambda: process_gone(first["pid"]), what="its sandbox to die with it")
     (tmp_path / "release").touch()
     waiting.send_event("approval", {"by": "bob"})
     assert wait_status(running, "complete")["output"] == ["a", "b", "c"]

@@ -2,8 +2,13 @@
 
 They live in an importable module so Ray workers load them by reference.
 Workflows that must be observed or steered from a test take a `dir` param:
-a scratch directory where steps append to logs (to count executions), write
-their pid, and wait for a `release` file the test creates.
+a directory the test lends the tenant (`Engine.set_tenant_policy(paths=...)`)
+where steps append to logs (to count executions), say which process ran them,
+and wait for a `release` file the test creates.
+
+Tenant code runs in sandboxes with their own PID namespace, so a pid says
+nothing there; `PROCESS` tells processes apart instead: each sandbox imports
+this module afresh.
 """
 
 from __future__ import annotations
@@ -12,10 +17,18 @@ import asyncio
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 from dynwf_ray import WorkflowEntrypoint
 from dynwf_ray.dynamic import create_dynamic_workflow_entrypoint
+
+
+PROCESS = uuid.uuid4().hex
+
+
+def process() -> str:
+    return PROCESS
 
 
 def append(directory: str, name: str, line: str = "x") -> None:
@@ -46,7 +59,7 @@ class ThreeSteps(WorkflowEntrypoint):
 
 
 class Steered(WorkflowEntrypoint):
-    """a runs once; b records its pid and blocks until `release` exists; then c."""
+    """a runs once; b records its process and blocks until `release` exists; then c."""
 
     async def run(self, event, step):
         d = event.payload["dir"]
@@ -56,7 +69,7 @@ class Steered(WorkflowEntrypoint):
             return "a"
 
         async def b():
-            append(d, "b.log", str(os.getpid()))
+            append(d, "b.log", PROCESS)
             await wait_for_file(Path(d) / "release")
             return "b"
 
@@ -67,21 +80,21 @@ class Steered(WorkflowEntrypoint):
 
 
 class SleepThenPid(WorkflowEntrypoint):
-    """Reports the pid of the host before and after a durable sleep."""
+    """Reports which process ran it before and after a durable sleep."""
 
     async def run(self, event, step):
-        before = await step.do("pid before", os.getpid)
+        before = await step.do("pid before", process)
         await step.sleep("nap", event.payload.get("sleep", 3))
-        after = await step.do("pid after", os.getpid)
+        after = await step.do("pid after", process)
         return {"before": before, "after": after}
 
 
 class Approval(WorkflowEntrypoint):
     async def run(self, event, step):
-        before = await step.do("pid before", os.getpid)
+        before = await step.do("pid before", process)
         timeout = (event.payload or {}).get("timeout", "1 hour")
         ok = await step.wait_for_event("approval", type="approval", timeout=timeout)
-        after = await step.do("pid after", os.getpid)
+        after = await step.do("pid after", process)
         return {"by": ok.payload["by"], "before": before, "after": after}
 
 
@@ -102,10 +115,10 @@ class Flaky(WorkflowEntrypoint):
 
 class Observed(WorkflowEntrypoint):
     """Prints and logs; a step fails once; waits for an approval (its host may be
-    deactivated meanwhile); reports the host pid before and after the wait."""
+    deactivated meanwhile); reports its process before and after the wait."""
 
     async def run(self, event, step):
-        before = await step.do("pid before", os.getpid)
+        before = await step.do("pid before", process)
 
         def charge(ctx):
             print(f"charging, attempt {ctx.attempt}")
@@ -117,12 +130,12 @@ class Observed(WorkflowEntrypoint):
         await step.do("charge", charge, retries={"limit": 2, "delay": "100 milliseconds", "backoff": "constant"})
         ok = await step.wait_for_event("approval", type="approval", timeout="1 hour")
         print(f"approved by {ok.payload['by']}")
-        after = await step.do("pid after", os.getpid)
+        after = await step.do("pid after", process)
         return {"before": before, "after": after}
 
 
 class BlockingStep(WorkflowEntrypoint):
-    """A synchronous step that never yields: only the host watchdog can stop it."""
+    """A synchronous step that never yields: only ending its sandbox can stop it."""
 
     async def run(self, event, step):
         def spin():
@@ -142,3 +155,52 @@ def load_runner(metadata, env):
 
 
 Dispatcher = create_dynamic_workflow_entrypoint(load_runner)
+
+
+class Counter:
+    """A platform binding (lives in the trusted host): a per-tenant counter."""
+
+    def __init__(self, tenant_id: str):
+        self.tenant_id = tenant_id
+        self.value = 0
+
+    def add(self, n: int) -> dict:
+        self.value += n
+        return {"tenant": self.tenant_id, "value": self.value}
+
+    def _internal(self) -> str:  # not callable from a sandbox: private
+        return "private"
+
+
+def counter_binding(tenant_id: str) -> Counter:
+    return Counter(tenant_id)
+
+
+class UsesEnv(WorkflowEntrypoint):
+    """Reads platform values and secrets, calls a platform binding, prints a secret."""
+
+    async def run(self, event, step):
+        counter = self.env["COUNTER"]
+        added = await step.do("add", lambda: counter.add(2))
+
+        def private():
+            try:
+                counter._internal()
+                return "reached"
+            except Exception as exc:  # noqa: BLE001
+                return type(exc).__name__
+
+        def missing():
+            try:
+                counter.nope()
+                return "reached"
+            except Exception as exc:  # noqa: BLE001
+                return f"{type(exc).__name__}: {exc}"
+
+        print(f"using key {self.env['API_KEY']}")
+        return {
+            "region": self.env["REGION"], "key_length": len(self.env["API_KEY"]),
+            "added": added, "private": await step.do("private", private),
+            "missing": await step.do("missing", missing),
+            "env": sorted(k for k in os.environ),
+        }
