@@ -101,6 +101,15 @@ def build_package(path: str | os.PathLike) -> Package:
         and not any(part in _SKIP_DIRS or part.startswith(".") for part in p.relative_to(directory).parts)
         and p.suffix not in (".pyc", ".pyo")
     )
+    root = directory.resolve()
+    for file in files:
+        if file.is_symlink() or any(p.is_symlink() for p in file.relative_to(directory).parents):
+            target = file.resolve()
+            if target != root and root not in target.parents:
+                raise InvalidInputError(
+                    f"tenant code at {str(path)!r}: {file.relative_to(directory).as_posix()} is a "
+                    f"symbolic link to {str(target)!r}, outside the tenant's directory"
+                )
     if not any(f.suffix == ".py" for f in files):
         raise InvalidInputError(f"tenant code path {str(path)!r} contains no Python file")
     buffer = io.BytesIO()

@@ -89,3 +89,15 @@ def test_engine_sandboxes_lists_live_sandboxes_by_host(engine, tenant):
     assert [s["instance"] for s in hosts[0]["sandboxes"]] == [None]  # idle and warm
     inst.send_event("approval", {"by": "x"})
     wait_status(inst, "complete")
+
+
+def test_a_push_refuses_a_symlink_that_leads_outside_the_tenant_directory(engine, tenant, tmp_path):
+    from .workflows import Hello  # noqa: F401 - any valid code will do
+
+    path = write_tenant(tmp_path, "linked", READS_SHADOW_AT_IMPORT.replace('open("/etc/shadow").read()', '"x"'))
+    (path / "inside.py").symlink_to(path / "workflow.py")  # inside: stored as the file
+    (path / "secret").symlink_to("/etc/shadow")
+    with pytest.raises(InvalidInputError, match="secret is a symbolic link to '/etc/shadow'"):
+        engine.push_tenant(tenant, str(path))
+    (path / "secret").unlink()
+    assert engine.push_tenant(tenant, str(path)).startswith("v-")
