@@ -179,7 +179,7 @@ class Engine:
         return (TenantPolicy.model_validate_json(stored) if stored else TenantPolicy()).masked()
 
     def sandboxes(self) -> list[dict]:
-        """Live hosts and their sandboxes: host pid, tenant, version, and per sandbox its
+        """Live hosts and their sandboxes: host pid, node id, tenant, version, and per sandbox its
         pid (as seen from the host's node), the instance it runs and its activations."""
         return ray.get(self._loader.sandboxes.remote())
 

@@ -376,7 +376,8 @@ class InstanceHost:
     async def sandboxes(self) -> dict[str, Any]:
         """This host's live sandboxes: {"host_pid", "started", "sandboxes": [...]}."""
         return {
-            "host_pid": os.getpid(), "tenant": self._code[0], "version": self._code[1],
+            "host_pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+            "tenant": self._code[0], "version": self._code[1],
             "started": self._sandboxes.started,
             "sandboxes": [dict(v) for v in self._sandboxes.live.values()],
         }

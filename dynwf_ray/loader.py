@@ -171,7 +171,9 @@ class Loader:
                 pass
             self._seq += 1
             owner = f"{self.config.host_owner_prefix}{self._seq}-{time.time_ns() % 10**9}"
-            options: dict[str, Any] = {}
+            # Spread hosts over the cluster's nodes: each holds its own sandboxes, and
+            # a node's loss then takes only its share of the activations with it.
+            options: dict[str, Any] = {"scheduling_strategy": "SPREAD"}
             if spec.runtime_env:
                 options["runtime_env"] = spec.runtime_env
             blob = b"" if spec.runtime_env else spec.blob  # a package arrives as its working_dir
