@@ -86,8 +86,11 @@ class Driver:
         self.sandboxes: list[ForkedSandbox] = []
 
     def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
         for sandbox in self.sandboxes:
             sandbox.kill()
+        self.loop.run_until_complete(asyncio.sleep(0))  # let cancelled readers finish
         self.loop.close()
 
     def _session(self) -> SandboxSession:

@@ -133,7 +133,7 @@ class SandboxSession:
         did not (the message names the cause)."""
         self._reader, self._writer = await asyncio.open_unix_connection(sock=self.sandbox.sock)
         try:
-            message = await asyncio.wait_for(self._read(), BOOT_TIMEOUT)
+            message = await asyncio.wait_for(self._boot_reply(), BOOT_TIMEOUT)
         except (asyncio.TimeoutError, _Lost, protocol.ProtocolError) as exc:
             self.close()
             reason = exc.reason if isinstance(exc, _Lost) else str(exc) or "no answer"
@@ -151,6 +151,15 @@ class SandboxSession:
             self.close()
             raise TenantError("SandboxProtocolError", f"expected 'ready', got {message.get('op')!r}")
         self._read_task = asyncio.ensure_future(self._read_forever())
+
+    async def _boot_reply(self) -> dict[str, Any]:
+        """The sandbox's `ready` or `boot_error`; what the tenant's code printed while it
+        was imported belongs to no activation and is dropped (at most 1,000 messages)."""
+        for _ in range(1000):
+            message = await self._read()
+            if message.get("op") not in ("log", "spans"):
+                return message
+        raise protocol.ProtocolError("too many messages before 'ready'")
 
     def close(self, reason: str = "closed") -> None:
         """End the sandbox (idempotent)."""
@@ -338,7 +347,9 @@ class SandboxSession:
         if op == "wait":
             event = await step.wait_for_event(name, type=m["type"], timeout=m.get("timeout"), count=count)
             return {"type": event.type, "payload": event.payload, "timestamp": event.timestamp.timestamp()}
-        return self._bind(m["binding"], m["method"], m["args"], m["kwargs"])
+        # On a thread: a platform binding may be slow (an HTTP call); the host's loop
+        # must keep answering its sandbox (and the CPU watch) meanwhile.
+        return await asyncio.to_thread(self._bind, m["binding"], m["method"], m["args"], m["kwargs"])
 
     def _bind(self, binding: str, method: str, args: list, kwargs: dict) -> Any:
         target = self.bindings.get(binding)
