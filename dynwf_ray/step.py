@@ -68,6 +68,7 @@ from .types import (
     StepConfig,
     StepContext,
     parse_duration,
+    takes_context,
     timestamp_to_datetime,
     to_json,
     validate_event_type,
@@ -138,29 +139,6 @@ def error_name_of(exc: BaseException) -> str:
     """The name recorded for an attempt's exception: a sandbox's exceptions arrive as
     data (`TenantError`) and carry the tenant's own exception name."""
     return getattr(exc, "tenant_error_name", None) or type(exc).__name__
-
-
-def _takes_context(fn: Callable[..., Any]) -> bool:
-    """Whether a callback wants the StepContext: it has a required positional parameter."""
-    code = getattr(fn, "__code__", None)
-    if code is not None:
-        defaults = len(getattr(fn, "__defaults__", None) or ())
-        return _code_takes_context(code, defaults, inspect.ismethod(fn))
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(
-        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-        or p.kind is p.VAR_POSITIONAL
-        for p in params
-    )
-
-
-@lru_cache(maxsize=4096)
-def _code_takes_context(code: Any, defaults: int, bound: bool) -> bool:
-    required = code.co_argcount - defaults - (1 if bound else 0)
-    return required > 0 or bool(code.co_flags & inspect.CO_VARARGS)
 
 
 class Step:
@@ -285,7 +263,7 @@ class Step:
     async def _attempt(
         self, fn: Callable[..., Any], name: str, seq: int, attempt: int, config: StepConfig
     ) -> Any:
-        args = (StepContext(step=name, count=seq, attempt=attempt),) if _takes_context(fn) else ()
+        args = (StepContext(step=name, count=seq, attempt=attempt),) if takes_context(fn) else ()
         began = self._clock()
         deadline = time.monotonic() + config.timeout
         tracker = self._tracker

@@ -9,11 +9,13 @@ live here too.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from datetime import datetime, timedelta, timezone
 from enum import Enum
-from typing import Any, Literal
+from functools import lru_cache
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -240,3 +242,29 @@ class CreateOptions(BaseModel):
     @classmethod
     def _id(cls, v: str | None) -> str | None:
         return None if v is None else validate_id(v)
+
+
+# -- step callbacks ------------------------------------------------------------
+
+
+def takes_context(fn: Callable[..., Any]) -> bool:
+    """Whether a callback wants the StepContext: it has a required positional parameter."""
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        defaults = len(getattr(fn, "__defaults__", None) or ())
+        return _code_takes_context(code, defaults, inspect.ismethod(fn))
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        or p.kind is p.VAR_POSITIONAL
+        for p in params
+    )
+
+
+@lru_cache(maxsize=4096)
+def _code_takes_context(code: Any, defaults: int, bound: bool) -> bool:
+    required = code.co_argcount - defaults - (1 if bound else 0)
+    return required > 0 or bool(code.co_flags & inspect.CO_VARARGS)

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 from ..entrypoint import WorkflowEntrypoint
 from .. import errors
-from ..types import ReceivedEvent, StepContext, WorkflowEvent, to_json
+from ..types import ReceivedEvent, StepContext, WorkflowEvent, takes_context, to_json
 from . import protocol
 
 _CALL: contextvars.ContextVar[int | None] = contextvars.ContextVar("dynwf_call", default=None)
@@ -265,7 +265,7 @@ async def _run_callback(channel: _Channel, fn: Callable[..., Any], name: str, ca
     span_token = _attach_span(call.get("span"))
     reply: dict[str, Any]
     try:
-        args = (StepContext(step=name, count=call["count"], attempt=call["attempt"]),) if _takes_context(fn) else ()
+        args = (StepContext(step=name, count=call["count"], attempt=call["attempt"]),) if takes_context(fn) else ()
         value = fn(*args)
         if inspect.isawaitable(value):
             value = await value
@@ -288,18 +288,6 @@ async def _run_callback(channel: _Channel, fn: Callable[..., Any], name: str, ca
 def _raised(call_id: int, name: str, message: str, retryable: bool) -> dict[str, Any]:
     return {"op": "raise", "id": call_id, "name": name[:200], "message": message[:protocol.MAX_TEXT],
             "retryable": retryable}
-
-
-def _takes_context(fn: Callable[..., Any]) -> bool:
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(
-        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-        or p.kind is p.VAR_POSITIONAL
-        for p in params
-    )
 
 
 class _Binding:
