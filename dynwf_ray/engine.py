@@ -10,6 +10,7 @@ inst = engine.binding("acme").create(params={...})
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -87,7 +88,10 @@ class Engine:
         """Register a workflow class for a tenant directly; returns its code version."""
         validate_id(tenant_id, "tenant id")
         version, kind, blob = package_class(workflow_cls)
-        self.journal.save_code(tenant_id, version, kind, blob, self._clock())
+        self.journal.save_code(
+            tenant_id, version, kind, blob, self._clock(),
+            json.dumps({"module": workflow_cls.__module__}),  # where its sandbox imports it from
+        )
         return version
 
     def push_tenant(self, tenant_id: str, path: str) -> str:
@@ -152,10 +156,12 @@ class Engine:
         paths: Mapping[str, str] | None = None,
         env: Mapping[str, str] | None = None,
         secrets: Mapping[str, str] | None = None,
+        pip: bool = False,
     ) -> TenantPolicy:
         """Grant a tenant's sandboxes more than nothing: outbound connections to
         `egress` ("host:port", through the egress proxy), resource `limits` other than
-        the engine's defaults, extra filesystem `paths` ({path: "ro" | "rw"}), plain
+        the engine's defaults, extra filesystem `paths` ({path: "ro" | "rw"}), `pip`
+        packages in its `dynwf.toml` (binary wheels from the package index), plain
         `env` values and `secrets` (both read as `self.env[name]`; secrets are redacted
         from logs, spans and errors). Replaces the tenant's previous policy; hosts
         started from now on use it (idle ones are deactivated now). Returns the policy
@@ -164,7 +170,7 @@ class Engine:
         try:
             policy = TenantPolicy(
                 egress=tuple(egress or ()), limits=limits, paths=dict(paths or {}),
-                env=dict(env or {}), secrets=dict(secrets or {}),
+                env=dict(env or {}), secrets=dict(secrets or {}), pip=pip,
             )
         except ValidationError as exc:
             raise InvalidInputError(f"tenant {tenant_id!r} policy: {exc}") from None

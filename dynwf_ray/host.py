@@ -28,11 +28,14 @@ deactivates the host.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import importlib.util
 import json
 import logging
 import os
 import shutil
+import site
 import sys
 import tempfile
 import threading
@@ -43,9 +46,9 @@ import ray
 
 from . import tracing
 from .activation import Outcome, activate
-from .journal import ActivationState, Journal, LeaseLostError, sqlite_url_path
+from .journal import ActivationState, Journal, LeaseLostError
 from .metrics import ActivityCounts
-from .package import PACKAGE, Manifest
+from .package import CODE_ROOT, PACKAGE, Manifest, unpack
 from .sandbox.policy import JailSpec, SandboxLimits, TenantPolicy
 from .errors import InvalidInputError
 from .sandbox.supervisor import BOOT_TIMEOUT, SandboxSession, TenantError
@@ -60,6 +63,17 @@ log = logging.getLogger("dynwf_ray.host")
 EGRESS_PORT = 3128
 #: Environment variables a sandbox gets besides its tenant's own (`dynwf.toml [env]`).
 _BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+#: CPU seconds an idle sandbox may use in one second of watching before it is ended.
+IDLE_CPU_SECONDS = 0.5
+
+
+def _cpu(session: SandboxSession) -> float:
+    try:
+        return session.sandbox.cpu_seconds()
+    except Exception:  # noqa: BLE001 - gone already
+        return 0.0
 
 
 class _Heartbeat:
@@ -102,24 +116,27 @@ def _tenant_env(manifest: Manifest) -> dict[str, str]:
     return {**_BASE_ENV, **{k: v for k, v in manifest.env.items() if not k.startswith("OTEL_")}}
 
 
-def check_entrypoint(entrypoint: str, manifest: dict[str, Any], mode: str) -> str:
+def check_entrypoint(version: str, blob: bytes, manifest: dict[str, Any], mode: str) -> str:
     """Import a pushed tenant's entrypoint in a sandbox and resolve it to module:Class.
 
-    Runs as a Ray task in the tenant's runtime env (its files and pip packages are
-    on this node), before anything is stored. Raises InvalidInputError naming what
-    is wrong: tenant code, even its import, never runs outside a sandbox.
+    Runs as a Ray task in the tenant's runtime env (its pip packages are on this
+    node), before anything is stored. Raises InvalidInputError naming what is
+    wrong: tenant code, even its import, never runs outside a sandbox.
     """
     from .sandbox import protocol
 
-    code_dir = os.getcwd()
+    manifest_ = Manifest(**manifest)
+    code_dir = unpack(version, blob)
     template = _start_template(
-        python=sys.executable, sys_path=_sandbox_sys_path(()), env=_tenant_env(Manifest(**manifest)),
+        python=sys.executable, sys_path=[code_dir, *_runtime_sys_path()], env=_tenant_env(manifest_),
         cwd=code_dir, preload=["dynwf_ray.sandbox.runtime"], mode=mode,
     )
     scratch = tempfile.mkdtemp(prefix="dynwf-validate-")
     try:
         spec = JailSpec(mode=mode, read_only=(code_dir,), read_write=(scratch,))
-        sandbox = template.spawn(spec, "dynwf_ray.sandbox.runtime:validate", {"entrypoint": entrypoint})
+        sandbox = template.spawn(
+            spec, "dynwf_ray.sandbox.runtime:validate", {"entrypoint": manifest_.entrypoint}
+        )
         sandbox.sock.settimeout(BOOT_TIMEOUT)
         try:
             reply = protocol.recv(sandbox.sock, protocol.MAX_SANDBOX_FRAME)
@@ -159,20 +176,48 @@ def _start_template(**options: Any) -> Template:
     return box["template"]
 
 
-def _private_paths(database_url: str) -> tuple[str, ...]:
-    """Paths a sandbox must never be able to read: the SQLite journal's directory."""
-    path = sqlite_url_path(database_url)
-    return (os.path.dirname(os.path.abspath(path)),) if path else ()
+def _runtime_sys_path() -> list[str]:
+    """The import path a sandbox gets besides its code: this process's entries that lie
+    in the Python runtime or its environment (the stdlib, site-packages, a pip runtime
+    env's virtualenv), and nothing else. Ray puts the driver's working directory on
+    every worker's path; that is the platform's own, and stays out."""
+    prefixes = {os.path.abspath(p) for p in (
+        sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+    )}
+    prefixes.update(os.path.abspath(p) for p in site.getsitepackages())
 
-
-def _sandbox_sys_path(private: tuple[str, ...]) -> list[str]:
-    """This process's import path for the sandbox, less any entry that would make a
-    private path readable (Landlock grants a directory's whole subtree)."""
-    def exposes(entry: str) -> bool:
+    def inside(entry: str) -> bool:
         entry = os.path.abspath(entry)
-        return any(p == entry or p.startswith(entry.rstrip("/") + "/") for p in private)
+        return any(entry == p or entry.startswith(p.rstrip("/") + "/") for p in prefixes)
 
-    return [p for p in sys.path if p and os.path.exists(p) and not exposes(p)]
+    return [p for p in sys.path if p and os.path.exists(p) and inside(p)]
+
+
+def _code_location(version: str, kind: str, blob: bytes, manifest_json: str) -> tuple[str, list[str]]:
+    """(the directory a sandbox imports the code from, the paths it must read for it).
+
+    A package is unpacked from the journal's zip. A registered class is pickled by
+    reference to its module: when that module is not part of the Python environment,
+    the sandbox gets a directory holding one link to the module's top-level package
+    (or file), so it can import it without reading what lies beside it."""
+    if kind == PACKAGE:
+        code_dir = unpack(version, blob)
+        return code_dir, [code_dir]
+    shims = os.path.join(CODE_ROOT, f"{version}-imports")
+    os.makedirs(shims, exist_ok=True)
+    module = json.loads(manifest_json or "{}").get("module")
+    spec = importlib.util.find_spec(module.split(".")[0]) if module else None
+    if spec is None or spec.origin in (None, "built-in", "frozen"):
+        return shims, [shims]
+    target = spec.submodule_search_locations[0] if spec.submodule_search_locations else spec.origin
+    if any(target.startswith(p.rstrip("/") + "/") for p in _runtime_sys_path()):
+        return shims, [shims]  # part of the environment: already importable
+    link = os.path.join(shims, os.path.basename(target))
+    try:
+        os.symlink(target, link)
+    except FileExistsError:  # made by another host of this version
+        pass
+    return shims, [shims, target]
 
 
 class _Sandboxes:
@@ -182,7 +227,7 @@ class _Sandboxes:
     def __init__(
         self, tenant_id: str, version: str, kind: str, blob: bytes, manifest_json: str,
         mode: str, limits: SandboxLimits, policy: TenantPolicy, bindings: dict[str, Any],
-        tracing_: Any, max_crashes: int, private: tuple[str, ...] = (),
+        tracing_: Any, max_crashes: int,
     ):
         manifest = Manifest(**json.loads(manifest_json)) if kind == PACKAGE else Manifest()
         self._tenant_id = tenant_id
@@ -192,7 +237,7 @@ class _Sandboxes:
         self._tracing = tracing_
         self._max_crashes = max_crashes
         self._crashes: dict[int, int] = {}
-        self._code_dir = os.getcwd()  # a package's working_dir, materialized by Ray
+        self._code_dir, readable = _code_location(version, kind, blob, manifest_json)
         self._boot: dict[str, Any] = (
             {"entrypoint": manifest.entrypoint} if kind == PACKAGE
             else {"pickled_class": base64.b64encode(blob).decode()}
@@ -207,34 +252,42 @@ class _Sandboxes:
             self._boot["egress_port"] = EGRESS_PORT
         self._spec = dict(
             mode=mode,
-            read_only=(self._code_dir, *(p for p, m in policy.paths.items() if m == "ro")),
+            read_only=(*readable, *(p for p, m in policy.paths.items() if m == "ro")),
             limits=self._limits,
             egress_port=EGRESS_PORT if policy.egress else None,
         )
         self._rw_paths = tuple(p for p, m in policy.paths.items() if m == "rw")
         self.template = _start_template(
             python=sys.executable,
-            sys_path=_sandbox_sys_path(private),
+            sys_path=[self._code_dir, *_runtime_sys_path()],
             env=env,
             cwd=self._code_dir,
             preload=["dynwf_ray.sandbox.runtime", "opentelemetry.sdk.trace"],
             mode=mode,
         )
-        self._idle: list[tuple[SandboxSession, str]] = []
+        self._idle: list[tuple[SandboxSession, str, float]] = []  # and its CPU time then
+        self._watching = False
         self.live: dict[int, dict[str, Any]] = {}  # pid -> what it runs (engine.sandboxes())
         self.started = 0
 
     async def _session(self) -> tuple[SandboxSession, str]:
+        if not self._watching:
+            self._watching = True
+            asyncio.ensure_future(self._watch_idle())
         while self._idle:
-            session, scratch = self._idle.pop()
+            session, scratch, _ = self._idle.pop()
             if session.healthy:
                 return session, scratch
             self._ended(session, scratch)
         scratch = tempfile.mkdtemp(prefix=f"dynwf-sandbox-{self._tenant_id}-")
         spec = JailSpec(read_write=(scratch, *self._rw_paths), **self._spec)
-        sandbox = self.template.spawn(
-            spec, "dynwf_ray.sandbox.runtime:serve", self._boot, extra=1 if self._egress else 0
-        )
+        try:
+            sandbox = self.template.spawn(
+                spec, "dynwf_ray.sandbox.runtime:serve", self._boot, extra=1 if self._egress else 0
+            )
+        except Exception as exc:  # noqa: BLE001 - the platform's fault, never the tenant's
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise Abandon(f"no sandbox could be started: {exc}") from None
         if self._egress is not None:
             self._egress.attach(sandbox.extra[0], self._tenant_id)
         self.started += 1
@@ -280,12 +333,26 @@ class _Sandboxes:
         finally:
             entry["instance"] = None
             if session.healthy:
-                self._idle.append((session, scratch))
+                self._idle.append((session, scratch, _cpu(session)))
             else:
                 self._ended(session, scratch)
 
+    async def _watch_idle(self) -> None:
+        """An idle sandbox has nothing to compute: one that burns CPU between activations
+        (a thread its tenant left running) is ended."""
+        while True:
+            await asyncio.sleep(1.0)
+            for i, (session, scratch, mark) in reversed(list(enumerate(self._idle))):
+                used = _cpu(session)
+                if used - mark > IDLE_CPU_SECONDS:
+                    log.warning("ending an idle sandbox of tenant %s that kept computing", self._tenant_id)
+                    del self._idle[i]
+                    self._ended(session, scratch)
+                else:
+                    self._idle[i] = (session, scratch, used)
+
     def close(self) -> None:
-        for session, scratch in self._idle:
+        for session, scratch, _ in self._idle:
             self._ended(session, scratch)
         self._idle.clear()
         self.template.close()
@@ -330,7 +397,7 @@ class InstanceHost:
             limits=SandboxLimits(**sandbox.get("limits", {})),
             policy=TenantPolicy(**sandbox.get("policy", {})),
             bindings=bindings, tracing_=self._tracing,
-            max_crashes=sandbox.get("max_crashes", 5), private=_private_paths(database_url),
+            max_crashes=sandbox.get("max_crashes", 5),
         )
 
     async def activate(self, pk: int, token: int) -> dict[str, Any]:

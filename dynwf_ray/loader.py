@@ -4,7 +4,7 @@ One per engine, named `dynwf-loader-<engine name>`. It owns:
 - `get(id, load)`: a cache by id whose `load` callback runs only on a miss;
   the least recently used entries beyond `loader_cache_size` are evicted. The
   loader caches each code version's spec through it: the stored code read from
-  the journal, unpacked to local disk, turned into a runtime_env.
+  the journal, and the Ray runtime_env of its hosts (its pip packages, if any).
 - the host pool: instance host actors per (tenant, code version). `acquire`
   hands the scheduler an idle (warm) host or starts a new (cold) one in that
   version's runtime env; `release` takes it back as idle, keeping at most
@@ -36,9 +36,10 @@ import ray
 
 from .binding import WorkflowBinding
 from .config import EngineConfig
+from .errors import InvalidInputError
 from .host import InstanceHost
 from .journal import Journal
-from .package import PACKAGE, Manifest, publish, runtime_env_for
+from .package import PACKAGE, Manifest, check_pip_allowed, runtime_env_for
 from .tracing import tenant_env
 
 log = logging.getLogger("dynwf_ray.loader")
@@ -133,8 +134,7 @@ class Loader:
         if kind != PACKAGE:
             return CodeSpec(tenant_id, version, kind, blob, manifest_json, None)
         manifest = Manifest(**json.loads(manifest_json))
-        env = runtime_env_for(manifest, publish(blob, version))
-        return CodeSpec(tenant_id, version, kind, blob, manifest_json, env)
+        return CodeSpec(tenant_id, version, kind, blob, manifest_json, runtime_env_for(manifest))
 
     # -- the host pool --------------------------------------------------------
 
@@ -156,8 +156,11 @@ class Loader:
                 self._counters["warm_starts"] += 1
                 return self._lend(host, warm=True)
         spec = self.code_spec(tenant_id, version)
-        if spec.runtime_env:  # Ray may have dropped the package since (e.g. it restarted)
-            publish(spec.blob, version)
+        if spec.kind == PACKAGE:  # the platform may have withdrawn pip since the push
+            try:
+                check_pip_allowed(self.journal, tenant_id, Manifest(**json.loads(spec.manifest_json)))
+            except InvalidInputError as exc:
+                raise LookupError(str(exc)) from None
         otel_env = tenant_env(self.journal, self.config.telemetry_env, tenant_id, version)
         sandbox = {
             "mode": self.config.sandbox,
@@ -172,14 +175,15 @@ class Loader:
             self._seq += 1
             owner = f"{self.config.host_owner_prefix}{self._seq}-{time.time_ns() % 10**9}"
             # Spread hosts over the cluster's nodes: each holds its own sandboxes, and
-            # a node's loss then takes only its share of the activations with it.
-            options: dict[str, Any] = {"scheduling_strategy": "SPREAD"}
+            # a node's loss then takes only its share of the activations with it. (Ray
+            # places actors that ask for no resource at all on random nodes, which
+            # bunches them up: a token request of 1 byte of memory makes SPREAD work.)
+            options: dict[str, Any] = {"scheduling_strategy": "SPREAD", "memory": 1}
             if spec.runtime_env:
                 options["runtime_env"] = spec.runtime_env
-            blob = b"" if spec.runtime_env else spec.blob  # a package arrives as its working_dir
             cfg = self.config
             actor = InstanceHost.options(**options).remote(
-                cfg.database_url, spec.tenant_id, spec.version, spec.kind, blob,
+                cfg.database_url, spec.tenant_id, spec.version, spec.kind, spec.blob,
                 spec.manifest_json, cfg.lease_ttl, owner, cfg.host_slice,
                 HostBindingFactory(tenant_id, cfg.scheduler_name, cfg.namespace, cfg.telemetry_env),
                 otel_env, cfg.log_lines_per_instance, sandbox,

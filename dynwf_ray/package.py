@@ -11,12 +11,13 @@ Without `:Class`, the module must define exactly one `WorkflowEntrypoint`
 subclass. `build_package` zips the directory deterministically (sorted paths,
 fixed timestamps, no caches or hidden files), so the same content always gives
 the same bytes and the same version: `v-` + the first 32 hex digits of its
-SHA-256. Before anything is stored (`push`), a Ray task in the tenant's runtime
-env imports the code *inside a sandbox* (`host.check_entrypoint`: tenant code
-never runs outside one, not even its import) to prove it imports and that the
-class is a `WorkflowEntrypoint`. `publish` puts a stored package into Ray's
-package store for a runtime env's working_dir; that store is only a cache of
-the journal.
+SHA-256. A host unpacks a stored version into a directory of its own on its node
+(`unpack`); the code never becomes part of a trusted process's Ray runtime env
+(which would put it on that process's import path). Before anything is stored
+(`push`), a Ray task in the tenant's runtime env (its pip packages, if the
+platform allowed pip) imports the code *inside a sandbox* (`host.check_entrypoint`:
+tenant code never runs outside one, not even its import) to prove it imports and
+that the class is a `WorkflowEntrypoint`.
 
 Registered classes (`Engine.register`) are the other kind of code: a cloudpickled
 `WorkflowEntrypoint` subclass of the platform's own (`package_class`), loaded by
@@ -26,8 +27,11 @@ the sandbox runtime.
 from __future__ import annotations
 
 import hashlib
+import json
 import io
 import os
+import shutil
+import tempfile
 import tomllib
 import zipfile
 from pathlib import Path
@@ -55,6 +59,23 @@ class Manifest(BaseModel):
     entrypoint: str = "workflow"
     pip: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("pip")
+    @classmethod
+    def _pip(cls, v: list[str]) -> list[str]:
+        from packaging.requirements import InvalidRequirement, Requirement
+
+        for item in v:
+            try:
+                requirement = Requirement(item)
+            except InvalidRequirement as exc:
+                raise ValueError(f"pip requirement {item!r} is not a requirement: {exc}") from None
+            if requirement.url or item.lstrip().startswith("-"):
+                raise ValueError(
+                    f"pip requirement {item!r}: only names with versions from the package "
+                    "index are allowed (no URLs, paths or options)"
+                )
+        return v
 
     @field_validator("entrypoint")
     @classmethod
@@ -102,7 +123,9 @@ def build_package(path: str | os.PathLike) -> Package:
     )
     root = directory.resolve()
     for file in files:
-        if file.is_symlink() or any(p.is_symlink() for p in file.relative_to(directory).parents):
+        if file.is_symlink() or any(
+            (directory / p).is_symlink() for p in file.relative_to(directory).parents
+        ):
             target = file.resolve()
             if target != root and root not in target.parents:
                 raise InvalidInputError(
@@ -133,31 +156,41 @@ def with_entrypoint(package: Package, entrypoint: str) -> Package:
     return package.model_copy(update={"manifest": manifest})
 
 
-def runtime_env_for(manifest: Manifest, working_dir: str) -> dict[str, Any]:
-    """The Ray runtime_env of a package published at working_dir (a URI)."""
-    env: dict[str, Any] = {"working_dir": working_dir}
-    if manifest.pip:
-        env["pip"] = list(manifest.pip)
-    if manifest.env:
-        env["env_vars"] = dict(manifest.env)
-    return env
+def runtime_env_for(manifest: Manifest) -> dict[str, Any] | None:
+    """The Ray runtime_env of a package's trusted processes (its hosts, its validation):
+    its pip requirements only, installed as binary wheels (no package's build code
+    runs). The code itself and its `[env]` are not in it: Ray would put the code on
+    those processes' import path (a `sitecustomize.py` would run there) and the
+    variables in their environment. Hosts unpack the code themselves (`unpack`) for
+    their sandboxes, and give the `[env]` to the sandboxes only."""
+    if not manifest.pip:
+        return None
+    return {"pip": {"packages": list(manifest.pip), "pip_install_options": ["--only-binary", ":all:"]}}
 
 
-def publish(blob: bytes, version: str) -> str:
-    """Put a package into Ray's package store unless it is there; returns its URI.
+#: Where hosts unpack code versions for their sandboxes (one directory per version).
+CODE_ROOT = os.path.join(tempfile.gettempdir(), "dynwf-code")
 
-    Ray takes local directories only for a whole job; an actor's working_dir
-    must be a URI, so we upload our zip under a content-addressed gcs:// URI,
-    as Ray does for job packages. The journal holds the package; this store is
-    a cache that a cluster restart empties, and we refill it on demand. This is
-    the one place we use a Ray-internal module.
-    """
-    from ray._private.runtime_env import packaging
 
-    uri = f"gcs://_ray_pkg_dynwf_{version.removeprefix('v-')}.zip"
-    if not packaging.package_exists(uri):
-        packaging.upload_package_to_gcs(uri, blob)
-    return uri
+def unpack(version: str, blob: bytes) -> str:
+    """The directory holding a package version's files on this node, unpacked once
+    (content-addressed, written under a temporary name and renamed into place)."""
+    target = os.path.join(CODE_ROOT, version)
+    if os.path.isdir(target):
+        return target
+    os.makedirs(CODE_ROOT, mode=0o700, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{version}-", dir=CODE_ROOT)
+    with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+        for name in zf.namelist():
+            parts = Path(name).parts
+            if not parts or Path(name).is_absolute() or ".." in parts:
+                raise InvalidInputError(f"code version {version!r}: bad path {name!r} in its zip")
+        zf.extractall(staging)
+    try:
+        os.rename(staging, target)
+    except OSError:  # another host of this version won the race: use its copy
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 # -- registered classes ------------------------------------------------------
@@ -184,6 +217,19 @@ def _version(blob: bytes) -> str:
 PUSH_TIMEOUT = 900.0
 
 
+def check_pip_allowed(journal: Any, tenant_id: str, manifest: Manifest) -> None:
+    """pip requirements make the platform download and install packages: only a tenant
+    the platform allowed (`set_tenant_policy(..., pip=True)`) may ask for them."""
+    if not manifest.pip:
+        return
+    stored = journal.tenant_policy(tenant_id)
+    if not (stored and json.loads(stored).get("pip")):
+        raise InvalidInputError(
+            f"tenant {tenant_id!r} asks for pip packages {manifest.pip}, but the platform "
+            "has not allowed pip for it (engine.set_tenant_policy(tenant, pip=True))"
+        )
+
+
 def push(
     journal: Any, tenant_id: str, path: str | os.PathLike, now: float, sandbox_mode: str = "strict"
 ) -> str:
@@ -198,16 +244,17 @@ def push(
     from ray.exceptions import GetTimeoutError, RayTaskError, RuntimeEnvSetupError
 
     package = build_package(path)
+    check_pip_allowed(journal, tenant_id, package.manifest)
     stored = journal.find_code(package.version)  # this content was validated before
     if stored is None:
-        env = runtime_env_for(package.manifest, publish(package.blob, package.version))
         from .host import check_entrypoint
 
         check = ray.remote(num_cpus=0, max_retries=0)(check_entrypoint)
+        env = runtime_env_for(package.manifest)
         try:
             entrypoint = ray.get(
-                check.options(runtime_env=env).remote(
-                    package.manifest.entrypoint, package.manifest.model_dump(), sandbox_mode
+                check.options(**({"runtime_env": env} if env else {})).remote(
+                    package.version, package.blob, package.manifest.model_dump(), sandbox_mode
                 ),
                 timeout=PUSH_TIMEOUT,
             )

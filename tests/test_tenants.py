@@ -263,6 +263,9 @@ def test_same_content_is_one_version_but_each_tenant_only_runs_what_it_pushed(en
 def test_a_pip_requirement_lives_only_in_the_tenant_runtime_env(engine, tenant):
     with pytest.raises(ImportError):
         __import__("humanize")  # not installed where the engine runs
+    with pytest.raises(InvalidInputError, match="has not allowed pip for it"):
+        engine.push_tenant(tenant, str(REPO / "tenants" / "globex"))  # pip is the platform's grant
+    engine.set_tenant_policy(tenant, pip=True)
     version = engine.push_tenant(tenant, str(REPO / "tenants" / "globex"))
     out = wait_status(engine.binding(tenant).create(params={"sleep": 0}), "complete")
     assert out["version"] == version

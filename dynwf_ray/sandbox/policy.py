@@ -59,6 +59,9 @@ class TenantPolicy(BaseModel):
     limits: SandboxLimits | None = None
     #: Extra paths the platform lends the tenant: path -> "ro" or "rw".
     paths: dict[str, Literal["ro", "rw"]] = Field(default_factory=dict)
+    #: Whether the tenant's `dynwf.toml` may ask for pip packages (installed as binary
+    #: wheels from the package index into its hosts' runtime env).
+    pip: bool = False
     #: Plain values tenant code reads as `self.env[name]`.
     env: dict[str, str] = Field(default_factory=dict)
     #: Secret values, read the same way; their text is replaced by "[secret]" in

@@ -43,6 +43,8 @@ from typing import Any
 MAX_SANDBOX_FRAME = 1024 * 1024 + 64 * 1024
 #: Longest string field other than values (names, messages, log lines).
 MAX_TEXT = 64 * 1024
+#: Most lines one `log` message may carry.
+MAX_LINES = 4096
 _HEADER = struct.Struct(">I")
 
 
@@ -136,6 +138,8 @@ def check(message: dict[str, Any]) -> str:
         if key in ("id", "count") and not 0 < value < 1 << 53:
             raise ProtocolError(f"message {op!r}: field {key!r} is out of range")
     if op == "log":
+        if len(message["lines"]) > MAX_LINES:
+            raise ProtocolError(f"message 'log' holds more than {MAX_LINES} lines")
         for line in message["lines"]:
             if not (
                 isinstance(line, list) and len(line) == 3

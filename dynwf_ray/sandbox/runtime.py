@@ -78,7 +78,7 @@ class _Channel:
         with self._send_lock:
             self.lines.append([stream, text[: protocol.MAX_TEXT], _CALL.get()])
             self._chars += len(text)
-            if self._chars >= _LOG_FLUSH_CHARS:
+            if self._chars >= _LOG_FLUSH_CHARS or len(self.lines) >= protocol.MAX_LINES:
                 self._flush_locked()
 
     def _flush_locked(self) -> None:

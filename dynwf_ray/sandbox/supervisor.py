@@ -53,6 +53,8 @@ END_GRACE = 2.0
 RUN_SEGMENT_TIMEOUT = 600.0
 #: Recorded results sent ahead with `activate` so replay needs no round trips.
 REPLAY_BUDGET_CHARS = 4 * 1024 * 1024
+#: What each captured line counts against the log limit beyond its characters.
+LOG_LINE_OVERHEAD = 64
 #: How often CPU time and deadlines are checked while the sandbox runs.
 _WATCH_EVERY = 0.1
 
@@ -444,7 +446,7 @@ class SandboxSession:
     def _log(self, act: _Activation, lines: list) -> None:
         log_ = act.step._log
         for stream, text, call in lines:
-            act.log_chars += len(text)
+            act.log_chars += len(text) + LOG_LINE_OVERHEAD  # an empty line is not free either
             if act.log_chars > self.limits.log_kib * 1024:
                 self._over(act, f"log volume limit of {self.limits.log_kib} KiB per activation")
                 return

@@ -695,6 +695,7 @@ class _Server:
                 if p.poll(0):
                     os._exit(1)  # the template is gone: pdeathsig came too late
                 self.ctl.detach()
+                os.setsid()  # a session and process group of its own: killpg(0) reaches only it
                 null = os.open("/dev/null", os.O_RDWR)
                 for std in (0, 1, 2):
                     os.dup2(null, std)
