@@ -1,0 +1,231 @@
+"""The multi-node scenario of test_cluster.py, in a Ray cluster of its own.
+
+    python -m tests.cluster_driver <journal database URL> <work dir>
+
+Builds a `ray.cluster_utils.Cluster` (a head and two worker nodes on this
+machine), starts an engine with the given (empty) journal while the head is the
+only node, adds the workers, and runs one `Steered` instance for each of a few
+tenants at once (each tenant's code gets its own host; the loader spreads hosts
+over the nodes). While every instance is blocked in step b, it removes a
+worker node that runs one of them, waits for the instances it ran to start
+step b again elsewhere, releases all of them and waits for them to complete. It prints one JSON line of what it saw (placements,
+the removed node, logs, journal steps, timings; "error" when something went
+wrong) and always shuts the engine, Ray and the cluster down.
+
+The test (trusted side) asserts on that line. This runs in a subprocess because
+the rest of the suite shares one Ray session and a Cluster needs its own.
+Run it with RAY_TMPDIR set to a private directory: a Cluster records its
+address in `<ray temp dir>/ray_current_cluster`, where any other `ray.init()`
+on the machine would otherwise find it and try to join it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import ray
+from ray.cluster_utils import Cluster
+
+from dynwf_ray import Engine
+
+from .workflows import Steered
+
+TENANTS = 4
+#: Node failure detection a little faster than Ray's defaults, still tolerant of a busy machine.
+SYSTEM_CONFIG = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 1000,
+    "health_check_failure_threshold": 10,
+}
+ENGINE = dict(
+    name="cluster", max_hosts=8, lease_ttl=3.0, poll_interval=0.5, hibernate_after=120.0,
+)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def placements(engine: Engine) -> dict[str, dict]:
+    """Instance id -> the node, host pid and sandbox pid that run it now."""
+    out = {}
+    for host in engine.sandboxes():
+        for sandbox in host["sandboxes"]:
+            if sandbox["instance"]:
+                out[sandbox["instance"]] = {
+                    "node": host["node_id"], "host_pid": host["host_pid"], "pid": sandbox["pid"],
+                    "tenant": host["tenant"],
+                }
+    return out
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def control_nodes() -> dict[str, str]:
+    """Where the engine's loader and scheduler actors run (for the record)."""
+    try:
+        table = ray._private.state.actors()
+    except Exception as exc:  # noqa: BLE001 - an internal API: informative only
+        return {"error": repr(exc)}
+    return {
+        a["Name"]: a["Address"]["NodeID"] for a in table.values()
+        if a["Name"].startswith("dynwf-") and a["State"] == "ALIVE"
+    }
+
+
+def scenario(cluster: Cluster, facts: dict, engine: Engine, work: Path) -> None:
+    t0 = facts["t0"]
+    head = cluster.head_node.node_id
+    workers = {n.node_id: n for n in cluster.worker_nodes}
+    facts["nodes"] = {"head": head, "workers": sorted(workers)}
+    facts["alive_nodes"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    instances = {}
+    for i in range(TENANTS):
+        tenant = f"tenant{i}"
+        d = work / tenant
+        d.mkdir()
+        engine.register(tenant, Steered)
+        engine.set_tenant_policy(tenant, paths={str(d): "rw"})
+        instances[f"inst{i}"] = (tenant, d)
+    handles = {
+        iid: engine.binding(tenant).create(id=iid, params={"dir": str(d)})
+        for iid, (tenant, d) in instances.items()
+    }
+    facts["timings"]["instances_created_s"] = round(time.monotonic() - t0, 2)
+
+    wait_until(lambda: all(lines(d / "b.log") for _, d in instances.values()), 120,
+               "every instance to start step b")
+    before = wait_until(lambda: (p := placements(engine)).keys() >= instances.keys() and p, 30,
+                        "every instance's sandbox to be reported")
+    facts["timings"]["all_in_step_b_s"] = round(time.monotonic() - t0, 2)
+    facts["before"] = before
+    facts["control"] = control_nodes()
+
+    # The node to remove: a worker running an instance.
+    candidates = sorted({p["node"] for p in before.values()} & workers.keys())
+    if not candidates:
+        raise RuntimeError(f"no instance runs on a worker node: {before}")
+    removed = candidates[0]
+    victims = sorted(iid for iid, p in before.items() if p["node"] == removed)
+    facts["removed"], facts["victims"] = removed, victims
+    facts["at_removal"] = {  # mid-step: b started once, not released, not recorded
+        v: {
+            "b_runs": len(lines(instances[v][1] / "b.log")),
+            "released": (instances[v][1] / "release").exists(),
+            "steps": [[s.name, s.seq, s.status] for s in engine.journal.list_steps(
+                engine.journal.get_instance(instances[v][0], v).pk)],
+        }
+        for v in victims
+    }
+
+    t_remove = time.monotonic()
+    cluster.remove_node(workers[removed])
+    t_removed = time.monotonic()
+    facts["timings"]["remove_node_s"] = round(t_removed - t_remove, 2)
+    facts["alive_nodes_after_removal"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+
+    for iid in victims:
+        d = instances[iid][1]
+        wait_until(lambda: len(lines(d / "b.log")) >= 2, 90, f"{iid} to run step b again")
+    facts["timings"]["b_rerun_after_removal_s"] = round(time.monotonic() - t_removed, 2)
+    after = wait_until(
+        lambda: (p := placements(engine)) and all(v in p for v in victims) and p, 30,
+        "the victims' new sandboxes to be reported",
+    )
+    facts["after"] = {v: after[v] for v in victims}
+    facts["old_processes_gone"] = {
+        v: {"host": gone(before[v]["host_pid"]), "sandbox": gone(before[v]["pid"])} for v in victims
+    }
+
+    t_release = time.monotonic()
+    for _, d in instances.values():
+        (d / "release").touch()
+
+    def all_done() -> bool:
+        return all(h.status()["status"] in {"complete", "errored", "terminated"}
+                   for h in handles.values())
+
+    wait_until(all_done, 90, "every instance to end")
+    facts["timings"]["complete_after_release_s"] = round(time.monotonic() - t_release, 2)
+    facts["timings"]["complete_after_removal_s"] = round(time.monotonic() - t_removed, 2)
+
+    facts["instances"] = {}
+    for iid, (tenant, d) in instances.items():
+        info = engine.journal.get_instance(tenant, iid)
+        facts["instances"][iid] = {
+            "tenant": tenant,
+            "status": handles[iid].status(),
+            "a_runs": len(lines(d / "a.log")),
+            "b_runs": lines(d / "b.log"),
+            "steps": [[s.name, s.seq, s.status] for s in engine.journal.list_steps(info.pk)],
+        }
+    facts["stats"] = {k: v for k, v in engine.stats().items() if k != "metrics_url"}
+
+
+def main(database_url: str, work_dir: str) -> int:
+    work = Path(work_dir)
+    facts: dict[str, Any] = {"t0": time.monotonic(), "timings": {}, "error": None}
+    cluster = None
+    try:
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": SYSTEM_CONFIG},
+        )
+        ray.init(address=cluster.address, namespace="dynwf", logging_level="WARNING")
+        # The engine's loader and scheduler (num_cpus=0 actors, which Ray may place on any
+        # node) start while the head is the only node: the workers then run only hosts, and
+        # removing one takes hosts and sandboxes with it, never the engine's control plane.
+        facts["_engine"] = Engine.start(database_url=database_url, **ENGINE)
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes(timeout=120)
+        facts["timings"]["cluster_started_s"] = round(time.monotonic() - facts["t0"], 2)
+        scenario(cluster, facts, facts["_engine"], work)
+    except BaseException as exc:  # noqa: BLE001 - reported in the JSON line
+        facts["error"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    finally:
+        engine = facts.pop("_engine", None)
+        t_stop = time.monotonic()
+        for what, stop in (
+            ("engine", engine.stop if engine is not None else None),
+            ("ray", ray.shutdown),
+            ("cluster", cluster.shutdown if cluster is not None else None),
+        ):
+            if stop is None:
+                continue
+            try:
+                stop()
+            except BaseException as exc:  # noqa: BLE001 - keep shutting the rest down
+                traceback.print_exc()
+                facts.setdefault("shutdown_errors", []).append(f"{what}: {type(exc).__name__}: {exc}")
+        facts["timings"]["shutdown_s"] = round(time.monotonic() - t_stop, 2)
+        facts["timings"]["total_s"] = round(time.monotonic() - facts.pop("t0"), 2)
+        print(json.dumps(facts, default=str), flush=True)
+    return 0 if facts["error"] is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))

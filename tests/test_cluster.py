@@ -1,0 +1,161 @@
+"""Sandboxes on every node of a multi-node Ray cluster; an instance survives its node's removal.
+
+A `ray.cluster_utils.Cluster` (a head and two worker nodes on this machine)
+needs a Ray session of its own, and the rest of the suite shares one
+(`ray_session`), so the scenario runs in a subprocess, `tests/cluster_driver.py`,
+which prints one JSON line of what it saw; this side asserts on it. The journal
+is PostgreSQL (a fresh database per run): every node reaches it, as in a real
+cluster. Without DYNWF_TEST_POSTGRES_URL the test is skipped, unless
+DYNWF_REQUIRE_POSTGRES=1, where it fails (as in conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+PG_URL = os.environ.get("DYNWF_TEST_POSTGRES_URL")
+REPO = Path(__file__).resolve().parent.parent
+#: The whole scenario (three nodes, four hosts, a node removal) on a busy 2-core machine:
+#: usually 15-70 s; the driver's own waits give up well before this.
+DRIVER_TIMEOUT = 480
+STEPS_ONCE = [["a", 1, "complete"], ["b", 1, "complete"], ["c", 1, "complete"]]
+
+
+@pytest.fixture
+def pg_database_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for the cluster's journal, dropped afterwards."""
+    if not PG_URL:
+        if os.environ.get("DYNWF_REQUIRE_POSTGRES") == "1":
+            pytest.fail("DYNWF_REQUIRE_POSTGRES=1 but DYNWF_TEST_POSTGRES_URL is not set")
+        pytest.skip("PostgreSQL not configured: set DYNWF_TEST_POSTGRES_URL (./dev test does)")
+    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    name = f"dynwf_c_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sa.make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def run_driver(database_url: str, work: Path) -> tuple[dict, str]:
+    """Run the cluster scenario in its own process group; (its JSON facts, its stderr)."""
+    # A private Ray temp dir: a Cluster writes its address to <it>/ray/ray_current_cluster,
+    # where any other ray.init() on this machine (another test run) would join it.
+    # Short, under /tmp: Ray's Unix socket paths live below it.
+    ray_tmp = tempfile.mkdtemp(prefix="dynwf-ray-", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.cluster_driver", database_url, str(work)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its Ray processes form a group we can end on a timeout
+    )
+    try:
+        out, err = proc.communicate(timeout=DRIVER_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(
+            f"the cluster driver ran over {DRIVER_TIMEOUT} s (Ray logs in {ray_tmp})\n"
+            f"--- stdout ---\n{out[-20000:]}\n--- stderr ---\n{err[-20000:]}"
+        )
+    facts = None
+    for line in reversed(out.splitlines()):
+        if line.startswith("{"):
+            try:
+                facts = json.loads(line)
+                break
+            except ValueError:
+                continue
+    if facts is None or proc.returncode != 0 or facts.get("error"):
+        pytest.fail(
+            f"the cluster driver failed (exit {proc.returncode}; Ray logs in {ray_tmp}): "
+            f"{(facts or {}).get('error')}\n"
+            f"--- stdout ---\n{out[-20000:]}\n--- stderr ---\n{err[-20000:]}"
+        )
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    return facts, err
+
+
+def test_sandboxes_run_on_every_node_and_an_instance_resumes_after_its_node_is_removed(
+    pg_database_url, tmp_path
+):
+    facts, stderr = run_driver(pg_database_url, tmp_path)
+    try:
+        check(facts)
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}\n--- facts ---\n{json.dumps(facts, indent=1)}\n--- stderr ---\n{stderr[-20000:]}"
+        ) from None
+    spread = {}
+    for p in facts["before"].values():
+        spread[p["node"]] = spread.get(p["node"], 0) + 1
+    print(f"\ncluster scenario: instances per node {sorted(spread.values(), reverse=True)}, "
+          f"removed node ran {facts['victims']}; timings {json.dumps(facts['timings'])}")
+
+
+def check(facts: dict) -> None:
+    assert not facts.get("shutdown_errors"), facts.get("shutdown_errors")
+    head, workers = facts["nodes"]["head"], facts["nodes"]["workers"]
+    nodes = {head, *workers}
+    assert len(nodes) == 3 and sorted(nodes) == facts["alive_nodes"]
+    # The engine's loader and scheduler run on the head (started before the workers joined).
+    assert set(facts["control"]) == {"dynwf-loader-cluster", "dynwf-scheduler-cluster"}
+    assert set(facts["control"].values()) == {head}, facts["control"]
+
+    # Instances ran on more than one node (four tenants' hosts, spread).
+    before = facts["before"]
+    ran_on = {p["node"] for p in before.values()}
+    assert ran_on <= nodes
+    assert len(ran_on) >= 2, f"every instance's sandbox ran on one node: {before}"
+
+    # A worker node running an instance was removed while that instance was in step b.
+    removed, victims = facts["removed"], facts["victims"]
+    assert removed in workers and victims
+    assert removed not in facts["alive_nodes_after_removal"]
+    instances = facts["instances"]
+    for v in victims:
+        assert before[v]["node"] == removed
+        at = facts["at_removal"][v]
+        assert at["b_runs"] == 1 and not at["released"], at
+        assert [s[0] for s in at["steps"] if s[2] == "complete"] == ["a"], at
+
+        # Its host and sandbox went with the node; it resumed on another node ...
+        assert facts["old_processes_gone"][v] == {"host": True, "sandbox": True}
+        after = facts["after"][v]
+        assert after["node"] != removed and after["node"] in facts["alive_nodes_after_removal"]
+        assert after["host_pid"] != before[v]["host_pid"]
+        # ... and completed: a did not run again, b ran again (in another sandbox),
+        # each step is recorded exactly once.
+        got = instances[v]
+        assert got["status"]["status"] == "complete", got
+        assert got["status"]["output"] == ["a", "b", "c"]
+        assert got["a_runs"] == 1
+        assert len(got["b_runs"]) == 2 and got["b_runs"][0] != got["b_runs"][1], got["b_runs"]
+        assert got["steps"] == STEPS_ONCE
+
+    # Every other instance completed too, each step once, untouched by the removal.
+    for iid, got in instances.items():
+        assert got["status"]["status"] == "complete", (iid, got)
+        assert got["status"]["output"] == ["a", "b", "c"]
+        assert got["a_runs"] == 1, (iid, got)
+        assert got["steps"] == STEPS_ONCE, (iid, got)
+        if iid not in victims:
+            assert len(got["b_runs"]) == 1, (iid, got)
+    assert facts["stats"]["host_deaths"] >= len(victims)
+    assert facts["stats"]["instances"] == {"complete": len(instances)}
