@@ -23,7 +23,7 @@ from .config import EngineConfig
 from .errors import InvalidInputError, SandboxUnavailableError
 from .journal import Journal
 from .loader import Loader
-from .package import package_class, push
+from .package import package_class, pickled_modules, push
 from .sandbox.policy import SandboxLimits, TenantPolicy
 from .scheduler import Scheduler
 from .tracing import tenant_telemetry
@@ -90,7 +90,7 @@ class Engine:
         version, kind, blob = package_class(workflow_cls)
         self.journal.save_code(
             tenant_id, version, kind, blob, self._clock(),
-            json.dumps({"module": workflow_cls.__module__}),  # where its sandbox imports it from
+            json.dumps({"modules": pickled_modules(blob)}),  # what its sandbox must import
         )
         return version
 

@@ -197,27 +197,32 @@ def _code_location(version: str, kind: str, blob: bytes, manifest_json: str) -> 
     """(the directory a sandbox imports the code from, the paths it must read for it).
 
     A package is unpacked from the journal's zip. A registered class is pickled by
-    reference to its module: when that module is not part of the Python environment,
-    the sandbox gets a directory holding one link to the module's top-level package
-    (or file), so it can import it without reading what lies beside it."""
+    reference to modules (recorded at `register`): for each that is not part of the
+    Python environment, the sandbox gets a link to its top-level package (or file) in
+    a directory of its own, so it can import it without reading what lies beside it."""
     if kind == PACKAGE:
         code_dir = unpack(version, blob)
         return code_dir, [code_dir]
     shims = os.path.join(CODE_ROOT, f"{version}-imports")
     os.makedirs(shims, exist_ok=True)
-    module = json.loads(manifest_json or "{}").get("module")
-    spec = importlib.util.find_spec(module.split(".")[0]) if module else None
-    if spec is None or spec.origin in (None, "built-in", "frozen"):
-        return shims, [shims]
-    target = spec.submodule_search_locations[0] if spec.submodule_search_locations else spec.origin
-    if any(target.startswith(p.rstrip("/") + "/") for p in _runtime_sys_path()):
-        return shims, [shims]  # part of the environment: already importable
-    link = os.path.join(shims, os.path.basename(target))
-    try:
-        os.symlink(target, link)
-    except FileExistsError:  # made by another host of this version
-        pass
-    return shims, [shims, target]
+    readable = [shims]
+    runtime = _runtime_sys_path()
+    for module in json.loads(manifest_json or "{}").get("modules", []):
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or spec.origin in (None, "built-in", "frozen"):
+            continue
+        target = spec.submodule_search_locations[0] if spec.submodule_search_locations else spec.origin
+        if any(target.startswith(p.rstrip("/") + "/") for p in runtime):
+            continue  # part of the environment: already importable
+        try:
+            os.symlink(target, os.path.join(shims, os.path.basename(target)))
+        except FileExistsError:  # made by another host of this version
+            pass
+        readable.append(target)
+    return shims, readable
 
 
 class _Sandboxes:

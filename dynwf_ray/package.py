@@ -30,6 +30,7 @@ import hashlib
 import json
 import io
 import os
+import pickletools
 import shutil
 import tempfile
 import tomllib
@@ -205,6 +206,33 @@ def package_class(cls: Any) -> tuple[str, str, bytes]:
     check_class(cls, cls.__qualname__)
     blob = cloudpickle.dumps(cls)
     return _version(blob), PICKLED_CLASS, blob
+
+
+def pickled_modules(blob: bytes) -> list[str]:
+    """The top-level modules a pickle refers to (read with pickletools: nothing in it
+    runs). A sandbox must be able to import them to load a registered class."""
+    memo: dict[int, Any] = {}
+    pushed: list[Any] = []  # what each opcode pushed: a string, or None for anything else
+    modules: set[str] = set()
+    for op, arg, _ in pickletools.genops(blob):
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+            pushed.append(arg)
+        elif op.name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = pushed[-1] if pushed else None
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed.append(memo.get(arg))
+        elif op.name == "STACK_GLOBAL":
+            if len(pushed) >= 2 and isinstance(pushed[-2], str):
+                modules.add(pushed[-2].split(".")[0])
+            pushed.append(None)
+        elif op.name in ("GLOBAL", "INST"):
+            modules.add(str(arg).split(" ")[0].split(".")[0])
+            pushed.append(None)
+        else:
+            pushed.append(None)
+    return sorted(modules)
 
 
 def _version(blob: bytes) -> str:
