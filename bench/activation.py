@@ -1,11 +1,17 @@
 """Activation latency of a hibernated instance, warm host and cold host.
 
-Each sample: an instance is suspended in `wait_for_event` (no activation
-running); we send the event and measure until its next step runs inside a host
-(the step records time.time()). That covers the event's commit, the scheduler's
-wake-up and claim, the call to the host, loading and replaying the instance.
-- warm: the host of that tenant's code is idle and alive (hibernate_after is long).
-- cold: hibernate_after=0, so the host was killed and a new Ray actor starts.
+The tenant's code is pushed (`engine.push_tenant`, a small directory this script
+writes), so it runs as every tenant's does: in a sandbox process of its host.
+Each sample: an instance (created with `create`, one at a time) is suspended in
+`wait_for_event` (no activation running); we send the event and measure until
+its next step runs inside the sandbox (the step records time.time()). That
+covers the event's commit, the scheduler's wake-up and claim, the call to the
+host, loading the instance, the `activate` message to the sandbox, replay there,
+the wait's and the step's requests.
+- warm: the engine's default configuration; the tenant's host (and its idle
+  sandbox) is alive, since samples come well within `hibernate_after`.
+- cold: hibernate_after=0 (the one setting changed), so the host was killed and a
+  new Ray actor starts, with its sandbox template and a new sandbox.
 
 Usage: python bench/activation.py [--warm 50] [--cold 10] [--database-url URL]
 """
@@ -19,7 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import arg, database_url, emit, summary_ms, wait_until  # noqa: E402
-from bench.workflows import WakeAndStamp  # noqa: E402
+from bench.workflows import pushed_tenant_dir  # noqa: E402
 from dynwf_ray import Engine  # noqa: E402
 
 
@@ -50,11 +56,10 @@ def activation_samples(
 
 def run(kind: str, n: int, url: str) -> dict:
     cold = kind == "cold"
-    engine = Engine.start(
-        database_url=url, name=f"bench-{kind}", hibernate_after=0 if cold else 600, max_hosts=2
-    )
+    tuning = {"hibernate_after": 0} if cold else {}
+    engine = Engine.start(database_url=url, name=f"bench-{kind}-{os.getpid()}", **tuning)
     try:
-        engine.register(kind, WakeAndStamp)
+        engine.push_tenant(kind, pushed_tenant_dir("wake", kind))
         return summary_ms(activation_samples(engine, kind, n, cold)[0])
     finally:
         engine.stop()
@@ -62,10 +67,14 @@ def run(kind: str, n: int, url: str) -> dict:
 
 def main() -> None:
     url = database_url()
+    load_before = [round(x, 2) for x in os.getloadavg()]
     warm = run("warm", arg("--warm", 50), url)
     cold = run("cold", arg("--cold", 10), url)
     emit("activation", {
         "journal": url.split(":")[0],
+        "load_before": load_before,
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "tenant_code": "pushed",
         "warm": warm, "warm_target_p50_ms": 5,
         "cold": cold, "cold_target_ms": 1200,
     })

@@ -65,3 +65,55 @@ class LongReplay(WorkflowEntrypoint):
             await step.do("s", lambda: i)
         await step.wait_for_event("end", type="end", timeout="1 hour")
         return "done"
+
+
+# -- the same workflows as pushed tenant code ---------------------------------------------
+# What a user of the platform does: a directory of plain Python, pushed with
+# `engine.push_tenant`. `salt` makes the content (hence the code version) distinct.
+
+PUSHED_SOURCES = {
+    "trivial": '''
+from dynwf_ray import WorkflowEntrypoint
+
+SALT = {salt!r}
+
+class TrivialSteps(WorkflowEntrypoint):
+    async def run(self, event, step):
+        for i in range(event.payload["steps"]):
+            await step.do("s", lambda: 1)
+        return "done"
+''',
+    "three": '''
+from dynwf_ray import WorkflowEntrypoint
+
+SALT = {salt!r}
+
+class ThreeSteps(WorkflowEntrypoint):
+    async def run(self, event, step):
+        a = await step.do("a", lambda: 1)
+        b = await step.do("b", lambda: a + 1)
+        return await step.do("c", lambda: b + 1)
+''',
+    "wake": '''
+import os, time
+from dynwf_ray import WorkflowEntrypoint
+
+SALT = {salt!r}
+
+class WakeAndStamp(WorkflowEntrypoint):
+    async def run(self, event, step):
+        pid = await step.do("pid", os.getpid)
+        await step.wait_for_event("poke", type="poke", timeout="1 hour")
+        return {{"resumed_at": await step.do("resumed at", time.time), "pid": pid}}
+''',
+}
+
+
+def pushed_tenant_dir(kind: str, salt: str = "") -> str:
+    """A fresh tenant directory holding one of PUSHED_SOURCES as workflow.py."""
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp(prefix=f"dynwf-bench-{kind}-"))
+    (d / "workflow.py").write_text(PUSHED_SOURCES[kind].format(salt=salt))
+    return str(d)
