@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import importlib.util
 import json
 import logging
@@ -203,10 +204,8 @@ def _code_location(version: str, kind: str, blob: bytes, manifest_json: str) -> 
     if kind == PACKAGE:
         code_dir = unpack(version, blob)
         return code_dir, [code_dir]
-    shims = os.path.join(CODE_ROOT, f"{version}-imports")
-    os.makedirs(shims, exist_ok=True)
-    readable = [shims]
     runtime = _runtime_sys_path()
+    targets = []
     for module in json.loads(manifest_json or "{}").get("modules", []):
         try:
             spec = importlib.util.find_spec(module)
@@ -215,14 +214,19 @@ def _code_location(version: str, kind: str, blob: bytes, manifest_json: str) -> 
         if spec is None or spec.origin in (None, "built-in", "frozen"):
             continue
         target = spec.submodule_search_locations[0] if spec.submodule_search_locations else spec.origin
-        if any(target.startswith(p.rstrip("/") + "/") for p in runtime):
-            continue  # part of the environment: already importable
+        if not any(target.startswith(p.rstrip("/") + "/") for p in runtime):
+            targets.append(target)  # not part of the environment: link it
+    # The same pickle may find its modules elsewhere in another checkout or node: the
+    # directory is named after where the links lead, not only after the version.
+    where = hashlib.sha256("\0".join(targets).encode()).hexdigest()[:16]
+    shims = os.path.join(CODE_ROOT, f"{version}-imports-{where}")
+    os.makedirs(shims, exist_ok=True)
+    for target in targets:
         try:
             os.symlink(target, os.path.join(shims, os.path.basename(target)))
         except FileExistsError:  # made by another host of this version
             pass
-        readable.append(target)
-    return shims, readable
+    return shims, [shims, *targets]
 
 
 class _Sandboxes:
