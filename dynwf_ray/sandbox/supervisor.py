@@ -96,6 +96,7 @@ class _Activation:
     last_id: int = 0
     log_chars: int = 0
     cpu_mark: float = 0.0
+    cpu_stale: bool = True  # the sandbox did something: take a new CPU baseline
     wall_mark: float = 0.0
 
 
@@ -225,9 +226,10 @@ class SandboxSession:
         if trace is not None:
             ctx = trace.activation.context
             act.ids = (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}")
-        act.cpu_mark, act.wall_mark = self._cpu(), time.monotonic()
+        act.wall_mark = time.monotonic()
         self._current = act
         self.activations += 1
+        ticker = asyncio.ensure_future(_tick(act.queue))
         try:
             self._send({
                 "t": "activate",
@@ -241,15 +243,15 @@ class SandboxSession:
             })
             return await self._serve(act)
         finally:
+            ticker.cancel()
             self._current = None
             for task in act.requests.values():
                 task.cancel()
 
     async def _serve(self, act: _Activation) -> Any:
         while True:
-            try:
-                kind, item = await asyncio.wait_for(act.queue.get(), _WATCH_EVERY)
-            except asyncio.TimeoutError:
+            kind, item = await act.queue.get()
+            if kind == "tick":
                 self._watch(act)
                 continue
             if kind == "ended":  # a request ended the activation (suspend, pause, lease...)
@@ -275,13 +277,13 @@ class SandboxSession:
             if rid <= act.last_id:
                 raise protocol.ProtocolError(f"request id {rid} was used before")
             act.last_id = rid
-            act.cpu_mark, act.wall_mark = self._cpu(), time.monotonic()
+            _active(act)
             act.requests[rid] = asyncio.ensure_future(self._request(act, op, message))
         elif op in ("result", "raise"):
             future = act.calls.pop(message["id"], None)
             if future is None:
                 raise protocol.ProtocolError(f"an answer to call {message['id']}, which is not running")
-            act.cpu_mark, act.wall_mark = self._cpu(), time.monotonic()
+            _active(act)
             if not future.done():
                 future.set_result(message)
         elif op == "log":
@@ -338,9 +340,13 @@ class SandboxSession:
     async def _answer(self, act: _Activation, op: str, m: dict[str, Any]) -> Any:
         step, name, count = act.step, m.get("name"), m.get("count")
         if op == "do":
+            rid = m["id"]
+
+            async def in_sandbox(ctx: Any) -> Any:  # a plain function: cheap for Step to inspect
+                return await self._remote(act, rid, ctx)
+
             return await step.do(
-                name, _RemoteCallback(self, act, m["id"]), retries=m.get("retries"),
-                timeout=m.get("timeout"), count=count,
+                name, in_sandbox, retries=m.get("retries"), timeout=m.get("timeout"), count=count,
             )
         if op == "sleep":
             return await step.sleep(name, m.get("seconds"), count=count)
@@ -372,10 +378,34 @@ class SandboxSession:
         act.calls[rid] = future
         act.call_steps[rid] = (name, count, attempt)
         ids = act.call_ids[rid] = current_ids()
-        act.cpu_mark, act.wall_mark = self._cpu(), time.monotonic()
+        _active(act)
         self._send({"t": "call", "id": rid, "count": count, "attempt": attempt,
                     "span": f"00-{ids[0]}-{ids[1]}-01" if ids else None})
         return future
+
+    async def _remote(self, act: _Activation, rid: int, ctx: Any) -> Any:
+        """One attempt of a sandboxed step (what `Step.do` calls): the callback runs in
+        the sandbox; its answer, or the sandbox's end, becomes this call's outcome."""
+        future = self._call(act, rid, ctx.step, ctx.count, ctx.attempt)
+        try:
+            answer = await future
+        except _Lost as lost:
+            if lost.limit:
+                raise ResourceLimitError(f"step {ctx.step!r}: the sandbox went over its {lost.reason}") from None
+            raise Abandon(lost.reason) from None
+        except asyncio.CancelledError:  # the step's timeout: the callback is still running there
+            self.close(f"step {ctx.step!r} went over its timeout")
+            raise
+        finally:
+            act.calls.pop(rid, None)
+        if answer["op"] == "result":
+            return answer.get("value")
+        name, text = answer["name"][:200], self._redact(answer["message"])
+        if name == "ResourceLimitError":  # reported by the sandbox itself (MemoryError)
+            raise ResourceLimitError(f"step {ctx.step!r}: {text}; the limit is {self.limits.memory_mb} MiB")
+        if not answer["retryable"]:
+            raise TenantNonRetryableError(name, text)
+        raise TenantError(name, text)
 
     # -- limits and endings -------------------------------------------------------
 
@@ -386,8 +416,12 @@ class SandboxSession:
             return 0.0
 
     def _watch(self, act: _Activation) -> None:
-        used = self._cpu() - act.cpu_mark
-        if used > self.limits.cpu_seconds:
+        """Every tick: CPU used since the sandbox last did something (a baseline is
+        taken at the first tick after it), and how long run() went without a step."""
+        cpu = self._cpu()
+        if act.cpu_stale:
+            act.cpu_mark, act.cpu_stale = cpu, False
+        elif cpu - act.cpu_mark > self.limits.cpu_seconds:
             self._over(act, f"CPU time limit of {self.limits.cpu_seconds:g} s per step attempt")
         if not act.calls and not act.requests and time.monotonic() - act.wall_mark > RUN_SEGMENT_TIMEOUT:
             self._over(act, f"run() went {RUN_SEGMENT_TIMEOUT:g} s without a step")
@@ -466,35 +500,17 @@ class SandboxSession:
                 log.debug("dropped a malformed span from tenant %s", self.tenant_id)
 
 
-class _RemoteCallback:
-    """What `Step.do` calls for a sandboxed step: it runs the callback in the sandbox."""
+def _active(act: _Activation) -> None:
+    """The sandbox did something: run()'s clock and the CPU baseline start again."""
+    act.wall_mark = time.monotonic()
+    act.cpu_stale = True
 
-    def __init__(self, session: SandboxSession, act: _Activation, rid: int):
-        self._session = session
-        self._act = act
-        self._rid = rid
 
-    async def __call__(self, ctx: Any) -> Any:
-        future = self._session._call(self._act, self._rid, ctx.step, ctx.count, ctx.attempt)
-        try:
-            answer = await future
-        except _Lost as lost:
-            if lost.limit:
-                raise ResourceLimitError(f"step {ctx.step!r}: the sandbox went over its {lost.reason}") from None
-            raise Abandon(lost.reason) from None
-        except asyncio.CancelledError:  # the step's timeout: the callback is still running there
-            self._session.close(f"step {ctx.step!r} went over its timeout")
-            raise
-        finally:
-            self._act.calls.pop(self._rid, None)
-        if answer["op"] == "result":
-            return answer.get("value")
-        name, text = answer["name"][:200], self._session._redact(answer["message"])
-        if name == "ResourceLimitError":  # reported by the sandbox itself (MemoryError)
-            raise ResourceLimitError(f"step {ctx.step!r}: {text}; the limit is {self._session.limits.memory_mb} MiB")
-        if not answer["retryable"]:
-            raise TenantNonRetryableError(name, text)
-        raise TenantError(name, text)
+async def _tick(queue: asyncio.Queue) -> None:
+    """Wakes the activation's loop to check limits (cheaper than a timeout per message)."""
+    while True:
+        await asyncio.sleep(_WATCH_EVERY)
+        queue.put_nowait(("tick", None))
 
 
 def _current_task() -> asyncio.Task | None:
