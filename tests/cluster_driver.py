@@ -26,7 +26,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 import ray
@@ -34,6 +34,8 @@ from ray.cluster_utils import Cluster
 
 from dynwf_ray import Engine
 
+from .conftest import wait_until
+from .test_engine import lines
 from .workflows import Steered
 
 TENANTS = 4
@@ -46,21 +48,6 @@ SYSTEM_CONFIG = {
 ENGINE = dict(
     name="cluster", max_hosts=8, lease_ttl=3.0, poll_interval=0.5, hibernate_after=120.0,
 )
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def lines(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
 
 
 def placements(engine: Engine) -> dict[str, dict]:
