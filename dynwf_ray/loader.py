@@ -99,7 +99,10 @@ class Loader:
         self._cache: OrderedDict[Any, Any] = OrderedDict()
         self._idle: dict[CodeKey, list[_Host]] = {}
         self._busy: dict[int, _Host] = {}
-        self._seq = 0
+        # Host ids never repeat across restarts of this actor: Ray retries the scheduler's
+        # calls that were in flight when it died, and a `discard` of an old host must
+        # not end a new one that happens to get the same number.
+        self._seq = time.time_ns() // 1000
         self._sent: set[int] = set()  # hosts whose handle the scheduler has
         self._ended: list[int] = []  # of those, ended since the last acquire
         self._counters = {"cache_hits": 0, "cache_misses": 0, "cold_starts": 0, "warm_starts": 0}
