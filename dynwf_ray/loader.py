@@ -159,16 +159,17 @@ class Loader:
                 self._counters["warm_starts"] += 1
                 return self._lend(host, warm=True)
         spec = self.code_spec(tenant_id, version)
+        policy = json.loads(self.journal.tenant_policy(tenant_id) or "{}")
         if spec.kind == PACKAGE:  # the platform may have withdrawn pip since the push
             try:
-                check_pip_allowed(self.journal, tenant_id, Manifest(**json.loads(spec.manifest_json)))
+                check_pip_allowed(tenant_id, Manifest(**json.loads(spec.manifest_json)), policy)
             except InvalidInputError as exc:
                 raise LookupError(str(exc)) from None
         otel_env = tenant_env(self.journal, self.config.telemetry_env, tenant_id, version)
         sandbox = {
             "mode": self.config.sandbox,
             "limits": self.config.sandbox_limits.model_dump(),
-            "policy": json.loads(self.journal.tenant_policy(tenant_id) or "{}"),
+            "policy": policy,
             "max_crashes": self.config.max_activation_failures,
             "bindings": self._bindings,
         }

@@ -245,13 +245,12 @@ def _version(blob: bytes) -> str:
 PUSH_TIMEOUT = 900.0
 
 
-def check_pip_allowed(journal: Any, tenant_id: str, manifest: Manifest) -> None:
+def check_pip_allowed(tenant_id: str, manifest: Manifest, policy: dict[str, Any]) -> None:
     """pip requirements make the platform download and install packages: only a tenant
     the platform allowed (`set_tenant_policy(..., pip=True)`) may ask for them."""
     if not manifest.pip:
         return
-    stored = journal.tenant_policy(tenant_id)
-    if not (stored and json.loads(stored).get("pip")):
+    if not policy.get("pip"):
         raise InvalidInputError(
             f"tenant {tenant_id!r} asks for pip packages {manifest.pip}, but the platform "
             "has not allowed pip for it (engine.set_tenant_policy(tenant, pip=True))"
@@ -272,7 +271,7 @@ def push(
     from ray.exceptions import GetTimeoutError, RayTaskError, RuntimeEnvSetupError
 
     package = build_package(path)
-    check_pip_allowed(journal, tenant_id, package.manifest)
+    check_pip_allowed(tenant_id, package.manifest, json.loads(journal.tenant_policy(tenant_id) or "{}"))
     stored = journal.find_code(package.version)  # this content was validated before
     if stored is None:
         from .host import check_entrypoint
