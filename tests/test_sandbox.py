@@ -32,6 +32,8 @@ def test_values_secrets_and_platform_bindings_reach_tenant_code(env_engine, tena
     assert out["added"] == {"tenant": tenant, "value": 2}  # the factory got the tenant id
     assert out["private"] == "AttributeError"  # private methods are not even proxied
     assert out["missing"].startswith("DynwfError: binding 'COUNTER' has no method 'nope'")
+    # What the platform's object raised reaches the tenant as a named error, nothing more.
+    assert out["failing"] == "DynwfError: binding 'COUNTER': fail() raised ValueError: counter is read-only today"
     # The sandbox's environment holds nothing of the platform's.
     assert not [k for k in out["env"] if k.startswith(("RAY", "DYNWF", "OTEL", "PG"))], out["env"]
     lines = [line.message for line in engine.binding(tenant).get("e").logs()]

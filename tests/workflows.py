@@ -168,6 +168,9 @@ class Counter:
         self.value += n
         return {"tenant": self.tenant_id, "value": self.value}
 
+    def fail(self) -> None:
+        raise ValueError("counter is read-only today")
+
     def _internal(self) -> str:  # not callable from a sandbox: private
         return "private"
 
@@ -197,10 +200,18 @@ class UsesEnv(WorkflowEntrypoint):
             except Exception as exc:  # noqa: BLE001
                 return f"{type(exc).__name__}: {exc}"
 
+        def failing():
+            try:
+                counter.fail()
+                return "reached"
+            except Exception as exc:  # noqa: BLE001
+                return f"{type(exc).__name__}: {exc}"
+
         print(f"using key {self.env['API_KEY']}")
         return {
             "region": self.env["REGION"], "key_length": len(self.env["API_KEY"]),
             "added": added, "private": await step.do("private", private),
             "missing": await step.do("missing", missing),
+            "failing": await step.do("failing", failing),
             "env": sorted(k for k in os.environ),
         }

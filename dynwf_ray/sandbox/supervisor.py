@@ -368,7 +368,14 @@ class SandboxSession:
             return call(method, args, kwargs)
         if method.startswith("_") or method not in _public_methods(type(target)):
             raise DynwfError(f"binding {binding!r} has no method {method!r}")
-        result = getattr(target, method)(*args, **kwargs)
+        try:
+            result = getattr(target, method)(*args, **kwargs)
+        except DynwfError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the tenant's call failed: it gets the name only
+            raise DynwfError(
+                f"binding {binding!r}: {method}() raised {type(exc).__name__}: {exc}"
+            ) from None
         return json.loads(to_json(result, f"result of {binding}.{method}()"))
 
     # -- step callbacks ---------------------------------------------------------
