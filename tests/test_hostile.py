@@ -609,7 +609,9 @@ def test_ray_cluster_is_out_of_reach(arena):
     actors = sorted(map(str, ray.util.list_named_actors(all_namespaces=True)))
     jobs = len(ray._private.state.jobs())
     gcs_port = int(ray.get_runtime_context().gcs_address.rsplit(":", 1)[1])
-    r = arena.run("ray_connect", "rayt", where="step",
+    # Ray's own native code sometimes dies (SIGSEGV) under the jail while it tries: the
+    # attack then fails by crashing its sandbox, which the trusted side checks the same way.
+    r = arena.run("ray_connect", "rayt", where="step", expect=("complete", "errored"),
                   ctx={"gcs_port": gcs_port, "namespace": cfg.namespace, "scheduler": cfg.scheduler_name})
     # from our side: no new driver joined, the engine's actors are the same and answer
     assert len(ray._private.state.jobs()) == jobs, "a new Ray job (driver) registered"
@@ -617,6 +619,9 @@ def test_ray_cluster_is_out_of_reach(arena):
     assert ray.get(scheduler.ping.remote(), timeout=60)
     assert ray.get(loader.stats.remote(), timeout=60) is not None
     assert ray.get_actor(cfg.scheduler_name, namespace=cfg.namespace)._actor_id == scheduler._actor_id
+    if r["status"]["status"] == "errored":
+        assert r["status"]["error"]["name"] == "SandboxCrashedError", r["status"]
+        return
     res = r["output"]["step"]
     assert res["initialized"] is False, res
     assert not res["init auto"]["ok"], res["init auto"]
