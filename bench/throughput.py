@@ -1,26 +1,32 @@
-"""Creation and completion rates.
+"""Creation and completion rates, and the same workload on DBOS Transact.
 
 - `create_batch_per_s`: instances created per second with `create_batch` (100 per
   call), measured on the journal with no scheduler running, so nothing competes.
 - `three_step`: 3-step workflows of a *pushed* tenant (a small directory this
   script writes; its steps run in sandboxes) run to completion by an engine with
   its default configuration: instances / (last completion - first create), after a
-  warm-up so hosts are warm. Two ways of creating them, runs interleaved:
-  `one_by_one_per_s` (`create` per instance, as a caller creating work as it comes)
-  and `batches_per_s` (`create_batch` of 100).
-- `--max-hosts N` and/or `--warm-pool-size N` add the same figures for an engine
-  tuned that way, reported beside the default ones under `three_step_tuned`.
-- `*_cold_starts_per_run`: hosts started during each run (after the warm-up, any
-  host started is one that was deactivated meanwhile).
+  warm-up. Runs interleaved: `one_by_one_per_s` (`create` per instance, as a
+  webhook handler creates work as it comes) and `batches_per_s` (`create_batch`
+  of 100), and `twenty_tenants_per_s`: 20 pushed tenants at once, instances
+  created one by one in turn.
+- `*_cold_starts_per_run`: hosts started during each run (after the warm-up).
+- `dbos`: `bench/peers/dbos_three_step.py` run in `.venv-dbos` (made by
+  `bench/peers/setup_dbos.sh`) when it exists, with the same counts, and the
+  ratios ours / DBOS of the medians.
+- `--max-hosts N`, `--max-activations N`, `--host-concurrency N` add the same
+  figures for an engine tuned that way, beside the default ones (`three_step_tuned`).
 
-Usage: python bench/throughput.py [--creates 10000] [--workflows 300] [--one-by-one 100]
-       [--runs 3] [--max-hosts N] [--warm-pool-size N] [--database-url URL]
+Usage: python bench/throughput.py [--creates 10000] [--workflows 300] [--one-by-one 200]
+       [--runs 3] [--max-hosts N] [--max-activations N] [--host-concurrency N]
+       [--database-url URL]
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -50,75 +56,114 @@ def create_rate(url: str, total: int) -> list[float]:
     return rates
 
 
-def run_workflows(engine: Engine, run: str, n: int, batch: bool) -> float:
-    """Create n instances (in batches of 100, or one by one); rate = n / (last completion - first create)."""
-    wf = engine.binding("tp")
-    done = engine.journal.count_by_status("tp").get("complete", 0)
+def run_workflows(engine: Engine, tenants: list[str], run: str, n: int, batch: bool) -> float:
+    """Create n instances (in batches of 100, or one by one, tenants in turn); rate =
+    n / (last completion - first create)."""
+    bindings = [engine.binding(t) for t in tenants]
+    done = _complete(engine, tenants)
     start = time.perf_counter()
     if batch:
         for b in range(0, n, 100):
+            wf = bindings[(b // 100) % len(bindings)]
             wf.create_batch([{"id": f"{run}-{i}"} for i in range(b, min(n, b + 100))])
     else:
         for i in range(n):
-            wf.create(id=f"{run}-{i}")
+            bindings[i % len(bindings)].create(id=f"{run}-{i}")
     wait_until(
-        lambda: engine.journal.count_by_status("tp").get("complete", 0) == done + n,
-        600, "workflows to complete", interval=0.005,
+        lambda: _complete(engine, tenants) == done + n, 600, "workflows to complete", interval=0.005,
     )
     return n / (time.perf_counter() - start)
+
+
+def _complete(engine: Engine, tenants: list[str]) -> int:
+    if len(tenants) == 1:
+        return engine.journal.count_by_status(tenants[0]).get("complete", 0)
+    return engine.journal.count_by_status().get("complete", 0)
 
 
 def three_step(url: str, one_by_one: int, batched: int, runs: int, **tuning) -> dict:
     engine = Engine.start(database_url=url, name=f"bench-throughput-{os.getpid()}", **tuning)
     try:
         engine.push_tenant("tp", pushed_tenant_dir("three"))
-        run_workflows(engine, "warmup", 200, batch=True)  # start the hosts
-        rates: dict[str, list[float]] = {"one_by_one": [], "batches": []}
-        cold: dict[str, list[int]] = {"one_by_one": [], "batches": []}  # hosts started per run
+        many = [f"tp{i}" for i in range(20)]
+        for t in many:
+            engine.push_tenant(t, pushed_tenant_dir("three", t))
+        run_workflows(engine, ["tp"], "warmup", 200, batch=True)
+        run_workflows(engine, many, "warmup", 200, batch=False)
+        kinds = {
+            "one_by_one": (["tp"], one_by_one, False),
+            "batches": (["tp"], batched, True),
+            "twenty_tenants": (many, one_by_one, False),
+        }
+        rates: dict[str, list[float]] = {k: [] for k in kinds}
+        cold: dict[str, list[int]] = {k: [] for k in kinds}
         for r in range(runs):
-            for kind, n in (("one_by_one", one_by_one), ("batches", batched)):
+            for kind, (tenants, n, batch) in kinds.items():
                 before = engine.stats()["cold_starts"]
-                rates[kind].append(run_workflows(engine, f"{kind}{r}", n, batch=kind == "batches"))
+                rates[kind].append(run_workflows(engine, tenants, f"{kind}{r}", n, batch))
                 cold[kind].append(engine.stats()["cold_starts"] - before)
         stats = engine.stats()
     finally:
         engine.stop()
-    return {
-        "config": tuning or "default",
-        "one_by_one_per_s": round(statistics.median(rates["one_by_one"]), 1),
-        "one_by_one_runs_per_s": [round(r, 1) for r in rates["one_by_one"]],
-        "one_by_one_instances": one_by_one,
-        "one_by_one_cold_starts_per_run": cold["one_by_one"],
-        "batches_per_s": round(statistics.median(rates["batches"]), 1),
-        "batches_runs_per_s": [round(r, 1) for r in rates["batches"]],
-        "batches_instances": batched,
-        "batches_cold_starts_per_run": cold["batches"],
-        "activations": stats["activations"],
-        "cold_starts": stats["cold_starts"],
-    }
+    out: dict = {"config": tuning or "default"}
+    for kind, (_, n, _) in kinds.items():
+        out[f"{kind}_per_s"] = round(statistics.median(rates[kind]), 1)
+        out[f"{kind}_runs_per_s"] = [round(r, 1) for r in rates[kind]]
+        out[f"{kind}_instances"] = n
+        out[f"{kind}_cold_starts_per_run"] = cold[kind]
+    out.update({
+        "activations": stats["activations"], "cold_starts": stats["cold_starts"],
+        "pool": stats["pool"], "journal_writes": stats["journal_writes"],
+    })
+    return out
+
+
+def dbos(one_by_one: int, runs: int) -> dict | None:
+    """The same workload on DBOS Transact (SQLite), when .venv-dbos exists."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    python = os.path.join(root, ".venv-dbos", "bin", "python")
+    if not os.path.exists(python):
+        return None
+    out = subprocess.run(
+        [python, os.path.join(root, "bench", "peers", "dbos_three_step.py"),
+         "--workflows", str(one_by_one), "--runs", str(runs)],
+        capture_output=True, text=True, check=True, timeout=900,
+    ).stdout
+    return json.loads(out)
 
 
 def main() -> None:
     creates = arg("--creates", 10000)
     workflows = arg("--workflows", 300)
-    one_by_one = arg("--one-by-one", 100)
+    one_by_one = arg("--one-by-one", 200)
     runs = arg("--runs", 3)
     tuning = {k: v for k, v in (("max_hosts", arg("--max-hosts", None)),
-                                ("warm_pool_size", arg("--warm-pool-size", None))) if v is not None}
+                                ("max_activations", arg("--max-activations", None)),
+                                ("host_concurrency", arg("--host-concurrency", None)))
+              if v is not None}
     load_before = [round(x, 2) for x in os.getloadavg()]
     created = create_rate(database_url(), creates)
     url = database_url()
+    ours = three_step(url, one_by_one, workflows, runs)
     figures = {
         "journal": url.split(":")[0],
         "create_batch_per_s": round(statistics.median(created)),
         "create_batch_runs_per_s": [round(r) for r in created],
         "create_target_per_s": 3000,
         "tenant_code": "pushed",
-        "three_step": three_step(url, one_by_one, workflows, runs),
-        "three_step_target_per_s": 500,
+        "three_step": ours,
+        "three_step_target_per_s": 1000,
     }
     if tuning:
         figures["three_step_tuned"] = three_step(database_url(), one_by_one, workflows, runs, **tuning)
+    peer = dbos(one_by_one, runs)
+    if peer is not None:
+        figures["dbos"] = peer
+        figures["ratio_vs_dbos"] = {
+            "one_by_one": round(ours["one_by_one_per_s"] / peer["one_by_one_per_s"]["median"], 2),
+            "batches": round(ours["batches_per_s"] / peer["batches_per_s"]["median"], 2),
+            "target": 15,
+        }
     figures["load_before"] = load_before
     figures["load_after"] = [round(x, 2) for x in os.getloadavg()]
     emit("throughput", figures)

@@ -7,7 +7,10 @@ so the tail is bounded by activation throughput, not by timer detection.
 `first_due_claimed_ms` is the lateness of the earliest resumption: how soon
 the scheduler reacted to the timer.
 
-Usage: python bench/timers.py [--instances 10000] [--max-hosts 4] [--database-url URL]
+The tenant's code is pushed and the engine runs its default configuration
+(`--max-hosts N` and `--max-activations N` tune it, and are reported).
+
+Usage: python bench/timers.py [--instances 10000] [--max-hosts N] [--database-url URL]
 """
 
 from __future__ import annotations
@@ -19,19 +22,20 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import arg, database_url, emit, summary_ms, wait_until  # noqa: E402
-from bench.workflows import WakeAndStamp  # noqa: E402
+from bench.workflows import pushed_tenant_dir  # noqa: E402
 from dynwf_ray import Engine  # noqa: E402
 
 
 def main() -> None:
     n = arg("--instances", 10000)
-    max_hosts = arg("--max-hosts", 4)
+    tuning = {k: v for k, v in (("max_hosts", arg("--max-hosts", None)),
+                                ("max_activations", arg("--max-activations", None))) if v is not None}
     url = database_url()
-    engine = Engine.start(database_url=url, name="bench-timers", max_hosts=max_hosts, hibernate_after=600)
+    engine = Engine.start(database_url=url, name=f"bench-timers-{os.getpid()}", **tuning)
     try:
-        engine.register("timers", WakeAndStamp)
+        engine.push_tenant("timers", pushed_tenant_dir("timer"))
         wf = engine.binding("timers")
-        lead = max(30.0, n / 80)  # time for every instance to reach its sleep first
+        lead = max(20.0, n / 250)  # time for every instance to reach its sleep first
         due = time.time() + lead
         start = time.time()
         for b in range(0, n, 100):
@@ -55,11 +59,11 @@ def main() -> None:
     emit("timers", {
         "journal": url.split(":")[0],
         "instances": n,
-        "max_hosts": max_hosts,
+        "config": tuning or "default",
         "seconds_to_put_all_to_sleep": round(asleep_after, 2),
         "lateness": summary_ms(late),
         "first_due_claimed_ms": round(min(late) * 1000, 2),
-        "target_p99_ms": 100,
+        "target_p99_ms": 5000,
     })
 
 

@@ -106,6 +106,30 @@ class WakeAndStamp(WorkflowEntrypoint):
         await step.wait_for_event("poke", type="poke", timeout="1 hour")
         return {{"resumed_at": await step.do("resumed at", time.time), "pid": pid}}
 ''',
+    "timer": '''
+import time
+from dynwf_ray import WorkflowEntrypoint
+
+SALT = {salt!r}
+
+class SleepUntilThenStamp(WorkflowEntrypoint):
+    async def run(self, event, step):
+        await step.sleep_until("timer", event.payload["until"])
+        return {{"resumed_at": await step.do("resumed at", time.time)}}
+''',
+    "stamp": '''
+import time
+from dynwf_ray import WorkflowEntrypoint
+
+SALT = {salt!r}
+
+class StampThenTwoSteps(WorkflowEntrypoint):
+    async def run(self, event, step):
+        started = await step.do("started at", time.time)
+        await step.do("b", lambda: 2)
+        await step.do("c", lambda: 3)
+        return {{"started_at": started}}
+''',
 }
 
 

@@ -116,13 +116,26 @@ async def activate(
             journal, state, token, clock=clock, lease_ttl=lease_ttl, tracker=tracker,
             trace=trace, log=log, keep_logs=keep_logs, counts=counts,
         )
-        outcome, error = await _run(journal, state, token, runner, clock, step, trace)
-        return outcome
-    finally:
+        outcome, error, write = await _run(state, token, runner, clock, step, trace)
         if log is not None:
             LogCapture.end(log_token)
-            if outcome != "lease_lost":
-                journal.append_logs(pk, log.take(final=True), keep_logs)
+            log_token = None
+        if write is not None:
+            try:
+                # The outcome, the last lines printed and the crash count: one commit.
+                await journal.grouped.end_activation(
+                    write, pk, log.take(final=True) if log is not None else (), keep_logs,
+                    outcome == "crashed", state.crashes > 0,
+                )
+            except LeaseLostError:
+                outcome, error = "lease_lost", None
+        return outcome
+    except LeaseLostError:
+        outcome, error = "lease_lost", None
+        return outcome
+    finally:
+        if log_token is not None:
+            LogCapture.end(log_token)
         if trace is not None:
             trace.end(outcome, error)
             if outcome in ("complete", "errored"):
@@ -130,12 +143,13 @@ async def activate(
 
 
 async def _run(
-    journal: Journal, state: ActivationState, token: int, runner: Runner,
-    clock: Callable[[], float], step: Step, trace: InstanceTrace | None,
-) -> tuple[Outcome, tuple[str, str] | None]:
-    """Replay and run `run()`; record how it ended. Returns the outcome and the error."""
+    state: ActivationState, token: int, runner: Runner, clock: Callable[[], float], step: Step,
+    trace: InstanceTrace | None,
+) -> tuple[Outcome, tuple[str, str] | None, tuple | None]:
+    """Replay and run `run()`. Returns the outcome, the error, and the journal write that
+    records it (see `Journal._end_activation`); raises LeaseLostError when a step found
+    the lease lost."""
     info = state.info
-    pk = info.pk
     where = f"tenant {info.tenant_id!r} instance {info.instance_id!r}: "
     event = WorkflowEvent(
         payload=json.loads(info.params_json),
@@ -144,38 +158,31 @@ async def _run(
         metadata=json.loads(info.metadata_json or "{}"),
     )
     try:
-        try:
-            output = await runner.run(state, event, step, trace)
-        except Abandon as abandon:
-            journal.release(pk, token, clock(), clock())
-            return "crashed", ("SandboxCrashedError", where + abandon.reason)
-        except Suspend as suspend:
-            journal.suspend(pk, token, suspend.wake_at, suspend.waiting_for, clock())
-            return "suspended", None
-        except PauseAtBoundary:
-            journal.pause_now(pk, token, clock())
-            return "paused", None
-        except LeaseLostError:
-            raise
-        except StepFailedError as exc:
-            return _fail(journal, pk, token, exc.error_name, where + str(exc), clock())
-        except Exception as exc:  # noqa: BLE001 - the tenant's run() failed
-            return _fail(journal, pk, token, error_name_of(exc), where + _describe(exc), clock())
-        try:
-            output_json = to_json(output, f"output of instance {info.instance_id!r}")
-        except InvalidInputError as exc:
-            return _fail(journal, pk, token, type(exc).__name__, where + str(exc), clock())
-        journal.complete(pk, token, output_json, clock())
-        return "complete", None
+        output = await runner.run(state, event, step, trace)
+    except Abandon as abandon:
+        now = clock()
+        return "crashed", ("SandboxCrashedError", where + abandon.reason), ("release", token, now, now)
+    except Suspend as suspend:
+        return "suspended", None, ("suspend", token, suspend.wake_at, suspend.waiting_for, clock())
+    except PauseAtBoundary:
+        return "paused", None, ("pause", token, clock())
     except LeaseLostError:
-        return "lease_lost", None
+        raise
+    except StepFailedError as exc:
+        return _fail(token, exc.error_name, where + str(exc), clock())
+    except Exception as exc:  # noqa: BLE001 - the tenant's run() failed
+        return _fail(token, error_name_of(exc), where + _describe(exc), clock())
+    try:
+        output_json = to_json(output, f"output of instance {info.instance_id!r}")
+    except InvalidInputError as exc:
+        return _fail(token, type(exc).__name__, where + str(exc), clock())
+    return "complete", None, ("complete", token, output_json, clock())
 
 
 def _fail(
-    journal: Journal, pk: int, token: int, name: str, message: str, now: float
-) -> tuple[Outcome, tuple[str, str]]:
-    journal.fail(pk, token, name, message, now)
-    return "errored", (name, message)
+    token: int, name: str, message: str, now: float
+) -> tuple[Outcome, tuple[str, str], tuple]:
+    return "errored", (name, message), ("fail", token, name, message, now)
 
 
 def _describe(exc: BaseException) -> str:

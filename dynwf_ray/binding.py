@@ -42,7 +42,7 @@ _SANDBOX_INSTANCE_METHODS = {
 }
 
 
-def _no_notify() -> None:
+def _no_notify(tenant_id: str, version: str | None) -> None:
     return None
 
 
@@ -74,7 +74,7 @@ class InstanceHandle:
 
     def resume(self) -> None:
         self._binding._journal.resume(self._binding.tenant_id, self.id, self._binding._clock())
-        self._binding._notify()
+        self._binding._notify(self._binding.tenant_id, None)
 
     def terminate(self) -> None:
         now = self._binding._clock()
@@ -89,7 +89,7 @@ class InstanceHandle:
         )
         if info.status not in ("complete", "errored", "terminated"):
             self._binding._end_trace(info, "restarted", now)
-        self._binding._notify()
+        self._binding._notify(self._binding.tenant_id, info.code_version)
 
     def logs(self, after: int = 0, limit: int = 1000) -> list[LogLine]:
         """What the instance's code printed or logged (the newest lines are kept, see
@@ -109,10 +109,10 @@ class InstanceHandle:
         """Deliver an event; buffered until a `wait_for_event` of that type takes it."""
         validate_event_type(type)
         payload_json = to_json(payload, f"payload of event {type!r}")
-        self._binding._journal.send_event(
+        info = self._binding._journal.send_event(
             self._binding.tenant_id, self.id, type, payload_json, self._binding._clock()
         )
-        self._binding._notify()
+        self._binding._notify(self._binding.tenant_id, info.code_version)
 
 
 class WorkflowBinding:
@@ -123,7 +123,7 @@ class WorkflowBinding:
         journal: Journal,
         tenant_id: str,
         *,
-        notify: Callable[[], Any] = _no_notify,
+        notify: Callable[[str, str | None], Any] = _no_notify,
         clock: Callable[[], float] = time.time,
         metadata: Mapping[str, Any] | None = None,
         otel_env: Mapping[str, str] | None = None,
@@ -145,7 +145,7 @@ class WorkflowBinding:
         self._journal.create_instances(
             self.tenant_id, version, [item], self._clock(), skip_existing=False
         )
-        self._notify()
+        self._notify(self.tenant_id, version)
         return InstanceHandle(self, item[0])
 
     def create_batch(self, items: Iterable[Mapping[str, Any]]) -> list[InstanceHandle]:
@@ -160,7 +160,7 @@ class WorkflowBinding:
         self._journal.create_instances(
             self.tenant_id, version, rows, self._clock(), skip_existing=True
         )
-        self._notify()
+        self._notify(self.tenant_id, version)
         return [InstanceHandle(self, row[0]) for row in rows]
 
     def get(self, id: str) -> InstanceHandle:

@@ -40,21 +40,23 @@ class EngineConfig(BaseModel):
     name: str = "default"
     #: Ray namespace the engine's named actors live in.
     namespace: str = "dynwf"
-    #: Admission: at most this many activations at once; the loader keeps at most this
-    #: many host actors alive, evicting idle ones first.
-    max_hosts: int = Field(default=8, ge=1)
-    #: Seconds an idle host is kept warm before it is deactivated (its process killed).
+    #: Admission: at most this many activations at once, shared fairly between tenants
+    #: (`pool.py`). None: 32 per CPU of the Ray cluster.
+    max_activations: int | None = Field(default=None, ge=1)
+    #: Host actors alive at most (one or more per active code version). None: 16 per
+    #: CPU of the cluster, at most one per 256 MiB of its memory, at least 4.
+    max_hosts: int | None = Field(default=None, ge=1)
+    #: Activations one host runs at once at most (each in a sandbox of its own).
+    host_concurrency: int = Field(default=32, ge=1)
+    #: Seconds a host whose code has had no work is kept warm before it is deactivated
+    #: (its process killed).
     hibernate_after: float = Field(default=60.0, ge=0)
-    #: Idle hosts kept warm per (tenant, code version); more are deactivated at once.
-    warm_pool_size: int = Field(default=2, ge=0)
     #: Entries the loader's get(id, load) cache holds (least recently used evicted).
     loader_cache_size: int = Field(default=1024, ge=1)
-    #: Seconds a warm host keeps taking due instances of its own code, without a round
-    #: trip to the scheduler, before it hands back (bounds how long other code waits).
-    host_slice: float = Field(default=0.2, ge=0)
     #: Lease length in seconds; a dead holder's instances are reclaimed after this.
     lease_ttl: float = Field(default=30.0, gt=0)
-    #: Longest the scheduler sleeps between journal polls (picks up work from other processes).
+    #: Longest the scheduler and an idle host sleep between journal polls (they pick up
+    #: work created by other processes, and timers).
     poll_interval: float = Field(default=1.0, gt=0)
     #: Consecutive activation crashes after which an instance is marked errored.
     max_activation_failures: int = Field(default=5, ge=1)
@@ -94,6 +96,10 @@ class EngineConfig(BaseModel):
     def host_owner_prefix(self) -> str:
         """Lease owner ids of this engine's hosts start with this."""
         return f"{self.scheduler_name}/host-"
+
+    def host_owner(self, host_id: int) -> str:
+        """The lease owner id of one of this engine's hosts."""
+        return f"{self.host_owner_prefix}{host_id}"
 
     @property
     def loader_name(self) -> str:

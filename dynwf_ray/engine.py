@@ -139,13 +139,13 @@ class Engine:
             resource_attributes=dict(resource_attributes or {}), enabled=enabled,
         )
         self.journal.set_tenant_telemetry(tenant_id, setting.model_dump_json(), self._clock())
-        ray.get(self._loader.retire.remote(tenant_id))
+        ray.get(self._scheduler.retire.remote(tenant_id))
 
     def clear_tenant_telemetry(self, tenant_id: str) -> None:
         """Remove the platform's setting for a tenant (its own and the platform's apply)."""
         validate_id(tenant_id, "tenant id")
         self.journal.set_tenant_telemetry(tenant_id, None, self._clock())
-        ray.get(self._loader.retire.remote(tenant_id))
+        ray.get(self._scheduler.retire.remote(tenant_id))
 
     def set_tenant_policy(
         self,
@@ -157,25 +157,29 @@ class Engine:
         env: Mapping[str, str] | None = None,
         secrets: Mapping[str, str] | None = None,
         pip: bool = False,
+        max_concurrency: int | None = None,
     ) -> TenantPolicy:
         """Grant a tenant's sandboxes more than nothing: outbound connections to
         `egress` ("host:port", through the egress proxy), resource `limits` other than
         the engine's defaults, extra filesystem `paths` ({path: "ro" | "rw"}), `pip`
         packages in its `dynwf.toml` (binary wheels from the package index), plain
         `env` values and `secrets` (both read as `self.env[name]`; secrets are redacted
-        from logs, spans and errors). Replaces the tenant's previous policy; hosts
-        started from now on use it (idle ones are deactivated now). Returns the policy
-        with secrets masked. See docs/security.md."""
+        from logs, spans and errors), and at most `max_concurrency` of its activations
+        at once (None: its fair share of `max_activations`). Replaces the tenant's
+        previous policy; its hosts are replaced (those running finish first) so their
+        next activations use it. Returns the policy with secrets masked. See
+        docs/security.md."""
         validate_id(tenant_id, "tenant id")
         try:
             policy = TenantPolicy(
                 egress=tuple(egress or ()), limits=limits, paths=dict(paths or {}),
                 env=dict(env or {}), secrets=dict(secrets or {}), pip=pip,
+                max_concurrency=max_concurrency,
             )
         except ValidationError as exc:
             raise InvalidInputError(f"tenant {tenant_id!r} policy: {exc}") from None
         self.journal.set_tenant_policy(tenant_id, policy.model_dump_json(), self._clock())
-        ray.get(self._loader.retire.remote(tenant_id))
+        ray.get(self._scheduler.retire.remote(tenant_id))
         return policy.masked()
 
     def tenant_policy(self, tenant_id: str) -> TenantPolicy:
@@ -209,8 +213,8 @@ class Engine:
             if self._owns_ray:
                 ray.shutdown()
 
-    def _notify(self) -> None:
-        self._scheduler.notify.remote()
+    def _notify(self, tenant_id: str, version: str | None) -> None:
+        self._scheduler.notify.remote(tenant_id, version)
 
     def __enter__(self) -> "Engine":
         return self

@@ -46,8 +46,8 @@ from typing import Any, Callable
 import ray
 
 from . import tracing
-from .activation import Outcome, activate
-from .journal import ActivationState, Journal, LeaseLostError
+from .activation import activate
+from .journal import ActivationState, Journal
 from .metrics import ActivityCounts
 from .package import CODE_ROOT, PACKAGE, Manifest, unpack
 from .sandbox.policy import JailSpec, SandboxLimits, TenantPolicy
@@ -75,39 +75,6 @@ def _cpu(session: SandboxSession) -> float:
         return session.sandbox.cpu_seconds()
     except Exception:  # noqa: BLE001 - gone already
         return 0.0
-
-
-class _Heartbeat:
-    """Renews the lease of the activation in progress, on its own thread."""
-
-    def __init__(self, journal: Journal, lease_ttl: float):
-        self._journal = journal
-        self._lease_ttl = lease_ttl
-        self._cond = threading.Condition()
-        self._lease: tuple[int, int] | None = None
-        threading.Thread(target=self._loop, name="dynwf-heartbeat", daemon=True).start()
-
-    def watch(self, lease: tuple[int, int] | None) -> None:
-        with self._cond:
-            self._lease = lease
-            self._cond.notify()
-
-    def _loop(self) -> None:
-        every = self._lease_ttl / 3
-        while True:
-            with self._cond:
-                while self._lease is None:
-                    self._cond.wait()
-                lease = self._lease
-                self._cond.wait(timeout=every)
-                if self._lease != lease:
-                    continue  # that activation ended meanwhile
-            try:
-                self._journal.renew_lease(lease[0], lease[1], time.time(), self._lease_ttl)
-            except LeaseLostError:
-                pass  # the activation's next write finds out and stops
-            except Exception:  # noqa: BLE001 - keep beating through a DB hiccup
-                log.exception("lease heartbeat failed")
 
 
 def _tenant_env(manifest: Manifest) -> dict[str, str]:
@@ -245,7 +212,6 @@ class _Sandboxes:
         self._bindings = bindings
         self._tracing = tracing_
         self._max_crashes = max_crashes
-        self._crashes: dict[int, int] = {}
         self._code_dir, readable = _code_location(version, kind, blob, manifest_json)
         self._boot: dict[str, Any] = (
             {"entrypoint": manifest.entrypoint} if kind == PACKAGE
@@ -320,24 +286,20 @@ class _Sandboxes:
     async def run(
         self, state: ActivationState, event: WorkflowEvent, step: Step, trace: InstanceTrace | None
     ) -> Any:
-        pk = state.info.pk
         session, scratch = await self._session()
         entry = self.live.get(session.sandbox.pid, {})
         entry.update(instance=state.info.instance_id, activations=entry.get("activations", 0) + 1)
         try:
             output = await session.run(state, event, step, trace)
         except Abandon as abandon:
-            crashes = self._crashes.get(pk, 0) + 1
-            self._crashes[pk] = crashes
+            crashes = state.crashes + 1  # counted in the journal when the activation ends
             if crashes >= self._max_crashes:
-                self._crashes.pop(pk, None)
                 raise TenantError(
                     "SandboxCrashedError",
                     f"its sandbox ended {crashes} times in a row; last: {abandon.reason}",
                 ) from None
             raise
         else:
-            self._crashes.pop(pk, None)
             return output
         finally:
             entry["instance"] = None
@@ -360,6 +322,12 @@ class _Sandboxes:
                 else:
                     self._idle[i] = (session, scratch, used)
 
+    def trim(self, keep: int) -> None:
+        """Keep at most `keep` idle sandboxes (the host may run fewer activations now)."""
+        while len(self._idle) > keep:
+            session, scratch, _ = self._idle.pop(0)
+            self._ended(session, scratch)
+
     def close(self) -> None:
         for session, scratch, _ in self._idle:
             self._ended(session, scratch)
@@ -371,6 +339,9 @@ class _Sandboxes:
 
 @ray.remote(num_cpus=0)
 class InstanceHost:
+    """See the module docstring. The scheduler calls `serve` once (it returns when the
+    host has stopped), `set_quota`, `wake`, `stop` and `report`."""
+
     def __init__(
         self,
         database_url: str,
@@ -381,7 +352,7 @@ class InstanceHost:
         manifest_json: str,
         lease_ttl: float,
         owner: str,
-        host_slice: float,
+        poll_interval: float = 1.0,
         binding_factory: Callable[[Journal], Any] | None = None,
         otel_env: dict[str, str] | None = None,
         keep_logs: int = 1000,
@@ -395,8 +366,13 @@ class InstanceHost:
         self._code = (tenant_id, version)
         self._lease_ttl = lease_ttl
         self._owner = owner
-        self._slice = host_slice
-        self._heartbeat = _Heartbeat(self._journal, lease_ttl)
+        self._poll = poll_interval
+        self._quota = 0
+        self._stopping = False
+        self._running: dict[int, int] = {}  # pk -> lease token of the activations in progress
+        self._wake: asyncio.Event | None = None
+        self._counts = ActivityCounts()
+        self._outcomes: dict[str, int] = {}
         bindings = {name: make(tenant_id) for name, make in (sandbox.get("bindings") or {}).items()}
         if binding_factory is not None:
             bindings["WORKFLOWS"] = binding_factory(self._journal)
@@ -409,37 +385,98 @@ class InstanceHost:
             max_crashes=sandbox.get("max_crashes", 5),
         )
 
-    async def activate(self, pk: int, token: int) -> dict[str, Any]:
-        """Activate this instance, then other due ones of this code for up to host_slice s.
+    async def serve(self) -> dict[str, Any]:
+        """Claim due instances of this code and activate them, up to the quota at once,
+        until `stop`; then finish the activations in progress and return a last report.
 
-        Returns {"outcomes": {outcome: how many}, "counts": ActivityCounts as a dict}.
+        Claims are batched (all free slots in one claim), leases of the activations in
+        progress are renewed together every third of the lease TTL, and all of it goes
+        through the journal's group commit with the activations' own writes.
         """
-        outcomes: dict[str, int] = {}
-        counts = ActivityCounts()
-        until = time.monotonic() + self._slice
-        while True:
-            outcome = await self._activate_one(pk, token, counts)
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
-            if time.monotonic() >= until:
-                return {"outcomes": outcomes, "counts": counts.as_dict()}
-            claims = self._journal.claim_due(
-                time.time(), 1, self._owner, self._lease_ttl, *self._code
-            )
-            if not claims:
-                return {"outcomes": outcomes, "counts": counts.as_dict()}
-            pk, token = claims[0].pk, claims[0].token
+        self._wake = asyncio.Event()
+        journal, (tenant_id, version) = self._journal.grouped, self._code
+        renew_every = self._lease_ttl / 3
+        next_renewal = time.monotonic() + renew_every
+        while not (self._stopping and not self._running):
+            self._wake.clear()
+            free = 0 if self._stopping else self._quota - len(self._running)
+            claims = []
+            if free > 0:
+                claims = await journal.claim_due(
+                    time.time(), free, self._owner, self._lease_ttl, tenant_id, version
+                )
+                for claim in claims:
+                    self._running[claim.pk] = claim.token
+                    asyncio.ensure_future(self._activate_one(claim.pk, claim.token))
+            if self._running and time.monotonic() >= next_renewal:
+                try:
+                    await journal.renew_leases(
+                        list(self._running.items()), time.time(), self._lease_ttl
+                    )
+                except Exception:  # noqa: BLE001 - keep going through a DB hiccup
+                    log.exception("lease renewal failed")
+                next_renewal = time.monotonic() + renew_every
+            if free > 0 and len(claims) == free:
+                continue  # every free slot taken: more may be due
+            timeout = renew_every if self._running else self._poll
+            if free > len(claims):
+                due = self._journal.next_wake_at(tenant_id, version)
+                if due is not None:
+                    timeout = min(timeout, max(0.0, due - time.time()))
+            if timeout > 0:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+        return await self.report()
 
-    async def _activate_one(self, pk: int, token: int, counts: ActivityCounts) -> Outcome:
-        self._heartbeat.watch((pk, token))
+    async def set_quota(self, slots: int) -> None:
+        """Run up to `slots` activations at once (fewer: those running finish)."""
+        self._quota = slots
+        self._sandboxes.trim(max(slots, 1))
+        if self._wake is not None:
+            self._wake.set()
+
+    async def wake(self) -> None:
+        """Work of this code may be due: look now."""
+        if self._wake is not None:
+            self._wake.set()
+
+    async def stop(self) -> None:
+        """Take no more work; `serve` returns once the activations in progress end."""
+        self._stopping = True
+        if self._wake is not None:
+            self._wake.set()
+
+    async def report(self) -> dict[str, Any]:
+        """What happened since the last report: {"outcomes", "counts", "running", "writes"}."""
+        counts, self._counts = self._counts, ActivityCounts()
+        outcomes, self._outcomes = self._outcomes, {}
+        return {
+            "outcomes": outcomes, "counts": counts.as_dict(), "running": len(self._running),
+            "writes": self._journal.write_stats(),
+        }
+
+    async def _activate_one(self, pk: int, token: int) -> None:
         self._activations += 1
         try:
-            return await activate(
+            outcome = await activate(
                 self._journal, pk, token, self._sandboxes,
                 lease_ttl=self._lease_ttl, tracing=self._tracing, capture_logs=True,
-                keep_logs=self._keep_logs, counts=counts, warm=self._activations > 1,
+                keep_logs=self._keep_logs, counts=self._counts, warm=self._activations > 1,
             )
+        except Exception:  # noqa: BLE001 - a platform fault (e.g. the journal): released
+            log.exception("activation of instance pk=%s failed", pk)
+            outcome = "crashed"
+            try:
+                self._journal.release(pk, token, time.time(), time.time())
+            except Exception:  # noqa: BLE001 - its lease expires then
+                pass
         finally:
-            self._heartbeat.watch(None)
+            self._running.pop(pk, None)
+            if self._wake is not None:
+                self._wake.set()
+        self._outcomes[outcome] = self._outcomes.get(outcome, 0) + 1
 
     async def drain(self, timeout_s: float = 5.0) -> None:
         """Export pending spans and end the sandboxes (before the host is deactivated)."""

@@ -31,6 +31,7 @@ other. On SQLite every write transaction is `BEGIN IMMEDIATE` in WAL mode with
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
@@ -123,6 +124,8 @@ class InstanceRow(SQLModel, table=True):
         Index("ix_instances_wake_at", "wake_at"),
         Index("ix_instances_lease_wake", "lease_expires_at", "wake_at"),  # next_wake_at
         Index("ix_instances_status", "status"),
+        # a host claims only its own code's due instances (claim_due by tenant and version)
+        Index("ix_instances_code_wake", "tenant_id", "code_version", "wake_at"),
     )
     pk: int | None = Field(default=None, primary_key=True)
     tenant_id: str = Field(max_length=100)
@@ -145,6 +148,16 @@ class InstanceRow(SQLModel, table=True):
     activations: int = 0
     trace_context: str | None = Field(default=None, max_length=55)
     trace_caller: str | None = Field(default=None, max_length=55)
+
+
+class CrashRow(SQLModel, table=True):
+    """Consecutive crashed activations of an instance (its host or sandbox died), so the
+    count survives a scheduler restart. A table of its own: rows exist only while an
+    instance is crashing, and journals from before it existed need no new column."""
+
+    __tablename__ = "activation_crashes"
+    instance_pk: int = Field(primary_key=True)
+    crashes: int = 0
 
 
 class StepRow(SQLModel, table=True):
@@ -199,6 +212,7 @@ C = CodeVersionRow.__table__
 B = CodeBlobRow.__table__
 L = LogRow.__table__
 P = TenantPolicyRow.__table__
+X = CrashRow.__table__
 
 
 class LeaseLostError(Exception):
@@ -259,6 +273,7 @@ class StepRecord:
 class ActivationState:
     info: InstanceInfo
     steps: list[StepRecord]
+    crashes: int = 0  # consecutive crashed activations before this one
 
 
 _INFO_COLS = [getattr(I.c, f) for f in InstanceInfo.__dataclass_fields__]
@@ -291,6 +306,7 @@ _NEXT_LEASE_EXPIRY = (
 _FENCED = and_(I.c.pk == bindparam("b_pk"), I.c.lease_token == bindparam("b_token"))
 _LOAD_INSTANCE = select(*_INFO_COLS).where(I.c.pk == bindparam("b_pk"))
 _LOAD_STEPS = select(*_STEP_COLS).where(S.c.instance_pk == bindparam("b_pk"))
+_LOAD_CRASHES = select(X.c.crashes).where(X.c.instance_pk == bindparam("b_pk"))
 _SUSPEND = (
     update(I)
     .where(_FENCED)
@@ -385,6 +401,7 @@ class Journal:
             from sqlalchemy.dialects.postgresql import insert as dialect_insert
         self._dialect_insert = dialect_insert
         self._claims: dict[tuple[bool, bool], Any] = {}
+        self._group: GroupCommit | None = None
         # Same pool; connections from it begin with BEGIN IMMEDIATE on SQLite.
         self._write_engine = self.engine.execution_options(dynwf_write=True)
         ins = dialect_insert(S)
@@ -397,7 +414,9 @@ class Journal:
         if create_tables:
             with _TABLE_LOCK:
                 SQLModel.metadata.create_all(self.engine)
-            self._check_schema()
+                self._check_schema()
+                for index in I.indexes:  # indexes added since a journal's tables were made
+                    index.create(self.engine, checkfirst=True)
 
     def _check_schema(self) -> None:
         """Tables are created when missing, never altered: refuse a journal whose tables
@@ -417,6 +436,8 @@ class Journal:
             )
 
     def close(self) -> None:
+        if self._group is not None:
+            self._group.close()
         self.engine.dispose()
 
     # -- transactions ------------------------------------------------------
@@ -488,6 +509,11 @@ class Journal:
             conn.execute(delete(P).where(P.c.tenant_id == tenant_id))
             if policy_json is not None:
                 conn.execute(insert(P).values(tenant_id=tenant_id, policy_json=policy_json, updated_at=now))
+
+    def tenant_policies(self) -> dict[str, str]:
+        """Every tenant's policy (JSON) the platform set."""
+        with self._read() as conn:
+            return {t: text for t, text in conn.execute(select(P.c.tenant_id, P.c.policy_json)).all()}
 
     def tenant_policy(self, tenant_id: str) -> str | None:
         with self._read() as conn:
@@ -648,9 +674,16 @@ class Journal:
     ) -> list[Claim]:
         """Lease up to `limit` instances that are due and not leased, oldest wake first.
 
-        `tenant_id` / `code_version` restrict the claim (a warm host takes only
+        `tenant_id` / `code_version` restrict the claim (a host takes only
         instances of the code it has loaded).
         """
+        with self._write() as conn:
+            return self._claim_due(conn, now, limit, owner, lease_ttl, tenant_id, code_version)
+
+    def _claim_due(
+        self, conn: Connection, now: float, limit: int, owner: str, lease_ttl: float,
+        tenant_id: str | None = None, code_version: str | None = None,
+    ) -> list[Claim]:
         if limit <= 0:
             return []
         key = (tenant_id is not None, code_version is not None)
@@ -661,44 +694,108 @@ class Journal:
             "b_now": now, "b_limit": limit, "b_owner": owner, "b_until": now + lease_ttl,
             "b_tenant": tenant_id, "b_version": code_version,
         }
-        with self._write() as conn:
-            return [Claim(*row) for row in conn.execute(stmt, params).all()]
+        return [Claim(*row) for row in conn.execute(stmt, params).all()]
 
-    def next_wake_at(self) -> float | None:
-        """When the next instance becomes claimable: its timer, or its lease's expiry.
+    def demand(self, now: float) -> dict[tuple[str, str], tuple[int, int]]:
+        """Per (tenant, code version) with work: (instances due and not leased, instances
+        leased, i.e. being activated). What the scheduler sizes hosts by."""
+        due = and_(
+            I.c.wake_at <= now, or_(I.c.lease_expires_at.is_(None), I.c.lease_expires_at < now)
+        )
+        leased = I.c.lease_expires_at >= now
+        stmt = (
+            select(
+                I.c.tenant_id, I.c.code_version,
+                func.sum(case((due, 1), else_=0)), func.sum(case((leased, 1), else_=0)),
+            )
+            .where(or_(I.c.wake_at <= now, I.c.lease_expires_at.is_not(None)))
+            .group_by(I.c.tenant_id, I.c.code_version)
+        )
+        with self._read() as conn:
+            rows = conn.execute(stmt).all()
+        return {
+            (t, v): (int(d or 0), int(held or 0))
+            for t, v, d, held in rows if d or held
+        }
 
-        Two ordered index walks that stop at the first row (a MIN with a filter, or over
+    def next_wake_at(
+        self, tenant_id: str | None = None, code_version: str | None = None
+    ) -> float | None:
+        """When the next instance becomes claimable: its timer, or its lease's expiry
+        (of one code version's instances, when both are given).
+
+        Ordered index walks that stop at the first row (a MIN with a filter, or over
         a CASE expression, scans every instance: 25 ms at 100,000 of them).
         """
+        timer_q, lease_q = _NEXT_TIMER, _NEXT_LEASE_EXPIRY
+        if tenant_id is not None and code_version is not None:
+            same = and_(I.c.tenant_id == tenant_id, I.c.code_version == code_version)
+            timer_q, lease_q = timer_q.where(same), lease_q.where(same)
         with self._read() as conn:
-            timer = conn.execute(_NEXT_TIMER).scalar()
-            lease = conn.execute(_NEXT_LEASE_EXPIRY).scalar()
+            timer = conn.execute(timer_q).scalar()
+            lease = conn.execute(lease_q).scalar()
         return min((t for t in (timer, lease) if t is not None), default=None)
 
     def release(self, pk: int, token: int, wake_at: float, now: float) -> bool:
         """Give up a lease (its holder died or is shutting down): due again at wake_at."""
-        return self._release(and_(I.c.pk == pk, I.c.lease_token == token), wake_at, now) > 0
-
-    def release_owner(self, owner: str, wake_at: float, now: float, *, prefix: bool = False) -> int:
-        """Give up every lease a (dead) holder took, or every holder whose id starts with
-        `owner` when prefix=True; returns how many."""
-        which = I.c.lease_owner.startswith(owner, autoescape=True) if prefix else I.c.lease_owner == owner
-        return self._release(which, wake_at, now)
-
-    def _release(self, which: Any, wake_at: float, now: float) -> int:
         with self._write() as conn:
-            result = conn.execute(
-                update(I)
-                # Only a lease still held: an activation that already suspended or
-                # finished released it itself, and its new state must stand.
-                .where(which, I.c.lease_expires_at.is_not(None), I.c.status.not_in(TERMINAL))
-                .values(
-                    lease_expires_at=None, lease_owner=None, updated_at=now,
-                    status=case((I.c.pause_requested, "paused"), else_="queued"),
-                    wake_at=case((I.c.pause_requested, None), else_=wake_at),
-                )
+            return self._release(conn, pk, token, wake_at, now)
+
+    def _release(self, conn: Connection, pk: int, token: int, wake_at: float, now: float) -> bool:
+        return bool(self._release_where(conn, and_(I.c.pk == pk, I.c.lease_token == token), wake_at, now))
+
+    def release_owner(
+        self, owner: str, wake_at: float, now: float, *, prefix: bool = False
+    ) -> list[int]:
+        """Give up every lease a (dead) holder took, or every holder whose id starts with
+        `owner` when prefix=True; returns the instances released (their pks)."""
+        which = I.c.lease_owner.startswith(owner, autoescape=True) if prefix else I.c.lease_owner == owner
+        with self._write() as conn:
+            return self._release_where(conn, which, wake_at, now)
+
+    @staticmethod
+    def _release_where(conn: Connection, which: Any, wake_at: float, now: float) -> list[int]:
+        result = conn.execute(
+            update(I)
+            # Only a lease still held: an activation that already suspended or
+            # finished released it itself, and its new state must stand.
+            .where(which, I.c.lease_expires_at.is_not(None), I.c.status.not_in(TERMINAL))
+            .values(
+                lease_expires_at=None, lease_owner=None, updated_at=now,
+                status=case((I.c.pause_requested, "paused"), else_="queued"),
+                wake_at=case((I.c.pause_requested, None), else_=wake_at),
             )
-            return result.rowcount
+            .returning(I.c.pk)
+        )
+        return [row[0] for row in result.all()]
+
+    def held_by(self, owner: str) -> list[Claim]:
+        """The leases `owner` holds (the instances a host that died was activating)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(I.c.pk, I.c.lease_token, I.c.tenant_id, I.c.instance_id, I.c.code_version)
+                .where(I.c.lease_owner == owner, I.c.lease_expires_at.is_not(None),
+                       I.c.status.not_in(TERMINAL))
+            ).all()
+        return [Claim(*row) for row in rows]
+
+    # -- crashed activations --------------------------------------------------
+
+    def count_crash(self, pk: int) -> int:
+        """One more crashed activation of this instance in a row; returns how many now."""
+        with self._write() as conn:
+            return self._count_crash(conn, pk)
+
+    def _count_crash(self, conn: Connection, pk: int) -> int:
+        ins = self._dialect_insert(X).values(instance_pk=pk, crashes=1)
+        stmt = ins.on_conflict_do_update(
+            index_elements=["instance_pk"], set_={"crashes": X.c.crashes + 1}
+        ).returning(X.c.crashes)
+        return int(conn.execute(stmt).scalar_one())
+
+    @staticmethod
+    def _clear_crashes(conn: Connection, pk: int) -> None:
+        conn.execute(delete(X).where(X.c.instance_pk == pk))
 
     # -- what an activation writes (all fenced by the lease token) ---------
 
@@ -717,17 +814,20 @@ class Journal:
             if row is None or row.lease_token != token:
                 raise LeaseLostError(f"instance pk={pk}: lease token {token} is not current")
             steps = conn.execute(_LOAD_STEPS, {"b_pk": pk}).all()
-        return ActivationState(InstanceInfo(*row), [StepRecord(*s) for s in steps])
+            crashes = conn.execute(_LOAD_CRASHES, {"b_pk": pk}).scalar() or 0
+        return ActivationState(InstanceInfo(*row), [StepRecord(*s) for s in steps], crashes)
 
     def renew_leases(self, leases: Sequence[tuple[int, int]], now: float, lease_ttl: float) -> None:
         """Extend several held leases at once (those lost or given up are left alone)."""
-        params = [
-            {"b_pk": pk, "b_token": token, "b_until": now + lease_ttl, "b_now": now}
-            for pk, token in leases
-        ]
         with self._write() as conn:
-            for p in params:
-                conn.execute(_FENCE, p)
+            self._renew_leases(conn, leases, now, lease_ttl)
+
+    @staticmethod
+    def _renew_leases(
+        conn: Connection, leases: Sequence[tuple[int, int]], now: float, lease_ttl: float
+    ) -> None:
+        for pk, token in leases:
+            conn.execute(_FENCE, {"b_pk": pk, "b_token": token, "b_until": now + lease_ttl, "b_now": now})
 
     def set_version(self, tenant_id: str, instance_id: str, version: str, now: float) -> None:
         """Move an instance to another stored code version (used from its next activation)."""
@@ -760,13 +860,19 @@ class Journal:
     ) -> bool:
         """Durably record a step's state (fenced), with the log lines printed since the
         last write, in the same commit. Returns pause_requested."""
+        with self._write() as conn:
+            return self._record_step(conn, pk, token, step, now, lease_ttl, logs, keep_logs)
+
+    def _record_step(
+        self, conn: Connection, pk: int, token: int, step: StepRecord, now: float,
+        lease_ttl: float, logs: Sequence[LogLine] = (), keep_logs: int = 0,
+    ) -> bool:
         values = {f: getattr(step, f) for f in _STEP_FIELDS}
         values["instance_pk"] = pk
-        with self._write() as conn:
-            pause = self._fence(conn, pk, token, now, lease_ttl)
-            conn.execute(self._upsert_step, values)
-            if logs:
-                self._insert_logs(conn, pk, logs, keep_logs)
+        pause = self._fence(conn, pk, token, now, lease_ttl)
+        conn.execute(self._upsert_step, values)
+        if logs:
+            self._insert_logs(conn, pk, logs, keep_logs)
         return pause
 
     # -- logs ----------------------------------------------------------------
@@ -779,6 +885,8 @@ class Journal:
 
     @staticmethod
     def _insert_logs(conn: Connection, pk: int, logs: Sequence[LogLine], keep: int) -> None:
+        if not logs:
+            return
         conn.execute(
             insert(L),
             [{**line.model_dump(exclude={"id"}), "instance_pk": pk} for line in logs],
@@ -807,26 +915,32 @@ class Journal:
         Returns (type, payload_json, created_at), or None when nothing is buffered.
         """
         with self._write() as conn:
-            self._fence(conn, pk, token, now, lease_ttl)
-            row = conn.execute(
-                select(E.c.pk, E.c.payload_json, E.c.created_at)
-                .where(E.c.instance_pk == pk, E.c.type == event_type, E.c.consumed.is_(False))
-                .order_by(E.c.pk)
-                .limit(1)
-            ).first()
-            if row is None:
-                return None
-            conn.execute(update(E).where(E.c.pk == row.pk).values(consumed=True))
-            result = (
-                f'{{"type":{json.dumps(event_type)},"payload":{row.payload_json},'
-                f'"timestamp":{json.dumps(row.created_at)}}}'
-            )
-            conn.execute(
-                update(S)
-                .where(S.c.instance_pk == pk, S.c.name == step.name, S.c.seq == step.seq)
-                .values(status=STEP_COMPLETE, result_json=result, finished_at=now)
-            )
-            return event_type, row.payload_json, row.created_at
+            return self._take_event(conn, pk, token, step, event_type, now, lease_ttl)
+
+    def _take_event(
+        self, conn: Connection, pk: int, token: int, step: StepRecord, event_type: str,
+        now: float, lease_ttl: float,
+    ) -> tuple[str, str, float] | None:
+        self._fence(conn, pk, token, now, lease_ttl)
+        row = conn.execute(
+            select(E.c.pk, E.c.payload_json, E.c.created_at)
+            .where(E.c.instance_pk == pk, E.c.type == event_type, E.c.consumed.is_(False))
+            .order_by(E.c.pk)
+            .limit(1)
+        ).first()
+        if row is None:
+            return None
+        conn.execute(update(E).where(E.c.pk == row.pk).values(consumed=True))
+        result = (
+            f'{{"type":{json.dumps(event_type)},"payload":{row.payload_json},'
+            f'"timestamp":{json.dumps(row.created_at)}}}'
+        )
+        conn.execute(
+            update(S)
+            .where(S.c.instance_pk == pk, S.c.name == step.name, S.c.seq == step.seq)
+            .values(status=STEP_COMPLETE, result_json=result, finished_at=now)
+        )
+        return event_type, row.payload_json, row.created_at
 
     def suspend(
         self, pk: int, token: int, wake_at: float | None, waiting_for: str | None, now: float
@@ -836,31 +950,84 @@ class Journal:
         If a pause was requested the instance becomes `paused` instead. If it waits
         for an event that is already buffered, it is due at once (no lost wake-up).
         """
+        with self._write() as conn:
+            self._suspend(conn, pk, token, wake_at, waiting_for, now)
+
+    @staticmethod
+    def _suspend(
+        conn: Connection, pk: int, token: int, wake_at: float | None, waiting_for: str | None,
+        now: float,
+    ) -> None:
         params = {
             "b_pk": pk, "b_token": token, "b_wake_at": wake_at,
             "b_waiting_for": waiting_for, "b_now": now,
         }
-        with self._write() as conn:
-            if not conn.execute(_SUSPEND, params).rowcount:
-                raise LeaseLostError(f"instance pk={pk}: lease lost before suspending")
-            if waiting_for is not None:
-                if conn.execute(_BUFFERED, {"b_pk": pk, "b_type": waiting_for}).first():
-                    conn.execute(_WAKE_NOW, {"b_pk": pk, "b_now": now})
+        if not conn.execute(_SUSPEND, params).rowcount:
+            raise LeaseLostError(f"instance pk={pk}: lease lost before suspending")
+        if waiting_for is not None:
+            if conn.execute(_BUFFERED, {"b_pk": pk, "b_type": waiting_for}).first():
+                conn.execute(_WAKE_NOW, {"b_pk": pk, "b_now": now})
 
     def pause_now(self, pk: int, token: int, now: float) -> None:
         """The activation stopped at a step boundary because a pause was requested."""
-        self._finish(_PAUSE, pk, token, now)
+        with self._write() as conn:
+            self._finish(conn, _PAUSE, pk, token, now)
 
     def complete(self, pk: int, token: int, output_json: str, now: float) -> None:
-        self._finish(_COMPLETE, pk, token, now, b_output=output_json)
+        with self._write() as conn:
+            self._finish(conn, _COMPLETE, pk, token, now, b_output=output_json)
 
     def fail(self, pk: int, token: int, error_name: str, message: str, now: float) -> None:
-        self._finish(_FAIL, pk, token, now, b_error_name=error_name, b_error_message=message)
-
-    def _finish(self, stmt: Any, pk: int, token: int, now: float, **params: Any) -> None:
         with self._write() as conn:
-            if not conn.execute(stmt, {"b_pk": pk, "b_token": token, "b_now": now, **params}).rowcount:
-                raise LeaseLostError(f"instance pk={pk}: lease lost before finishing")
+            self._finish(conn, _FAIL, pk, token, now, b_error_name=error_name, b_error_message=message)
+
+    @staticmethod
+    def _finish(conn: Connection, stmt: Any, pk: int, token: int, now: float, **params: Any) -> None:
+        if not conn.execute(stmt, {"b_pk": pk, "b_token": token, "b_now": now, **params}).rowcount:
+            raise LeaseLostError(f"instance pk={pk}: lease lost before finishing")
+
+    def _end_activation(
+        self, conn: Connection, outcome: tuple, pk: int, logs: Sequence[LogLine], keep_logs: int,
+        crashed: bool, had_crashes: bool,
+    ) -> None:
+        """What ends an activation, in one commit: its outcome (("complete", token, output,
+        now), ("fail", token, name, message, now), ("suspend", token, wake_at, waiting_for,
+        now), ("pause", token, now) or ("release", token, wake_at, now)), its last log
+        lines, and its count of crashes in a row (one more, or none after one that did
+        not crash)."""
+        kind, token, *args = outcome
+        if kind == "complete":
+            self._finish(conn, _COMPLETE, pk, token, args[1], b_output=args[0])
+        elif kind == "fail":
+            self._finish(conn, _FAIL, pk, token, args[2], b_error_name=args[0], b_error_message=args[1])
+        elif kind == "suspend":
+            self._suspend(conn, pk, token, args[0], args[1], args[2])
+        elif kind == "pause":
+            self._finish(conn, _PAUSE, pk, token, args[0])
+        elif kind == "release":
+            self._release(conn, pk, token, args[0], args[1])
+        self._insert_logs(conn, pk, logs, keep_logs)
+        if crashed:
+            self._count_crash(conn, pk)
+        elif had_crashes:
+            self._clear_crashes(conn, pk)
+
+    # -- group commit ----------------------------------------------------------
+
+    @property
+    def grouped(self) -> "GroupCommit":
+        """The same writes, awaitable, group-committed with those of concurrent
+        activations in this process (see `GroupCommit`)."""
+        if self._group is None:
+            with _TABLE_LOCK:
+                if self._group is None:
+                    self._group = GroupCommit(self)
+        return self._group
+
+    def write_stats(self) -> dict[str, float]:
+        """Commits and lock waits of this process (group commit, SQLite's write lock)."""
+        group = self._group.stats() if self._group is not None else {}
+        return {**group, **{f"sqlite_{k}": v for k, v in _LOCK_STATS.items()}}
 
     # -- what the platform does to an instance ------------------------------
 
@@ -974,6 +1141,120 @@ class Journal:
 _TABLE_LOCK = threading.Lock()
 
 
+class GroupCommit:
+    """Group commit: the writes of concurrent activations in one process share commits.
+
+    Each awaitable method queues its write and returns when the transaction that holds
+    it has committed, so a step is durable before `step.do` returns, as with the
+    journal's plain methods. One writer thread takes every write queued meanwhile, runs
+    each in a savepoint of one transaction (a write that fails, e.g. a lost lease,
+    rolls back alone and raises to its caller only), and commits them together: while
+    it commits, the next writes queue up. Its numbers (`stats`) say how well it groups.
+    """
+
+    def __init__(self, journal: "Journal"):
+        self._journal = journal
+        self._queue: list[tuple[Any, tuple, asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._stats = {"group_commits": 0, "group_writes": 0, "group_max": 0}
+        threading.Thread(target=self._run, name="dynwf-group-commit", daemon=True).start()
+
+    # The writes: each is the journal's method of the same name, awaitable.
+
+    async def claim_due(self, *args: Any) -> list[Claim]:
+        return await self._submit(self._journal._claim_due, args)
+
+    async def renew_leases(self, *args: Any) -> None:
+        return await self._submit(self._journal._renew_leases, args)
+
+    async def record_step(self, *args: Any) -> bool:
+        return await self._submit(self._journal._record_step, args)
+
+    async def take_event(self, *args: Any) -> tuple[str, str, float] | None:
+        return await self._submit(self._journal._take_event, args)
+
+    async def count_crash(self, pk: int) -> int:
+        return await self._submit(self._journal._count_crash, (pk,))
+
+    async def end_activation(self, *args: Any) -> None:
+        return await self._submit(self._journal._end_activation, args)
+
+    def stats(self) -> dict[str, int]:
+        return dict(self._stats)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _submit(self, fn: Any, args: tuple) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the journal is closed")
+            self._queue.append((fn, args, loop, future))
+            self._cond.notify()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+            results = self._commit(batch)
+            for (_, _, loop, future), result in zip(batch, results):
+                try:
+                    loop.call_soon_threadsafe(_settle, future, result)
+                except RuntimeError:  # that caller's loop is closed: nobody waits
+                    pass
+
+    def _commit(self, batch: list) -> list[tuple[bool, Any]]:
+        results: list[tuple[bool, Any]] = []
+        try:
+            with self._journal._write() as conn:
+                for fn, args, _, _ in batch:
+                    savepoint = conn.begin_nested() if len(batch) > 1 else None
+                    try:
+                        value = fn(conn, *args)
+                    except Exception as exc:  # noqa: BLE001 - raised to its own caller
+                        if savepoint is not None:
+                            savepoint.rollback()
+                        results.append((False, exc))
+                    else:
+                        if savepoint is not None:
+                            savepoint.commit()
+                        results.append((True, value))
+                if len(batch) == 1 and not results[0][0]:
+                    raise results[0][1]  # roll the lone write back
+        except Exception as exc:  # noqa: BLE001 - the commit failed: every write did
+            if len(batch) == 1 and results and results[0][1] is exc:
+                return results
+            return [(False, exc)] * len(batch)
+        self._stats["group_commits"] += 1
+        self._stats["group_writes"] += len(batch)
+        self._stats["group_max"] = max(self._stats["group_max"], len(batch))
+        return results
+
+
+def _settle(future: asyncio.Future, result: tuple[bool, Any]) -> None:
+    if future.done():
+        return
+    ok, value = result
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+#: Time writers of this process waited for SQLite's write lock (`BEGIN IMMEDIATE`).
+_LOCK_STATS = {"lock_begins": 0, "lock_waits": 0, "lock_wait_s": 0.0}
+
+
 class _Tx:
     """One transaction on a pooled connection, committed on success, rolled back on error."""
 
@@ -1024,6 +1305,7 @@ def _begin_immediate(dbapi_conn: Any) -> None:
     60 s busy timeout).
     """
     dbapi_conn.execute("PRAGMA busy_timeout=0")
+    began = None
     try:
         delay, deadline = 0.00005, time.monotonic() + 60
         while True:
@@ -1033,7 +1315,13 @@ def _begin_immediate(dbapi_conn: Any) -> None:
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
                     raise
+                if began is None:
+                    began = time.monotonic()
                 time.sleep(delay)
                 delay = min(delay * 2, 0.002)
     finally:
+        _LOCK_STATS["lock_begins"] += 1
+        if began is not None:
+            _LOCK_STATS["lock_waits"] += 1
+            _LOCK_STATS["lock_wait_s"] += time.monotonic() - began
         dbapi_conn.execute("PRAGMA busy_timeout=60000")

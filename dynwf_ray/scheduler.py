@@ -1,89 +1,198 @@
-"""The scheduler actor: decides which instance is activated, and when.
+"""The scheduler: which code versions have hosts, how much each host may run, and
+what happens when a host dies.
 
-One per engine, named `dynwf-scheduler-<engine name>`, restarted by Ray if it
-dies. It keeps nothing that the journal does not: on (re)start it ends the
-hosts of its predecessor and resumes claiming due instances; instances leased
-by a dead predecessor become due again when their leases expire.
+Two layers:
+- `SchedulerCore`, a plain object over the journal and the host pool
+  (`pool.py`): `tick(now)` reads what is due and leased per code version and the
+  tenants' `max_concurrency`, and returns the pool's decisions (start, stop,
+  quota); `host_died(host_id, now)` counts a crash for every instance the host
+  held (in the journal, so counts survive a restart of the scheduler), releases
+  them to run again, and marks errored those that crashed
+  `max_activation_failures` times in a row. Tests drive it with a clock.
+- `Scheduler`, the Ray actor (one per engine, `dynwf-scheduler-<engine name>`,
+  restarted by Ray if it dies) that runs the core's loop on a thread of its own
+  and carries out its decisions through the loader (start, end hosts) and the
+  hosts (`serve`, `set_quota`, `wake`, `stop`, `report`).
 
-Its loop, on a thread of its own:
-1. claim (lease) up to `max_hosts - busy` instances whose timer is due: new
-   ones, sleeps that ended, waits whose event arrived or deadline passed,
-   retries, resumed or restarted ones, and ones whose lease holder died
-   (admission: instances beyond that stay due in the journal, e.g. `queued`);
-2. for each, ask the loader actor for a host of its (tenant, code version),
-   warm or cold, call `activate` on it, and hand the host back when it ends;
-3. keep the leases of dispatched activations alive while their hosts start;
-4. sleep until the next timer, a `notify()`, a finished activation, or the
-   poll interval.
+The scheduler is off the hot path: hosts claim their own code's due instances
+(in batches) while they run fewer activations than their quota, and
+`notify(tenant, version)` (an instance created, an event sent) wakes the
+version's hosts directly. It ticks when notified (at most every `MIN_TICK`
+seconds), when a host starts or ends, at the next timer of a version without
+a host, and every `poll_interval`.
 
-A host that dies mid-activation has its leases released at once so its
-instances are activated again; `max_activation_failures` crashes in a row mark
-the instance errored instead of looping forever (and end its trace).
-
-It also owns the engine's metrics (`metrics.py`): hosts return what their
-activations did, and it serves the Prometheus endpoint.
+On (re)start it ends the hosts of its predecessor (the loader's `reset`) and
+releases their leases, so their instances run again at once. It owns the
+engine's metrics (`metrics.py`): hosts report what their activations did.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
-import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
 
 from .config import EngineConfig
-from .journal import Claim, Journal, LeaseLostError
+from .journal import Journal, LeaseLostError
 from .metrics import EngineMetrics
+from .pool import CodeKey, Decision, HostPool, PoolConfig, Quota, Start, Stop, Want
+from .sandbox.policy import TenantPolicy
 from .tracing import end_instance_trace
 
 log = logging.getLogger("dynwf_ray.scheduler")
 
+#: Shortest time between two ticks asked for by notifications (they coalesce).
+MIN_TICK = 0.02
+#: Seconds between two rounds of host reports (metrics, stats).
+REPORT_EVERY = 1.0
+
+
+def pool_config(config: EngineConfig, cpus: float, memory_bytes: float) -> PoolConfig:
+    """The pool's limits: the engine's settings, or defaults from the cluster's size."""
+    cpus_ = max(1, int(cpus))
+    max_hosts = config.max_hosts or max(4, min(16 * cpus_, int(memory_bytes // (256 << 20))))
+    return PoolConfig(
+        max_activations=config.max_activations or 32 * cpus_,
+        max_hosts=max_hosts,
+        host_concurrency=config.host_concurrency,
+        cpus=cpus_,
+        idle_after=config.hibernate_after,
+    )
+
+
+class SchedulerCore:
+    """The scheduler's decisions, free of Ray (see the module docstring)."""
+
+    def __init__(
+        self, journal: Journal, pool: PoolConfig, *, max_failures: int,
+        host_owner: Any = str, telemetry_env: dict | None = None,
+    ):
+        self.journal = journal
+        self.pool = HostPool(pool)
+        self.pool._next_id = time.time_ns() // 1000  # never an id of a predecessor's host
+        self._max_failures = max_failures
+        self._host_owner = host_owner
+        self._telemetry_env = telemetry_env or {}
+        self._caps: dict[str, int | None] = {}
+        self._caps_at = float("-inf")
+        self.counters = {"host_deaths": 0, "instances_given_up": 0}
+
+    def tick(self, now: float) -> list[Decision]:
+        demand = {CodeKey(*k): Want(*v) for k, v in self.journal.demand(now).items()}
+        return self.pool.tick(now, demand, self._tenant_caps(now))
+
+    def refresh_policies(self) -> None:
+        self._caps_at = float("-inf")
+
+    def _tenant_caps(self, now: float) -> dict[str, int | None]:
+        if now - self._caps_at >= 1.0:
+            self._caps = {
+                tenant: TenantPolicy.model_validate_json(text).max_concurrency
+                for tenant, text in self.journal.tenant_policies().items()
+            }
+            self._caps_at = now
+        return self._caps
+
+    def host_died(self, host_id: int, now: float, why: str) -> list[int]:
+        """A host died: its instances crashed. Returns the pks given up on (errored)."""
+        self.pool.ended(host_id)
+        self.counters["host_deaths"] += 1
+        return self.crashed(self.journal.held_by(self._host_owner(host_id)), now, "HostDiedError",
+                            f"the instance's host process died: {why}")
+
+    def crashed(self, claims: list, now: float, name: str, message: str) -> list[int]:
+        """These activations crashed: count it; release or (at the limit) error them."""
+        given_up = []
+        for claim in claims:
+            crashes = self.journal.count_crash(claim.pk)
+            if crashes >= self._max_failures:
+                self._give_up(claim, name, f"{crashes} activations in a row crashed; last: {message}", now)
+                given_up.append(claim.pk)
+            else:
+                self.journal.release(claim.pk, claim.token, now, now)
+        return given_up
+
+    def _give_up(self, claim: Any, name: str, message: str, now: float) -> None:
+        self.counters["instances_given_up"] += 1
+        try:
+            self.journal.fail(claim.pk, claim.token, name, message[:4000], now)
+        except LeaseLostError:
+            return
+        log.error("instance %s/%s errored: %s", claim.tenant_id, claim.instance_id, message)
+        info = self.journal.get_instance(claim.tenant_id, claim.instance_id)
+        if info is not None:
+            end_instance_trace(
+                self.journal, self._telemetry_env, info, "errored", now, (name, message[:4000])
+            )
+
+
+@dataclass
+class _LiveHost:
+    key: CodeKey
+    actor: Any = None
+    ready: bool = False
+    running: int = 0
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=8)
 class Scheduler:
-    """The actor: a thin shell around `_SchedulerCore` (so Ray sees no coroutine methods
-    and runs calls on its own threads while the core's loop runs on another)."""
+    """The actor: a thin shell around `_RayScheduler` (so Ray sees no coroutine methods
+    and runs calls on its own threads while the loop runs on another)."""
 
     def __init__(self, config: dict):
-        self._core = _SchedulerCore(config)
+        self._impl = _RayScheduler(config)
 
     def ping(self) -> dict:
-        return self._core.ping()
+        return self._impl.ping()
 
-    def notify(self) -> None:
-        self._core.notify()
+    def notify(self, tenant_id: str | None = None, version: str | None = None) -> None:
+        self._impl.notify(tenant_id, version)
+
+    def retire(self, tenant_id: str) -> None:
+        self._impl.retire(tenant_id)
 
     def stats(self) -> dict:
-        return self._core.stats()
+        return self._impl.stats()
 
     def stop(self) -> None:
-        self._core.stop()
+        self._impl.stop()
 
 
-class _SchedulerCore:
+class _RayScheduler:
     def __init__(self, config: dict):
-        self.config = EngineConfig(**config)
-        self.journal = Journal(self.config.database_url)
-        self.owner = f"scheduler-{uuid.uuid4().hex[:12]}"
-        self._loader = ray.get_actor(self.config.loader_name, namespace=self.config.namespace)
-        # Hosts of a previous incarnation of this scheduler are unaccounted for: end them;
-        # their instances' leases expire and the instances are activated again.
+        self.config = cfg = EngineConfig(**config)
+        self.journal = Journal(cfg.database_url)
+        self.owner = f"scheduler-{os.getpid()}-{time.time_ns() % 10**9}"
+        self._loader = ray.get_actor(cfg.loader_name, namespace=cfg.namespace)
+        # Hosts of a previous incarnation of this scheduler are unaccounted for: end
+        # them, and release what they held so it runs again at once.
         ray.get(self._loader.reset.remote())
-        self._busy: dict[int, Claim] = {}
-        self._hosts: dict[int, Any] = {}  # host id -> actor handle
-        self._crashes: dict[int, int] = {}
-        self._counters = {"activations": 0, "host_deaths": 0}
+        now = time.time()
+        self.journal.release_owner(cfg.host_owner_prefix, now, now, prefix=True)
+        resources = ray.cluster_resources()
+        self.core = SchedulerCore(
+            self.journal,
+            pool_config(cfg, resources.get("CPU", os.cpu_count() or 1), resources.get("memory", 8 << 30)),
+            max_failures=cfg.max_activation_failures, host_owner=cfg.host_owner,
+            telemetry_env=cfg.telemetry_env,
+        )
+        self._hosts: dict[int, _LiveHost] = {}
+        self._by_key: dict[CodeKey, list[Any]] = {}  # ready hosts' actors, for notify
+        self._counters = {"activations": 0, "warm_starts": 0, "outcomes": {}}
+        self._writes: dict[int, dict] = {}
         self.metrics = EngineMetrics(
-            self.config.telemetry_env, self.config.metrics_port, self.config.metrics_host,
-            lambda: ray.get(self._loader.stats.remote())["hosts_by_tenant"],
-            self.journal.count_by_tenant_status,
+            cfg.telemetry_env, cfg.metrics_port, cfg.metrics_host,
+            self._hosts_by_tenant, self.journal.count_by_tenant_status,
         )
         self._stopping = False
-        self._next_renewal = 0.0
+        self._last_tick = 0.0
         self._loop = asyncio.new_event_loop()
         self._wake = asyncio.Event()
         self._thread = threading.Thread(target=self._run_loop, name="dynwf-scheduler", daemon=True)
@@ -92,15 +201,41 @@ class _SchedulerCore:
     # -- called through the actor --------------------------------------------
 
     def ping(self) -> dict:
-        return {"owner": self.owner, "config": self.config.model_dump()}
+        return {"owner": self.owner, "config": self.config.model_dump(),
+                "pool": vars(self.core.pool.config)}
 
-    def notify(self) -> None:
-        """New work may be due (created, event sent, resumed): look now."""
+    def notify(self, tenant_id: str | None, version: str | None) -> None:
+        """New work may be due (created, event sent, resumed): the version's hosts look
+        now, and the next tick sees it."""
+        if tenant_id is not None and version is not None:
+            for actor in self._by_key.get(CodeKey(tenant_id, version), ()):
+                actor.wake.remote()
         self._loop.call_soon_threadsafe(self._wake.set)
 
+    def retire(self, tenant_id: str) -> None:
+        """A tenant's settings changed: replace its hosts (running activations finish)."""
+        def apply() -> None:
+            self.core.refresh_policies()
+            self._apply(self.core.pool.stop_version(tenant_id))
+            self._wake.set()
+        self._loop.call_soon_threadsafe(apply)
+
     def stats(self) -> dict:
+        writes: dict[str, float] = {}
+        for report in list(self._writes.values()):
+            for k, v in report.items():
+                writes[k] = round(writes.get(k, 0) + v, 6)
+        pool = self.core.pool
         return {
-            "busy_activations": len(self._busy), **self._counters,
+            "running_activations": sum(h.running for h in self._hosts.values()),
+            "busy_hosts": sum(1 for h in self._hosts.values() if h.running),
+            "ready_hosts": sum(1 for h in self._hosts.values() if h.ready),
+            "pool": {**pool.counters, "max_hosts": pool.config.max_hosts,
+                     "max_activations": pool.config.max_activations,
+                     "cold_start_estimate_s": round(pool.cold_start_s, 3)},
+            "journal_writes": writes,
+            **{k: v for k, v in self._counters.items()},
+            **self.core.counters,
             "metrics_url": self.metrics.url,
         }
 
@@ -108,12 +243,10 @@ class _SchedulerCore:
         """Stop activating; end hosts; release their instances so the next engine resumes them."""
         self._stopping = True
         self._loop.call_soon_threadsafe(self._wake.set)
-        ray.get(self._loader.reset.remote())
+        self._thread.join(timeout=10)  # no tick after this one: nothing new starts
+        ray.get(self._loader.reset.remote(close=True))
         now = time.time()
         try:
-            for claim in list(self._busy.values()):
-                self.journal.release(claim.pk, claim.token, now, now)
-            # and what the hosts claimed for themselves (host_slice chaining)
             self.journal.release_owner(self.config.host_owner_prefix, now, now, prefix=True)
         except Exception:  # noqa: BLE001 - the leases then expire on their own
             log.exception("could not release the leases of stopped activations")
@@ -126,127 +259,121 @@ class _SchedulerCore:
         self._loop.run_until_complete(self._main())
 
     async def _main(self) -> None:
+        self._loop.create_task(self._report_forever())
         while not self._stopping:
             self._wake.clear()
+            wait = self.config.poll_interval
             try:
-                timeout = self._tick()
+                since = time.monotonic() - self._last_tick
+                if since < MIN_TICK:
+                    await asyncio.sleep(MIN_TICK - since)
+                self._last_tick = time.monotonic()
+                self._apply(self.core.tick(time.time()))
+                nxt = self.journal.next_wake_at()
+                if nxt is not None:
+                    wait = min(wait, max(nxt - time.time(), MIN_TICK))
             except Exception:  # noqa: BLE001 - e.g. the database is briefly unreachable
                 log.exception("scheduler tick failed; retrying")
-                timeout = self.config.poll_interval
-            if timeout > 0:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                except asyncio.TimeoutError:
-                    pass
-            else:
-                await asyncio.sleep(0)  # let finished activations be collected
-
-    def _tick(self) -> float:
-        """One pass; returns how long to sleep."""
-        cfg = self.config
-        now = time.time()
-        if self._busy and now >= self._next_renewal:
-            # A host may still be starting (a new runtime env): keep its claim leased.
-            self.journal.renew_leases(
-                [(c.pk, c.token) for c in self._busy.values()], now, cfg.lease_ttl
-            )
-            self._next_renewal = now + cfg.lease_ttl / 3
-        free = cfg.max_hosts - len(self._busy)
-        claims = self.journal.claim_due(now, free, self.owner, cfg.lease_ttl) if free > 0 else []
-        for claim in claims:
-            self._busy[claim.pk] = claim
-            self._loop.create_task(self._activate(claim))
-        if free > 0 and len(claims) == free:
-            return 0.0  # every free slot taken: more may be due, look again at once
-        timeout = cfg.poll_interval
-        if self._busy:
-            timeout = min(timeout, max(0.0, self._next_renewal - time.time()))
-        if free > len(claims):
-            next_due = self.journal.next_wake_at()
-            if next_due is not None:
-                timeout = min(timeout, next_due - time.time())
-        return max(timeout, 0.0)
-
-    async def _activate(self, claim: Claim) -> None:
-        host = None
-        try:
             try:
-                host = await self._loader.acquire.remote(claim.tenant_id, claim.code_version)
-            except Exception as exc:  # noqa: BLE001 - the code cannot be loaded (now)
-                cause = getattr(exc, "cause", None) or exc
-                log.error("cannot load code for %s/%s: %s", claim.tenant_id, claim.instance_id, cause)
-                message = f"tenant {claim.tenant_id!r}: {cause}"
-                if isinstance(cause, LookupError):  # no such code stored: retrying cannot help
-                    self._give_up(claim, "CodeUnavailableError", message)
-                else:  # e.g. the journal or Ray's package store briefly unreachable
-                    self._on_crash(claim, "CodeUnavailableError", message)
-                return
-            self._counters["activations"] += 1
-            result = await self._host_actor(host).activate.remote(claim.pk, claim.token)
-        except RayActorError as exc:
-            if self._stopping:
-                return
-            self._counters["host_deaths"] += 1
-            self._hosts.pop(host["host_id"], None)
-            self._loader.discard.remote(host["host_id"])
-            self._on_host_death(claim, exc)
-            # Instances the host claimed for itself after this one: due again now.
-            self.journal.release_owner(host["owner"], time.time(), time.time())
-        except Exception as exc:  # noqa: BLE001 - a bug below activate(); don't lose the instance
-            log.exception("activation of %s/%s failed", claim.tenant_id, claim.instance_id)
-            if host is not None:
-                self._loader.discard.remote(host["host_id"])
-            self._on_crash(claim, type(exc).__name__, str(exc))
-        else:
-            self._crashes.pop(claim.pk, None)
-            self._counters["activations"] += sum(result["outcomes"].values()) - 1
-            self._loader.release.remote(host["host_id"])
-            self.metrics.record(claim.tenant_id, result["counts"])
-        finally:
-            self._busy.pop(claim.pk, None)
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+
+    def _apply(self, decisions: list[Decision]) -> None:
+        for d in decisions:
+            if isinstance(d, Start):
+                self._hosts[d.host_id] = _LiveHost(d.key)
+                self._loop.create_task(self._run_host(d.host_id, d.key))
+            elif isinstance(d, Stop):
+                host = self._hosts.get(d.host_id)
+                log.info("stopping a host of tenant %s version %s: %s", *d.key, d.reason)
+                self._forget(d.host_id, keep=True)
+                if host is not None and host.actor is not None:
+                    host.actor.stop.remote()
+            elif isinstance(d, Quota):
+                host = self._hosts.get(d.host_id)
+                if host is not None and host.actor is not None:
+                    host.actor.set_quota.remote(d.slots)
+
+    async def _run_host(self, host_id: int, key: CodeKey) -> None:
+        """Start a host, serve until it stops, and clean up after it (or its death)."""
+        why = None
+        try:
+            actor = await self._loader.start.remote(host_id, key.tenant_id, key.version)
+            self._hosts[host_id].actor = actor
+            served = actor.serve.remote()
+            await actor.report.remote()  # constructed: its sandbox template is up
+            self.core.pool.started(host_id, time.time())
+            self._hosts[host_id].ready = True
+            if not self.core.pool.hosts.get(host_id, None) or self.core.pool.hosts[host_id].stopping:
+                actor.stop.remote()
+            else:
+                self._by_key.setdefault(key, []).append(actor)
             self._wake.set()
+            last = await served
+            self._account(host_id, last)
+        except RayActorError as exc:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        except Exception as exc:  # noqa: BLE001 - its code cannot be loaded (now)
+            cause = getattr(exc, "cause", None) or exc
+            await self._code_unavailable(key, cause)
+        finally:
+            self._forget(host_id)
+            self.core.pool.ended(host_id)
+            self._loader.end.remote(host_id)
+            self._wake.set()
+        if why is not None and not self._stopping:
+            log.warning("a host of tenant %s version %s died: %s", *key, why)
+            self.core.host_died(host_id, time.time(), why)
 
-    def _host_actor(self, lent: dict) -> Any:
-        """The host's handle: sent by the loader the first time only, then cached here."""
-        for host_id in lent["ended"]:
-            self._hosts.pop(host_id, None)
-        if "actor" in lent:
-            self._hosts[lent["host_id"]] = lent["actor"]
-        actor = self._hosts.get(lent["host_id"])
-        if actor is None:  # e.g. this scheduler restarted while the loader kept the host
-            actor = self._hosts[lent["host_id"]] = ray.get(
-                self._loader.handle.remote(lent["host_id"])
-            )
-        return actor
-
-    def _on_host_death(self, claim: Claim, exc: BaseException) -> None:
-        log.warning(
-            "host of %s/%s died during activation: %s", claim.tenant_id, claim.instance_id,
-            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-        )
-        self._on_crash(claim, "HostDiedError", f"the instance's host process died: {exc}")
-
-    def _on_crash(self, claim: Claim, name: str, message: str) -> None:
-        crashes = self._crashes.get(claim.pk, 0) + 1
-        self._crashes[claim.pk] = crashes
-        if crashes >= self.config.max_activation_failures:
-            self._give_up(claim, name, f"{crashes} activations in a row crashed; last: {message}")
-            return
-        try:
-            self.journal.release(claim.pk, claim.token, time.time(), time.time())
-        except Exception:  # noqa: BLE001 - the lease expires on its own then
-            log.exception("could not release %s/%s", claim.tenant_id, claim.instance_id)
-
-    def _give_up(self, claim: Claim, name: str, message: str) -> None:
-        self._crashes.pop(claim.pk, None)
+    async def _code_unavailable(self, key: CodeKey, cause: BaseException) -> None:
+        """No host can run this code: error its due instances if it cannot ever run
+        (no such code stored), else count a crash for each (it may work next time)."""
+        log.error("cannot load code for tenant %s version %s: %s", *key, cause)
         now = time.time()
-        try:
-            self.journal.fail(claim.pk, claim.token, name, message[:4000], now)
-        except LeaseLostError:
-            return
-        info = self.journal.get_instance(claim.tenant_id, claim.instance_id)
-        if info is not None:
-            end_instance_trace(
-                self.journal, self.config.telemetry_env, info, "errored", now,
-                (name, message[:4000]),
+        claims = self.journal.claim_due(now, 1000, self.owner, self.config.lease_ttl, *key)
+        message = f"tenant {key.tenant_id!r}: {cause}"
+        if isinstance(cause, LookupError):  # no such code stored: retrying cannot help
+            for claim in claims:
+                self.core._give_up(claim, "CodeUnavailableError", message, now)
+        else:
+            self.core.crashed(claims, now, "CodeUnavailableError", message)
+
+    def _forget(self, host_id: int, keep: bool = False) -> None:
+        host = self._hosts.get(host_id) if keep else self._hosts.pop(host_id, None)
+        if host is not None and host.actor is not None:
+            actors = self._by_key.get(host.key, [])
+            if host.actor in actors:
+                actors.remove(host.actor)
+            if not actors:
+                self._by_key.pop(host.key, None)
+
+    async def _report_forever(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(REPORT_EVERY)
+            hosts = [(i, h) for i, h in list(self._hosts.items()) if h.ready]
+            replies = await asyncio.gather(
+                *(h.actor.report.remote() for _, h in hosts), return_exceptions=True
             )
+            for (host_id, _), reply in zip(hosts, replies):
+                if isinstance(reply, dict):
+                    self._account(host_id, reply)
+
+    def _account(self, host_id: int, report: dict) -> None:
+        host = self._hosts.get(host_id)
+        if host is None:
+            return
+        host.running = report["running"]
+        self._writes[host_id] = report["writes"]
+        outcomes = self._counters["outcomes"]
+        for outcome, n in report["outcomes"].items():
+            outcomes[outcome] = outcomes.get(outcome, 0) + n
+            self._counters["activations"] += n
+        self._counters["warm_starts"] += report["counts"]["warm"]
+        self.metrics.record(host.key.tenant_id, report["counts"])
+
+    def _hosts_by_tenant(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for host in list(self._hosts.values()):
+            counts[host.key.tenant_id] = counts.get(host.key.tenant_id, 0) + 1
+        return counts

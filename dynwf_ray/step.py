@@ -223,7 +223,7 @@ class Step:
             else:
                 value = await self._attempt(fn, name, seq, attempt, config)
         except Exception as exc:  # noqa: BLE001 - any tenant error is a failed attempt
-            self._attempt_failed(name, seq, attempt, started, config, exc, span)
+            await self._attempt_failed(name, seq, attempt, started, config, exc, span)
         finally:
             if log is not None:
                 log.step = None
@@ -232,11 +232,11 @@ class Step:
         except InvalidInputError as exc:
             self._end_attempt(span, exc, None)
             self._activity.steps_failed += 1
-            self._record(name, seq, STEP_FAILED, started, attempt, error=exc)
+            await self._record(name, seq, STEP_FAILED, started, attempt, error=exc)
             raise StepFailedError(name, type(exc).__name__, str(exc), attempt) from None
         self._end_attempt(span)
         self._activity.steps_completed += 1
-        self._record(name, seq, STEP_COMPLETE, started, attempt, result_json=text)
+        await self._record(name, seq, STEP_COMPLETE, started, attempt, result_json=text)
         return json.loads(text)
 
     def _end_attempt(
@@ -293,7 +293,7 @@ class Step:
             f"step {name!r} attempt {attempt} exceeded its timeout of {config.timeout:g} s"
         )
 
-    def _attempt_failed(
+    async def _attempt_failed(
         self, name: str, seq: int, attempt: int, started: float, config: StepConfig,
         exc: BaseException, span: Any = None,
     ) -> None:
@@ -303,27 +303,28 @@ class Step:
         if delay is None:
             self._end_attempt(span, exc, None)
             self._activity.steps_failed += 1
-            self._record(name, seq, STEP_FAILED, started, attempt, error=exc)
+            await self._record(name, seq, STEP_FAILED, started, attempt, error=exc)
             raise StepFailedError(name, error_name, str(exc), attempt) from exc
         next_at = self._clock() + delay
         self._end_attempt(span, exc, next_at)
         self._activity.retries += 1
-        self._record(name, seq, STEP_RETRYING, started, attempt, error=exc, next_attempt_at=next_at)
+        await self._record(name, seq, STEP_RETRYING, started, attempt, error=exc, next_attempt_at=next_at)
         raise Suspend(next_at)
 
     def _record_overrun(
         self, name: str, seq: int, attempt: int, started: float, config: StepConfig
     ) -> None:
-        """Called by the host's watchdog when a callback blocks past its timeout."""
+        """Called by a watchdog thread when a callback blocks past its timeout."""
         exc = self._timeout_error(name, attempt, config)
         delay = retry_delay(config.retries, attempt, exc)
         if delay is None:
-            self._record(name, seq, STEP_FAILED, started, attempt, error=exc)
+            record = self._make_record(name, seq, STEP_FAILED, started, attempt, error=exc)
         else:
-            self._record(
+            record = self._make_record(
                 name, seq, STEP_RETRYING, started, attempt, error=exc,
                 next_attempt_at=self._clock() + delay,
             )
+        self._journal.record_step(self._pk, self._token, record, self._clock(), self._lease_ttl)
 
     # -- sleeping ----------------------------------------------------------
 
@@ -368,12 +369,12 @@ class Step:
                 name, seq, STEP_COMPLETE, started, 0, kind="sleep",
                 result_json=json.dumps(wake_at), finished=False,
             )
-            self._write(record)
+            await self._write(record)
         now = self._clock()
         if now < wake_at:
             raise Suspend(wake_at)
         if record.finished_at is None:  # the first activation past its end: record it once
-            self._write(replace(record, finished_at=now))
+            await self._write(replace(record, finished_at=now))
             if self._trace is not None:
                 self._trace.sleep(name, seq, started, now)
 
@@ -406,9 +407,9 @@ class Step:
             record = self._make_record(
                 name, seq, STEP_WAITING, started, 0, kind="wait", result_json=json.dumps(deadline)
             )
-            self._write(record)
+            await self._write(record)
         now = self._clock()
-        got = self._journal.take_event(
+        got = await self._journal.grouped.take_event(
             self._pk, self._token, record, type, now, self._lease_ttl
         )
         if got is not None:
@@ -423,7 +424,7 @@ class Step:
             exc = WorkflowTimeoutError(
                 f"wait_for_event {name!r} got no {type!r} event within {seconds:g} s"
             )
-            self._record(name, seq, STEP_FAILED, started, 0, kind="wait", error=exc)
+            await self._record(name, seq, STEP_FAILED, started, 0, kind="wait", error=exc)
             if self._trace is not None:
                 self._trace.wait(name, seq, type, started, now, exc)
             raise exc
@@ -463,11 +464,14 @@ class Step:
             started_at=started, finished_at=self._clock() if done else None,
         )
 
-    def _record(self, name: str, seq: int, status: str, started: float, attempts: int, **kw: Any) -> None:
-        self._write(self._make_record(name, seq, status, started, attempts, **kw))
+    async def _record(
+        self, name: str, seq: int, status: str, started: float, attempts: int, **kw: Any
+    ) -> None:
+        await self._write(self._make_record(name, seq, status, started, attempts, **kw))
 
-    def _write(self, record: StepRecord) -> None:
+    async def _write(self, record: StepRecord) -> None:
+        """Record a step durably (group-committed with concurrent activations' writes)."""
         logs = self._log.take() if self._log is not None else ()
-        self._pause_requested = self._journal.record_step(
+        self._pause_requested = await self._journal.grouped.record_step(
             self._pk, self._token, record, self._clock(), self._lease_ttl, logs, self._keep_logs
         )

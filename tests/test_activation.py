@@ -327,6 +327,6 @@ def test_release_by_owner_prefix_frees_only_that_engines_hosts(journal, tenant):
     for owner in owners:
         journal.claim_due(d.now, 1, owner, 30, tenant)
     # "_" in the engine name must not act as a LIKE wildcard: aXb's lease stays.
-    assert journal.release_owner("dynwf-scheduler-a_b/host-", d.now, d.now, prefix=True) == 2
+    assert len(journal.release_owner("dynwf-scheduler-a_b/host-", d.now, d.now, prefix=True)) == 2
     statuses = sorted(d.info(f"o{i}").status for i in range(3))
     assert statuses == ["queued", "queued", "running"]

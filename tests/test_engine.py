@@ -227,8 +227,8 @@ def test_blocking_step_past_its_timeout_ends_its_sandbox_not_the_engine(engine, 
     assert wait_status(engine.binding(tenant + "b").create(), "complete")
 
 
-def test_admission_queues_instances_beyond_max_hosts(make_engine, tmp_path):
-    engine = make_engine(max_hosts=1)
+def test_admission_queues_instances_beyond_max_activations(make_engine, tmp_path):
+    engine = make_engine(max_activations=1)
     engine.register("adm", Steered)
     lend(engine, "adm", tmp_path)
     wf = engine.binding("adm")

@@ -1351,16 +1351,11 @@ def test_tenant_proxy_setting_does_not_capture_platform_telemetry(arena, make_en
 # --- admission ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="admission has no per-tenant share or cap yet: fair queuing by tenant and "
-    "max_concurrency per tenant are issue 11's; this must start passing with it",
-)
 def test_one_tenant_cannot_hold_every_admission_slot(arena, make_engine):
-    """An engine admits `max_hosts` activations at once. A tenant starts that many instances
-    whose step sleeps (no CPU: no CPU limit fires; its own step timeout of an hour): another
-    tenant's new instance must still run, soon."""
-    engine = make_engine(max_hosts=2, hibernate_after=60.0)
+    """An engine admits `max_activations` activations at once. A tenant starts that many
+    instances whose step sleeps (no CPU: no CPU limit fires; its own step timeout of an
+    hour): another tenant's new instance must still run, soon (fair shares)."""
+    engine = make_engine(max_hosts=2, max_activations=2, hibernate_after=60.0)
     hog, patient = f"hog-{arena.tag}", f"patient-{arena.tag}"
     engine.push_tenant(hog, str(arena.attacker_dir))
     engine.push_tenant(patient, str(arena.tmp / "other"))
@@ -1378,7 +1373,7 @@ def test_one_tenant_cannot_hold_every_admission_slot(arena, make_engine):
         assert status["status"] == "complete", (
             f"another tenant's instance was still {status['status']!r} after "
             f"{time.monotonic() - t0:.0f} s: two sleeping steps of one tenant hold every "
-            f"admission slot (max_hosts=2)")
+            f"admission slot (max_activations=2)")
     finally:
         for h in hogs:
             try:

@@ -67,6 +67,9 @@ class TenantPolicy(BaseModel):
     #: Secret values, read the same way; their text is replaced by "[secret]" in
     #: captured logs, span attributes and error messages, and `masked()` hides them.
     secrets: dict[str, str] = Field(default_factory=dict)
+    #: Activations of this tenant at once, at most (None: its fair share of the engine's
+    #: `max_activations`, whatever other tenants leave unused).
+    max_concurrency: int | None = Field(default=None, ge=1)
 
     @field_validator("env", "secrets")
     @classmethod

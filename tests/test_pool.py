@@ -1,0 +1,213 @@
+"""The host pool and the scheduler core, without Ray: driven by a clock.
+
+`HostPool.tick(now, demand, caps)` decides admission (fair shares, tenant caps),
+host starts and stops (with reasons) and quotas; `SchedulerCore` adds the
+journal: demand read from it, and crash counts kept in it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dynwf_ray.journal import Journal
+from dynwf_ray.pool import CodeKey, HostPool, PoolConfig, Quota, Start, Stop, Want, fair_shares
+from dynwf_ray.scheduler import SchedulerCore, pool_config
+from dynwf_ray.config import EngineConfig
+from dynwf_ray.tracing import new_trace_context
+
+A, B, C = CodeKey("a", "v1"), CodeKey("b", "v1"), CodeKey("c", "v1")
+
+
+def pool(**kw) -> HostPool:
+    cfg = dict(max_activations=64, max_hosts=8, host_concurrency=32, cpus=2, idle_after=60.0,
+               cold_start_s=1.0)
+    cfg.update(kw)
+    return HostPool(PoolConfig(**cfg))
+
+
+def starts(decisions) -> list[Start]:
+    return [d for d in decisions if isinstance(d, Start)]
+
+
+def stops(decisions) -> list[Stop]:
+    return [d for d in decisions if isinstance(d, Stop)]
+
+
+def quotas(p: HostPool) -> dict[CodeKey, int]:
+    out: dict[CodeKey, int] = {}
+    for h in p.hosts.values():
+        if not h.stopping:
+            out[h.key] = out.get(h.key, 0) + h.quota
+    return out
+
+
+def bring_up(p: HostPool, now: float, demand, caps=None):
+    """Tick, report every host it started as up a second later (a cold start of 1 s),
+    and tick again then."""
+    for d in starts(p.tick(now, demand, caps)):
+        p.started(d.host_id, now + 1.0)
+    return p.tick(now + 1.0, demand, caps)
+
+
+# --- admission ------------------------------------------------------------------------
+
+
+def test_fair_shares_are_max_min_fair():
+    assert fair_shares(64, {"a": 10_000, "b": 1}) == {"a": 63, "b": 1}
+    assert fair_shares(64, {"a": 10_000, "b": 10_000}) == {"a": 32, "b": 32}
+    assert fair_shares(10, {"a": 3, "b": 100, "c": 100}) == {"a": 3, "b": 4, "c": 3}
+    assert fair_shares(64, {"a": 10_000, "b": 10_000}, {"a": 5}) == {"a": 5, "b": 59}
+    assert fair_shares(2, {"a": 5, "b": 5, "c": 5}) == {"a": 1, "b": 1, "c": 0}
+    assert fair_shares(8, {}) == {}
+
+
+def test_a_flooding_tenant_leaves_room_for_another():
+    p = pool()
+    bring_up(p, 0.0, {A: Want(10_000, 0)})
+    assert quotas(p) == {A: 32}  # one host of A, as much as one host runs
+    decisions = bring_up(p, 1.0, {A: Want(9_968, 32), B: Want(1, 0)})
+    assert [d.key for d in starts(p.tick(1.0, {A: Want(9_968, 32), B: Want(1, 0)}))] == []
+    assert quotas(p)[B] == 1, decisions
+    assert quotas(p)[A] <= 63
+
+
+def test_max_concurrency_caps_a_tenant():
+    p = pool()
+    bring_up(p, 0.0, {A: Want(100, 0)}, caps={"a": 3})
+    assert quotas(p) == {A: 3}
+
+
+def test_idle_hosts_are_lent_spare_capacity_so_new_work_starts_at_once():
+    p = pool()
+    bring_up(p, 0.0, {A: Want(1, 0)})
+    p.tick(1.0, {})  # A's work is done; its host stays warm with a lent slot
+    assert quotas(p) == {A: 1}
+
+
+# --- hosts follow demand -------------------------------------------------------------
+
+
+def test_a_version_gets_a_second_host_only_after_a_backlog_outlasts_a_cold_start():
+    p = pool(host_concurrency=4)
+    bring_up(p, 0.0, {A: Want(100, 0)})  # up at 1.0; the backlog seen since then
+    assert len(p.hosts) == 1
+    assert starts(p.tick(1.5, {A: Want(96, 4)})) == []  # backlog for 0.5 s < 1 s cold start
+    (second,) = starts(p.tick(2.1, {A: Want(90, 4)}))
+    assert second.reason == "backlog longer than a cold start"
+    p.started(second.host_id, 3.0)
+    assert len([h for h in p.hosts.values() if h.key == A]) == 2
+    assert starts(p.tick(5.0, {A: Want(80, 8)})) == []  # at most `cpus` hosts per version
+
+
+def test_steady_load_starts_and_stops_nothing_after_warm_up():
+    p = pool()
+    bring_up(p, 0.0, {A: Want(5, 0), B: Want(3, 0)})
+    before = dict(p.counters)
+    for t in range(1, 600):  # ten minutes of steady work at one tick a second
+        decisions = p.tick(float(t), {A: Want(t % 7, 3), B: Want(t % 3, 1)})
+        assert not starts(decisions) and not stops(decisions), (t, decisions)
+    assert p.counters == before
+
+
+def test_an_idle_version_is_deactivated_after_idle_after_and_surplus_hosts_after_a_quarter():
+    p = pool(host_concurrency=4, idle_after=60.0)
+    bring_up(p, 0.0, {A: Want(100, 0)})
+    (extra,) = starts(p.tick(2.0, {A: Want(90, 4)}))
+    p.started(extra.host_id, 3.0)
+    p.tick(3.0, {A: Want(1, 0)})  # the work now fits in one host
+    assert stops(p.tick(10.0, {A: Want(1, 0)})) == []
+    (surplus,) = stops(p.tick(18.1, {A: Want(1, 0)}))
+    assert surplus.reason == "surplus" and surplus.host_id == extra.host_id
+    p.ended(surplus.host_id)
+    assert stops(p.tick(60.0, {})) == []
+    (idle,) = stops(p.tick(78.2, {}))
+    assert idle.reason == "idle"
+    assert p.counters == {
+        "starts: first host of its code": 1, "starts: backlog longer than a cold start": 1,
+        "stops: surplus": 1, "stops: idle": 1,
+    }
+
+
+def test_at_max_hosts_a_new_version_evicts_the_longest_idle_host():
+    p = pool(max_hosts=2)
+    bring_up(p, 0.0, {A: Want(1, 0)})
+    bring_up(p, 5.0, {B: Want(1, 0)})
+    p.tick(7.0, {})
+    decisions = p.tick(8.0, {C: Want(1, 0)})
+    (evicted,) = stops(decisions)
+    assert evicted.key == A and evicted.reason == "evicted"
+    assert [d.key for d in starts(decisions)] == [C]
+
+
+def test_at_max_hosts_a_version_waits_while_every_host_works():
+    p = pool(max_hosts=1)
+    bring_up(p, 0.0, {A: Want(0, 1)})
+    decisions = p.tick(1.0, {A: Want(0, 1), B: Want(1, 0)})
+    assert not starts(decisions) and not stops(decisions)
+
+
+def test_stopping_a_tenant_stops_only_its_hosts():
+    p = pool()
+    bring_up(p, 0.0, {A: Want(1, 0), B: Want(1, 0)})
+    (stop,) = p.stop_version("a")
+    assert stop.key == A and stop.reason == "settings changed"
+    assert all(isinstance(d, (Start, Quota)) for d in p.tick(1.0, {A: Want(1, 0)}))
+
+
+def test_default_limits_come_from_the_cluster():
+    cfg = pool_config(EngineConfig(database_url="sqlite://"), cpus=2, memory_bytes=16 << 30)
+    assert (cfg.max_activations, cfg.max_hosts, cfg.cpus) == (64, 32, 2)
+    small = pool_config(EngineConfig(database_url="sqlite://"), cpus=16, memory_bytes=2 << 30)
+    assert small.max_hosts == 8  # one per 256 MiB of memory
+    tuned = pool_config(EngineConfig(database_url="sqlite://", max_hosts=3, max_activations=5), 2, 1 << 34)
+    assert (tuned.max_hosts, tuned.max_activations) == (3, 5)
+
+
+# --- the scheduler core: demand and crash counts in the journal -------------------------
+
+
+@pytest.fixture
+def journal(tmp_path):
+    j = Journal(f"sqlite:///{tmp_path}/j.db")
+    yield j
+    j.close()
+
+
+def _create(journal: Journal, tenant: str, n: int, now: float) -> None:
+    journal.save_code(tenant, "v1", "bench", b"", now)
+    journal.create_instances(
+        tenant, "v1", [(f"i{i}", "{}", "{}", *new_trace_context()) for i in range(n)], now,
+        skip_existing=False,
+    )
+
+
+def test_core_reads_demand_and_caps_from_the_journal(journal):
+    _create(journal, "a", 5, 100.0)
+    _create(journal, "b", 2, 100.0)
+    journal.set_tenant_policy("a", '{"max_concurrency": 2}', 100.0)
+    journal.claim_due(100.0, 1, "someone", 30.0, "b", "v1")
+    core = SchedulerCore(journal, pool_config(EngineConfig(database_url="sqlite://"), 2, 1 << 34),
+                         max_failures=3)
+    assert journal.demand(100.0) == {("a", "v1"): (5, 0), ("b", "v1"): (1, 1)}
+    for d in starts(core.tick(100.0)):
+        core.pool.started(d.host_id, 100.0)
+    core.tick(100.0)
+    assert quotas(core.pool) == {CodeKey("a", "v1"): 2, CodeKey("b", "v1"): 2}
+
+
+def test_crash_counts_live_in_the_journal_and_end_in_an_error(journal):
+    _create(journal, "a", 1, 100.0)
+    cfg = pool_config(EngineConfig(database_url="sqlite://"), 2, 1 << 34)
+    for attempt in range(1, 4):
+        # a new core each time: as if the scheduler restarted between crashes
+        core = SchedulerCore(journal, cfg, max_failures=3, host_owner=lambda i: f"host-{i}")
+        now = 100.0 + attempt
+        (claim,) = journal.claim_due(now, 1, "host-7", 30.0)
+        given_up = core.host_died(7, now, "killed")
+        info = journal.get_instance("a", "i0")
+        if attempt < 3:
+            assert given_up == [] and info.status == "queued" and info.wake_at == now
+        else:
+            assert given_up == [claim.pk]
+            assert info.status == "errored" and info.error_name == "HostDiedError"
+            assert "3 activations in a row crashed" in info.error_message
