@@ -86,16 +86,19 @@ async def activate(
     keep_logs: int = 1000,
     counts: ActivityCounts | None = None,
     warm: bool | None = None,
+    state: ActivationState | None = None,
 ) -> Outcome:
     """Run one activation of `code` (a workflow class, run in this process with `env`,
     or a `Runner`). With `tracing`, its spans are emitted; with `capture_logs` (a
     `LogCapture` must be installed in the process), what it prints is stored; a
-    runner that captures output itself hands it to `step.log`."""
+    runner that captures output itself hands it to `step.log`. `state`: what
+    `Journal.claim_and_load` read for this activation (else it is read here)."""
     runner: Runner = InProcess(code, env) if isinstance(code, type) else code
-    try:
-        state = journal.load_activation(pk, token)
-    except LeaseLostError:
-        return "lease_lost"
+    if state is None:
+        try:
+            state = journal.load_activation(pk, token)
+        except LeaseLostError:
+            return "lease_lost"
     info = state.info
     counts = counts if counts is not None else ActivityCounts()
     if warm is not None:

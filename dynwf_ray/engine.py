@@ -25,7 +25,7 @@ from .journal import Journal
 from .loader import Loader
 from .package import package_class, pickled_modules, push
 from .sandbox.policy import SandboxLimits, TenantPolicy
-from .scheduler import Scheduler
+from .scheduler import Notifier, Scheduler
 from .tracing import tenant_telemetry
 from .types import validate_id
 
@@ -44,6 +44,7 @@ class Engine:
         self._scheduler = scheduler
         self._owns_ray = owns_ray
         self._clock: Callable[[], float] = time.time
+        self._notify = Notifier(self._send_notify)
 
     @classmethod
     def start(cls, *, bindings: Mapping[str, Callable[[str], Any]] | None = None, **kwargs: Any) -> "Engine":
@@ -213,7 +214,7 @@ class Engine:
             if self._owns_ray:
                 ray.shutdown()
 
-    def _notify(self, tenant_id: str, version: str | None) -> None:
+    def _send_notify(self, tenant_id: str, version: str | None) -> None:
         self._scheduler.notify.remote(tenant_id, version)
 
     def __enter__(self) -> "Engine":

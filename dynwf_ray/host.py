@@ -68,6 +68,8 @@ _BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHOND
 
 #: CPU seconds an idle sandbox may use in one second of watching before it is ended.
 IDLE_CPU_SECONDS = 0.5
+#: Seconds a sandbox may stay idle (beyond the one kept warm) before it is ended.
+IDLE_SANDBOX_S = 30.0
 
 
 def _cpu(session: SandboxSession) -> float:
@@ -240,7 +242,8 @@ class _Sandboxes:
             preload=["dynwf_ray.sandbox.runtime", "opentelemetry.sdk.trace"],
             mode=mode,
         )
-        self._idle: list[tuple[SandboxSession, str, float]] = []  # and its CPU time then
+        # Idle sandboxes: (session, scratch dir, its CPU time when last looked at, since when idle)
+        self._idle: list[tuple[SandboxSession, str, float, float]] = []
         self._watching = False
         self.live: dict[int, dict[str, Any]] = {}  # pid -> what it runs (engine.sandboxes())
         self.started = 0
@@ -250,7 +253,7 @@ class _Sandboxes:
             self._watching = True
             asyncio.ensure_future(self._watch_idle())
         while self._idle:
-            session, scratch, _ = self._idle.pop()
+            session, scratch, _, _ = self._idle.pop()
             if session.healthy:
                 return session, scratch
             self._ended(session, scratch)
@@ -304,7 +307,7 @@ class _Sandboxes:
         finally:
             entry["instance"] = None
             if session.healthy:
-                self._idle.append((session, scratch, _cpu(session)))
+                self._idle.append((session, scratch, _cpu(session), time.monotonic()))
             else:
                 self._ended(session, scratch)
 
@@ -313,23 +316,23 @@ class _Sandboxes:
         (a thread its tenant left running) is ended."""
         while True:
             await asyncio.sleep(1.0)
-            for i, (session, scratch, mark) in reversed(list(enumerate(self._idle))):
+            now = time.monotonic()
+            for i, (session, scratch, mark, since) in reversed(list(enumerate(self._idle))):
                 used = _cpu(session)
                 if used - mark > IDLE_CPU_SECONDS:
                     log.warning("ending an idle sandbox of tenant %s that kept computing", self._tenant_id)
                     del self._idle[i]
                     self._ended(session, scratch)
                 else:
-                    self._idle[i] = (session, scratch, used)
-
-    def trim(self, keep: int) -> None:
-        """Keep at most `keep` idle sandboxes (the host may run fewer activations now)."""
-        while len(self._idle) > keep:
-            session, scratch, _ = self._idle.pop(0)
-            self._ended(session, scratch)
+                    self._idle[i] = (session, scratch, used, since)
+            # Fewer activations at once than before: end sandboxes idle for a while
+            # (the most recently used stay; one always does).
+            while len(self._idle) > 1 and now - self._idle[0][3] > IDLE_SANDBOX_S:
+                session, scratch, _, _ = self._idle.pop(0)
+                self._ended(session, scratch)
 
     def close(self) -> None:
-        for session, scratch, _ in self._idle:
+        for session, scratch, _, _ in self._idle:
             self._ended(session, scratch)
         self._idle.clear()
         self.template.close()
@@ -402,12 +405,13 @@ class InstanceHost:
             free = 0 if self._stopping else self._quota - len(self._running)
             claims = []
             if free > 0:
-                claims = await journal.claim_due(
+                claims = await journal.claim_and_load(
                     time.time(), free, self._owner, self._lease_ttl, tenant_id, version
                 )
-                for claim in claims:
-                    self._running[claim.pk] = claim.token
-                    asyncio.ensure_future(self._activate_one(claim.pk, claim.token))
+                for state in claims:
+                    pk, token = state.info.pk, state.info.lease_token
+                    self._running[pk] = token
+                    asyncio.ensure_future(self._activate_one(pk, token, state))
             if self._running and time.monotonic() >= next_renewal:
                 try:
                     await journal.renew_leases(
@@ -433,7 +437,6 @@ class InstanceHost:
     async def set_quota(self, slots: int) -> None:
         """Run up to `slots` activations at once (fewer: those running finish)."""
         self._quota = slots
-        self._sandboxes.trim(max(slots, 1))
         if self._wake is not None:
             self._wake.set()
 
@@ -457,13 +460,14 @@ class InstanceHost:
             "writes": self._journal.write_stats(),
         }
 
-    async def _activate_one(self, pk: int, token: int) -> None:
+    async def _activate_one(self, pk: int, token: int, state: ActivationState) -> None:
         self._activations += 1
         try:
             outcome = await activate(
                 self._journal, pk, token, self._sandboxes,
                 lease_ttl=self._lease_ttl, tracing=self._tracing, capture_logs=True,
                 keep_logs=self._keep_logs, counts=self._counts, warm=self._activations > 1,
+                state=state,
             )
         except Exception:  # noqa: BLE001 - a platform fault (e.g. the journal): released
             log.exception("activation of instance pk=%s failed", pk)

@@ -32,6 +32,7 @@ other. On SQLite every write transaction is `BEGIN IMMEDIATE` in WAL mode with
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import sqlite3
@@ -393,7 +394,9 @@ class Journal:
                 url, connect_args={"check_same_thread": False, "timeout": 60}
             )
             _install_sqlite_pragmas(self.engine, synchronous)
+            self._writers = _WriterLock(path if path and path != ":memory:" else None)
         else:
+            self._writers = _WriterLock(None)
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=8)
         if self.is_sqlite:
             from sqlalchemy.dialects.sqlite import insert as dialect_insert
@@ -443,10 +446,10 @@ class Journal:
     # -- transactions ------------------------------------------------------
 
     def _write(self) -> "_Tx":
-        return _Tx(self._write_engine)
+        return _Tx(self._write_engine, self._writers)
 
     def _read(self) -> "_Tx":
-        return _Tx(self.engine)
+        return _Tx(self.engine, None)
 
     # -- tenants and code --------------------------------------------------
 
@@ -695,6 +698,24 @@ class Journal:
             "b_tenant": tenant_id, "b_version": code_version,
         }
         return [Claim(*row) for row in conn.execute(stmt, params).all()]
+
+    def _claim_and_load(
+        self, conn: Connection, now: float, limit: int, owner: str, lease_ttl: float,
+        tenant_id: str | None = None, code_version: str | None = None,
+    ) -> list[ActivationState]:
+        """`claim_due`, and what each claimed activation starts from, in one transaction."""
+        claims = self._claim_due(conn, now, limit, owner, lease_ttl, tenant_id, code_version)
+        if not claims:
+            return []
+        pks = [c.pk for c in claims]
+        infos = {row.pk: InstanceInfo(*row) for row in conn.execute(
+            select(*_INFO_COLS).where(I.c.pk.in_(pks)))}
+        steps: dict[int, list[StepRecord]] = {pk: [] for pk in pks}
+        for row in conn.execute(select(S.c.instance_pk, *_STEP_COLS).where(S.c.instance_pk.in_(pks))):
+            steps[row[0]].append(StepRecord(*row[1:]))
+        crashes = dict(conn.execute(
+            select(X.c.instance_pk, X.c.crashes).where(X.c.instance_pk.in_(pks))).all())
+        return [ActivationState(infos[pk], steps[pk], crashes.get(pk, 0)) for pk in pks]
 
     def demand(self, now: float) -> dict[tuple[str, str], tuple[int, int]]:
         """Per (tenant, code version) with work: (instances due and not leased, instances
@@ -1147,9 +1168,9 @@ class GroupCommit:
     Each awaitable method queues its write and returns when the transaction that holds
     it has committed, so a step is durable before `step.do` returns, as with the
     journal's plain methods. One writer thread takes every write queued meanwhile, runs
-    each in a savepoint of one transaction (a write that fails, e.g. a lost lease,
-    rolls back alone and raises to its caller only), and commits them together: while
-    it commits, the next writes queue up. Its numbers (`stats`) say how well it groups.
+    them in one transaction and commits them together: while it commits, the next
+    writes queue up. A write that fails raises to its own caller only (`_commit`). Its
+    numbers (`stats`) say how well it groups.
     """
 
     def __init__(self, journal: "Journal"):
@@ -1164,6 +1185,9 @@ class GroupCommit:
 
     async def claim_due(self, *args: Any) -> list[Claim]:
         return await self._submit(self._journal._claim_due, args)
+
+    async def claim_and_load(self, *args: Any) -> list[ActivationState]:
+        return await self._submit(self._journal._claim_and_load, args)
 
     async def renew_leases(self, *args: Any) -> None:
         return await self._submit(self._journal._renew_leases, args)
@@ -1214,31 +1238,34 @@ class GroupCommit:
                     pass
 
     def _commit(self, batch: list) -> list[tuple[bool, Any]]:
+        """Run a batch in one transaction. A write that finds its lease lost raises before
+        it writes anything (the fence is its first statement), so it fails alone; any
+        other error rolls the whole batch back and runs each write in a transaction of
+        its own, so that one bad write cannot fail the others."""
         results: list[tuple[bool, Any]] = []
         try:
             with self._journal._write() as conn:
                 for fn, args, _, _ in batch:
-                    savepoint = conn.begin_nested() if len(batch) > 1 else None
                     try:
-                        value = fn(conn, *args)
-                    except Exception as exc:  # noqa: BLE001 - raised to its own caller
-                        if savepoint is not None:
-                            savepoint.rollback()
+                        results.append((True, fn(conn, *args)))
+                    except LeaseLostError as exc:
                         results.append((False, exc))
-                    else:
-                        if savepoint is not None:
-                            savepoint.commit()
-                        results.append((True, value))
-                if len(batch) == 1 and not results[0][0]:
-                    raise results[0][1]  # roll the lone write back
-        except Exception as exc:  # noqa: BLE001 - the commit failed: every write did
-            if len(batch) == 1 and results and results[0][1] is exc:
-                return results
-            return [(False, exc)] * len(batch)
+        except Exception:  # noqa: BLE001 - one by one, below
+            if len(batch) == 1:
+                return self._alone(batch[0])
+            return [self._alone(item) for item in batch]
         self._stats["group_commits"] += 1
         self._stats["group_writes"] += len(batch)
         self._stats["group_max"] = max(self._stats["group_max"], len(batch))
         return results
+
+    def _alone(self, item: tuple) -> tuple[bool, Any]:
+        fn, args, _, _ = item
+        try:
+            with self._journal._write() as conn:
+                return True, fn(conn, *args)
+        except Exception as exc:  # noqa: BLE001 - raised to its own caller
+            return False, exc
 
 
 def _settle(future: asyncio.Future, result: tuple[bool, Any]) -> None:
@@ -1251,21 +1278,68 @@ def _settle(future: asyncio.Future, result: tuple[bool, Any]) -> None:
         future.set_exception(value)
 
 
-#: Time writers of this process waited for SQLite's write lock (`BEGIN IMMEDIATE`).
-_LOCK_STATS = {"lock_begins": 0, "lock_waits": 0, "lock_wait_s": 0.0}
+#: Writers of this process: transactions begun, how many waited for their turn
+#: (`_WriterLock`) and for how long; and retries of `BEGIN IMMEDIATE` (a writer that
+#: does not take the writer lock, e.g. another program, held SQLite's own lock).
+_LOCK_STATS = {"lock_begins": 0, "lock_waits": 0, "lock_wait_s": 0.0, "busy_retries": 0}
+
+
+class _WriterLock:
+    """Writers of one SQLite file queue here, in the kernel, for their turn.
+
+    SQLite lets one transaction write at a time; a writer that finds the lock taken
+    could only retry after a sleep, leaving the file idle meanwhile. Every journal
+    writer on this machine (the file cannot be shared beyond it) first takes an
+    exclusive `flock` on `<journal>.writers`: waiters sleep without polling and the
+    next one starts as soon as the last commits. With group commit each turn carries
+    the writes of every activation of its process that queued meanwhile.
+    None (PostgreSQL, an in-memory database): no lock; the database orders writers.
+    """
+
+    def __init__(self, path: str | None):
+        self._fd = os.open(f"{path}.writers", os.O_RDWR | os.O_CREAT, 0o600) if path else None
+        self._threads = threading.Lock()  # flock is per open file, not per thread
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            self._threads.acquire()
+            began = time.monotonic()
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+                _LOCK_STATS["lock_waits"] += 1
+                _LOCK_STATS["lock_wait_s"] += time.monotonic() - began
+            except BaseException:
+                self._threads.release()
+                raise
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self._threads.release()
 
 
 class _Tx:
-    """One transaction on a pooled connection, committed on success, rolled back on error."""
+    """One transaction on a pooled connection, committed on success, rolled back on error
+    (a write transaction takes the journal's writer lock around it)."""
 
-    __slots__ = ("_engine", "_conn", "_tx")
+    __slots__ = ("_engine", "_lock", "_conn", "_tx")
 
-    def __init__(self, engine: SAEngine):
+    def __init__(self, engine: SAEngine, lock: _WriterLock | None):
         self._engine = engine
+        self._lock = lock
 
     def __enter__(self) -> Connection:
-        self._conn = self._engine.connect()
-        self._tx = self._conn.begin()
+        if self._lock is not None:
+            self._lock.acquire()
+        try:
+            self._conn = self._engine.connect()
+            self._tx = self._conn.begin()
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
         return self._conn
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -1276,6 +1350,8 @@ class _Tx:
                 self._tx.rollback()
         finally:
             self._conn.close()
+            if self._lock is not None:
+                self._lock.release()
 
 
 def _install_sqlite_pragmas(engine: SAEngine, synchronous: str) -> None:
@@ -1322,6 +1398,5 @@ def _begin_immediate(dbapi_conn: Any) -> None:
     finally:
         _LOCK_STATS["lock_begins"] += 1
         if began is not None:
-            _LOCK_STATS["lock_waits"] += 1
-            _LOCK_STATS["lock_wait_s"] += time.monotonic() - began
+            _LOCK_STATS["busy_retries"] += 1
         dbapi_conn.execute("PRAGMA busy_timeout=60000")

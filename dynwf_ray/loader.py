@@ -34,6 +34,7 @@ from .config import EngineConfig
 from .errors import InvalidInputError
 from .host import InstanceHost
 from .journal import Journal
+from .scheduler import Notifier
 from .package import PACKAGE, Manifest, check_pip_allowed, runtime_env_for
 from .tracing import tenant_env
 
@@ -73,7 +74,9 @@ class HostBindingFactory:
         self.otel_env = otel_env
 
     def __call__(self, journal: Journal) -> WorkflowBinding:
-        return WorkflowBinding(journal, self.tenant_id, notify=self._notify, otel_env=self.otel_env)
+        return WorkflowBinding(
+            journal, self.tenant_id, notify=Notifier(self._notify), otel_env=self.otel_env
+        )
 
     def _notify(self, tenant_id: str, version: str | None) -> None:
         try:

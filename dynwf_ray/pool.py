@@ -12,8 +12,9 @@ What it decides:
   tenant cannot use goes to the others. A tenant's share is split among its code
   versions the same way, and a version's among its hosts as their *quotas*: a
   host claims due instances of its code itself while it runs fewer than its
-  quota. Capacity no tenant wants is lent to idle hosts, so that new work starts
-  without waiting for the scheduler.
+  quota. Capacity no tenant wants now is lent evenly to all warm hosts (within
+  their tenants' caps), so that new work starts without waiting for the
+  scheduler, and quotas stay put while capacity is plentiful.
 - **Hosts follow demand.** A version with work and no host gets one at once
   (there is no warm one to wait for). It gets another only while it has more
   work than its hosts may run, for longer than a cold start takes (the expected
@@ -239,22 +240,35 @@ class HostPool:
             self._count(f"starts: {reason}")
             out.append(Start(host.id, key, reason))
 
-        # Quotas: a version's share over its ready hosts; spare capacity to idle ones.
-        spare = cfg.max_activations - sum(shares.values())
-        for key in sorted({h.key for h in live.values()}):
-            ready = sorted((h for h in live.values() if h.key == key and h.ready), key=lambda h: h.id)
-            if not ready:
-                continue
+        # Quotas: a version's share over its ready hosts, plus an even part of the
+        # capacity nobody wants now (within the tenant's cap): new work of any warm
+        # version starts without a round trip, and quotas do not follow every swing
+        # of demand while capacity is plentiful.
+        ready = sorted((h for h in live.values() if h.ready), key=lambda h: (h.key, h.id))
+        spare = max(0, cfg.max_activations - sum(shares.values()))
+        per_host = {h.id: 0 for h in ready}
+        for key in {h.key for h in ready}:
+            mine = [h for h in ready if h.key == key]
             share = shares.get(key, 0)
+            for i, h in enumerate(mine):
+                per_host[h.id] = share // len(mine) + (1 if i < share % len(mine) else 0)
+        if ready and spare:
+            each, extra = divmod(spare, len(ready))
             for i, h in enumerate(ready):
-                slots = share // len(ready) + (1 if i < share % len(ready) else 0)
-                if slots == 0 and spare > 0:
-                    slots = 1  # lent: new work of its code starts without a round trip
-                    spare -= 1
-                slots = min(slots, cfg.host_concurrency)
-                if slots != h.quota:
-                    h.quota = slots
-                    out.append(Quota(h.id, slots))
+                per_host[h.id] += each + (1 if i < extra else 0)
+        caps = caps or {}
+        plentiful = sum(w.total for w in demand.values()) <= cfg.max_activations
+        for h in ready:
+            slots = min(per_host[h.id], cfg.host_concurrency)
+            if plentiful:  # everything wanted runs anyway: lower no quota
+                slots = max(slots, h.quota)
+            cap = caps.get(h.key.tenant_id)
+            if cap is not None:
+                hosts_of_tenant = sum(1 for o in ready if o.key.tenant_id == h.key.tenant_id)
+                slots = min(slots, max(1, cap // hosts_of_tenant))
+            if slots != h.quota:
+                h.quota = slots
+                out.append(Quota(h.id, slots))
         return out
 
     # -- internals -------------------------------------------------------------

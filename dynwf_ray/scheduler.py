@@ -19,7 +19,7 @@ The scheduler is off the hot path: hosts claim their own code's due instances
 `notify(tenant, version)` (an instance created, an event sent) wakes the
 version's hosts directly. It ticks when notified (at most every `MIN_TICK`
 seconds), when a host starts or ends, at the next timer of a version without
-a host, and every `poll_interval`.
+a host, every `BACKLOG_TICK` while a backlog lasts, and every `poll_interval`.
 
 On (re)start it ends the hosts of its predecessor (the loader's `reset`) and
 releases their leases, so their instances run again at once. It owns the
@@ -34,7 +34,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.exceptions import RayActorError
@@ -50,6 +50,9 @@ log = logging.getLogger("dynwf_ray.scheduler")
 
 #: Shortest time between two ticks asked for by notifications (they coalesce).
 MIN_TICK = 0.02
+#: Time between ticks while instances are due (hosts work a backlog off; the pool
+#: re-shares capacity and sizes hosts by it at this pace).
+BACKLOG_TICK = 0.25
 #: Seconds between two rounds of host reports (metrics, stats).
 REPORT_EVERY = 1.0
 
@@ -65,6 +68,43 @@ def pool_config(config: EngineConfig, cpus: float, memory_bytes: float) -> PoolC
         cpus=cpus_,
         idle_after=config.hibernate_after,
     )
+
+
+class Notifier:
+    """What callers use to `notify` the scheduler: the first notification for a code
+    version goes at once, then at most one more per `window` seconds (the last of a
+    burst, sent when the window ends), so a burst of creates costs a few Ray calls
+    instead of one each, and no notification waits longer than `window`."""
+
+    def __init__(self, send: Callable[[str, str | None], Any], window: float = 0.02):
+        self._send = send
+        self._window = window
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, str | None], float] = {}
+        self._pending: set[tuple[str, str | None]] = set()
+
+    def __call__(self, tenant_id: str, version: str | None) -> None:
+        key = (tenant_id, version)
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self._window:
+                if key not in self._pending:
+                    self._pending.add(key)
+                    timer = threading.Timer(last + self._window - now, self._trailing, (key,))
+                    timer.daemon = True
+                    timer.start()
+                return
+            self._last[key] = now
+            if len(self._last) > 10_000:  # forget versions not heard of for a while
+                self._last = {k: t for k, t in self._last.items() if now - t < 1.0}
+        self._send(tenant_id, version)
+
+    def _trailing(self, key: tuple[str, str | None]) -> None:
+        with self._lock:
+            self._pending.discard(key)
+            self._last[key] = time.monotonic()
+        self._send(*key)
 
 
 class SchedulerCore:
@@ -184,7 +224,7 @@ class _RayScheduler:
             telemetry_env=cfg.telemetry_env,
         )
         self._hosts: dict[int, _LiveHost] = {}
-        self._by_key: dict[CodeKey, list[Any]] = {}  # ready hosts' actors, for notify
+        self._by_key: dict[CodeKey, list[tuple[int, Any]]] = {}  # ready hosts, for notify
         self._counters = {"activations": 0, "warm_starts": 0, "outcomes": {}}
         self._writes: dict[int, dict] = {}
         self.metrics = EngineMetrics(
@@ -208,8 +248,15 @@ class _RayScheduler:
         """New work may be due (created, event sent, resumed): the version's hosts look
         now, and the next tick sees it."""
         if tenant_id is not None and version is not None:
-            for actor in self._by_key.get(CodeKey(tenant_id, version), ()):
-                actor.wake.remote()
+            key = CodeKey(tenant_id, version)
+            woken = False
+            for host_id, actor in list(self._by_key.get(key, ())):
+                host = self.core.pool.hosts.get(host_id)
+                if host is not None and host.quota > 0:
+                    actor.wake.remote()
+                    woken = True
+            if woken:
+                return  # it runs at once; the next tick counts it in
         self._loop.call_soon_threadsafe(self._wake.set)
 
     def retire(self, tenant_id: str) -> None:
@@ -271,7 +318,9 @@ class _RayScheduler:
                 self._apply(self.core.tick(time.time()))
                 nxt = self.journal.next_wake_at()
                 if nxt is not None:
-                    wait = min(wait, max(nxt - time.time(), MIN_TICK))
+                    # Due now: a backlog the hosts are working off; look again soon to
+                    # share and size by it. Later: a timer, perhaps of code with no host.
+                    wait = min(wait, max(nxt - time.time(), BACKLOG_TICK))
             except Exception:  # noqa: BLE001 - e.g. the database is briefly unreachable
                 log.exception("scheduler tick failed; retrying")
             try:
@@ -308,7 +357,7 @@ class _RayScheduler:
             if not self.core.pool.hosts.get(host_id, None) or self.core.pool.hosts[host_id].stopping:
                 actor.stop.remote()
             else:
-                self._by_key.setdefault(key, []).append(actor)
+                self._by_key.setdefault(key, []).append((host_id, actor))
             self._wake.set()
             last = await served
             self._account(host_id, last)
@@ -342,10 +391,10 @@ class _RayScheduler:
     def _forget(self, host_id: int, keep: bool = False) -> None:
         host = self._hosts.get(host_id) if keep else self._hosts.pop(host_id, None)
         if host is not None and host.actor is not None:
-            actors = self._by_key.get(host.key, [])
-            if host.actor in actors:
-                actors.remove(host.actor)
-            if not actors:
+            ready = [(i, a) for i, a in self._by_key.get(host.key, []) if i != host_id]
+            if ready:
+                self._by_key[host.key] = ready
+            else:
                 self._by_key.pop(host.key, None)
 
     async def _report_forever(self) -> None:

@@ -77,11 +77,14 @@ def test_max_concurrency_caps_a_tenant():
     assert quotas(p) == {A: 3}
 
 
-def test_idle_hosts_are_lent_spare_capacity_so_new_work_starts_at_once():
+def test_idle_capacity_is_lent_to_warm_hosts_and_quotas_stay_put():
     p = pool()
-    bring_up(p, 0.0, {A: Want(1, 0)})
-    p.tick(1.0, {})  # A's work is done; its host stays warm with a lent slot
-    assert quotas(p) == {A: 1}
+    bring_up(p, 0.0, {A: Want(1, 0), B: Want(1, 0)})
+    assert quotas(p) == {A: 32, B: 32}  # 62 slots nobody wants, lent evenly
+    for t, want in enumerate((5, 0, 17, 3, 0, 9)):  # demand swings; quotas stay
+        assert [d for d in p.tick(2.0 + t, {A: Want(want, 1)}) if isinstance(d, Quota)] == []
+    bring_up(p, 10.0, {A: Want(10_000, 0), C: Want(1, 0)})
+    assert quotas(p)[C] == 1 and quotas(p)[B] == 0  # scarce again: only what is wanted
 
 
 # --- hosts follow demand -------------------------------------------------------------
@@ -192,7 +195,7 @@ def test_core_reads_demand_and_caps_from_the_journal(journal):
     for d in starts(core.tick(100.0)):
         core.pool.started(d.host_id, 100.0)
     core.tick(100.0)
-    assert quotas(core.pool) == {CodeKey("a", "v1"): 2, CodeKey("b", "v1"): 2}
+    assert quotas(core.pool) == {CodeKey("a", "v1"): 2, CodeKey("b", "v1"): 32}  # a capped
 
 
 def test_crash_counts_live_in_the_journal_and_end_in_an_error(journal):
