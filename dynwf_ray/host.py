@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray
@@ -77,6 +78,16 @@ def _cpu(session: SandboxSession) -> float:
         return session.sandbox.cpu_seconds()
     except Exception:  # noqa: BLE001 - gone already
         return 0.0
+
+
+@dataclass(frozen=True)
+class HostReport:
+    """What a host tells the scheduler (`InstanceHost.report`, and when `serve` ends)."""
+
+    outcomes: dict[str, int]  # activations ended since the last report, by outcome
+    counts: ActivityCounts  # what they did (steps, retries, warm or cold, latencies)
+    running: int  # activations in progress now
+    writes: dict[str, float]  # journal writes of this process so far (`Journal.write_stats`)
 
 
 def _tenant_env(manifest: Manifest) -> dict[str, str]:
@@ -388,7 +399,7 @@ class InstanceHost:
             max_crashes=sandbox.get("max_crashes", 5),
         )
 
-    async def serve(self) -> dict[str, Any]:
+    async def serve(self) -> HostReport:
         """Claim due instances of this code and activate them, up to the quota at once,
         until `stop`; then finish the activations in progress and return a last report.
 
@@ -451,14 +462,11 @@ class InstanceHost:
         if self._wake is not None:
             self._wake.set()
 
-    async def report(self) -> dict[str, Any]:
-        """What happened since the last report: {"outcomes", "counts", "running", "writes"}."""
+    async def report(self) -> HostReport:
+        """What this host did since its last report."""
         counts, self._counts = self._counts, ActivityCounts()
         outcomes, self._outcomes = self._outcomes, {}
-        return {
-            "outcomes": outcomes, "counts": counts.as_dict(), "running": len(self._running),
-            "writes": self._journal.write_stats(),
-        }
+        return HostReport(outcomes, counts, len(self._running), self._journal.write_stats())
 
     async def _activate_one(self, pk: int, token: int, state: ActivationState) -> None:
         self._activations += 1

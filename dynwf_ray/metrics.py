@@ -104,8 +104,9 @@ class EngineMetrics:
                 f"Instances {name} (status {status!r})",
             )
 
-    def record(self, tenant_id: str, counts: Mapping[str, Any]) -> None:
-        """Add one loan's `ActivityCounts` (as a dict) for a tenant."""
+    def record(self, tenant_id: str, activity: "ActivityCounts") -> None:
+        """Add what a host's activations of a tenant did (`ActivityCounts`)."""
+        counts = activity.as_dict()
         attrs = {TENANT: tenant_id}
         for key, counter in (
             ("steps_started", self._started), ("steps_completed", self._completed),

@@ -40,6 +40,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from .config import EngineConfig
+from .host import HostReport
 from .journal import Journal, LeaseLostError
 from .metrics import EngineMetrics
 from .pool import CodeKey, Decision, HostPool, PoolConfig, Quota, Start, Stop, Want
@@ -405,21 +406,21 @@ class _RayScheduler:
                 *(h.actor.report.remote() for _, h in hosts), return_exceptions=True
             )
             for (host_id, _), reply in zip(hosts, replies):
-                if isinstance(reply, dict):
+                if isinstance(reply, HostReport):
                     self._account(host_id, reply)
 
-    def _account(self, host_id: int, report: dict) -> None:
+    def _account(self, host_id: int, report: HostReport) -> None:
         host = self._hosts.get(host_id)
         if host is None:
             return
-        host.running = report["running"]
-        self._writes[host_id] = report["writes"]
+        host.running = report.running
+        self._writes[host_id] = report.writes
         outcomes = self._counters["outcomes"]
-        for outcome, n in report["outcomes"].items():
+        for outcome, n in report.outcomes.items():
             outcomes[outcome] = outcomes.get(outcome, 0) + n
             self._counters["activations"] += n
-        self._counters["warm_starts"] += report["counts"]["warm"]
-        self.metrics.record(host.key.tenant_id, report["counts"])
+        self._counters["warm_starts"] += report.counts.warm
+        self.metrics.record(host.key.tenant_id, report.counts)
 
     def _hosts_by_tenant(self) -> dict[str, int]:
         counts: dict[str, int] = {}
