@@ -48,8 +48,12 @@ class EngineConfig(BaseModel):
     max_hosts: int | None = Field(default=None, ge=1)
     #: Activations one host runs at once at most (each in a sandbox of its own).
     host_concurrency: int = Field(default=32, ge=1)
+    #: Host processes per node for code without pip packages (hosts of every tenant
+    #: share them, and each shares one journal writer). None: one on SQLite, one per
+    #: two CPUs of the node on PostgreSQL.
+    host_processes: int | None = Field(default=None, ge=1)
     #: Seconds a host whose code has had no work is kept warm before it is deactivated
-    #: (its process killed).
+    #: (its template and sandboxes ended).
     hibernate_after: float = Field(default=60.0, ge=0)
     #: Entries the loader's get(id, load) cache holds (least recently used evicted).
     loader_cache_size: int = Field(default=1024, ge=1)

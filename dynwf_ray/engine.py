@@ -195,7 +195,7 @@ class Engine:
         return ray.get(self._loader.sandboxes.remote())
 
     def stats(self) -> dict:
-        """Live host actors, activations (cold/warm), instance counts by status, and the
+        """Live hosts and host processes, activations (cold/warm), instance counts by status, and the
         Prometheus endpoint's URL (`metrics_url`, None unless `metrics_port` is set)."""
         return {
             **ray.get(self._loader.stats.remote()),

@@ -1,29 +1,33 @@
-"""`InstanceHost`: the trusted Ray actor in which instances of one code version are activated.
+"""Instance hosts: the trusted side of every activation, and the processes they live in.
 
-A host is created for one (tenant, code version), in that version's Ray
-runtime env (so Ray has put the code, and any pip packages, on this node). It
-holds the journal and Ray; tenant code never runs in it. Tenant code runs in
-*sandboxes*: jailed processes forked from a template process the host starts
-once (`sandbox/template.py`, `sandbox/jail.py`), each with its own scratch
-directory and nothing of the platform. The host keeps one warm sandbox and
-runs each activation in it through a `SandboxSession` (`sandbox/supervisor.py`),
-which answers every step, binding call and log line the sandbox sends and does
-the fenced journal writes. A sandbox that went over a limit, broke the
-protocol or died is replaced by a new fork (milliseconds).
+An `InstanceHost` serves one (tenant, code version). It holds the journal and
+Ray; tenant code never runs in it. Tenant code runs in *sandboxes*: jailed
+processes forked from a template process the host starts once
+(`sandbox/template.py`, `sandbox/jail.py`), each with its own scratch directory
+and nothing of the platform. Each activation runs in a sandbox of its own
+through a `SandboxSession` (`sandbox/supervisor.py`), which answers every step,
+binding call and log line the sandbox sends and does the fenced journal
+writes. A sandbox that went over a limit, broke the protocol or died is
+replaced by a new fork (milliseconds); idle ones beyond one are ended after
+`IDLE_SANDBOX_S`.
 
-The scheduler sends `activate(pk, token)`; while more instances of its code
-are due the host claims and runs them itself, one after the other, for up to
-`host_slice` seconds before it returns to the scheduler: a warm tenant's
-instances are activated without a scheduler round trip each. Leases it claims
-carry its owner id, so if it dies the scheduler releases all of them at once.
-A heartbeat thread renews the lease of the activation in progress every third
-of the lease TTL, so a long step keeps its lease.
+Hosts pull their work (`InstanceHost.serve`): while a host runs fewer
+activations than the quota the scheduler set, it claims due instances of its
+code in a batch and activates them concurrently; it renews the leases of all
+its activations together every third of the lease TTL. Leases carry its owner
+id, so if it dies the scheduler releases all of them at once.
+
+A `HostProcess` is the Ray actor hosts live in: the loader keeps one per node
+for code without pip packages (hosts of every tenant share it), more on
+PostgreSQL, and one per pip runtime env (where Ray put those packages). Its
+hosts share its journal connection and so its group commit: one writer per
+process commits for all of them.
 
 Telemetry stays on this side: step spans are built here, the tenant's own
 spans arrive from the sandbox as data, and both are exported with the
 tenant's settings (`otel_env`, merged by the loader), so the tenant's backend
-credentials never enter a sandbox. `drain` flushes them before the loader
-deactivates the host.
+credentials never enter a sandbox. `drain` flushes them before the host is
+deactivated.
 """
 
 from __future__ import annotations
@@ -87,7 +91,8 @@ class HostReport:
     outcomes: dict[str, int]  # activations ended since the last report, by outcome
     counts: ActivityCounts  # what they did (steps, retries, warm or cold, latencies)
     running: int  # activations in progress now
-    writes: dict[str, float]  # journal writes of this process so far (`Journal.write_stats`)
+    writes: dict[str, float]  # journal writes of its process so far (`Journal.write_stats`)
+    process: str  # its host process: "<node id>:<pid>"
 
 
 def _tenant_env(manifest: Manifest) -> dict[str, str]:
@@ -108,7 +113,7 @@ def check_entrypoint(version: str, blob: bytes, manifest: dict[str, Any], mode: 
 
     manifest_ = Manifest(**manifest)
     code_dir = unpack(version, blob)
-    template = _start_template(
+    template, close_template = _start_template(
         python=sys.executable, sys_path=[code_dir, *_runtime_sys_path()], env=_tenant_env(manifest_),
         cwd=code_dir, preload=["dynwf_ray.sandbox.runtime"], mode=mode,
     )
@@ -132,15 +137,16 @@ def check_entrypoint(version: str, blob: bytes, manifest: dict[str, Any], mode: 
             raise InvalidInputError(str(reply.get("message")))
         raise InvalidInputError(f"{reply.get('name')}: {reply.get('message')}")
     finally:
-        template.close()
+        close_template()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _start_template(**options: Any) -> Template:
-    """Start the template from a thread that lives as long as this process: the template
-    ends when the thread that started it does (PR_SET_PDEATHSIG follows the thread)."""
+def _start_template(**options: Any) -> tuple[Template, Callable[[], None]]:
+    """Start the template from a thread of its own, which waits until the template is
+    closed: the template ends when the thread that started it does (PR_SET_PDEATHSIG
+    follows the thread). Returns the template and the function that closes it."""
     box: dict[str, Any] = {}
-    started = threading.Event()
+    started, closed = threading.Event(), threading.Event()
 
     def own() -> None:
         try:
@@ -148,13 +154,20 @@ def _start_template(**options: Any) -> Template:
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
             box["error"] = exc
         started.set()
-        threading.Event().wait()  # never returns: the template lives as long as we do
+        closed.wait()
+
+    def close() -> None:
+        try:
+            box["template"].close()
+        finally:
+            closed.set()
 
     threading.Thread(target=own, name="dynwf-template", daemon=True).start()
     started.wait()
     if "error" in box:
+        closed.set()
         raise box["error"]
-    return box["template"]
+    return box["template"], close
 
 
 def _runtime_sys_path() -> list[str]:
@@ -245,7 +258,7 @@ class _Sandboxes:
             egress_port=EGRESS_PORT if policy.egress else None,
         )
         self._rw_paths = tuple(p for p, m in policy.paths.items() if m == "rw")
-        self.template = _start_template(
+        self.template, self._close_template = _start_template(
             python=sys.executable,
             sys_path=[self._code_dir, *_runtime_sys_path()],
             env=env,
@@ -256,6 +269,7 @@ class _Sandboxes:
         # Idle sandboxes: (session, scratch dir, its CPU time when last looked at, since when idle)
         self._idle: list[tuple[SandboxSession, str, float, float]] = []
         self._watching = False
+        self._closed = False
         self.live: dict[int, dict[str, Any]] = {}  # pid -> what it runs (engine.sandboxes())
         self.started = 0
 
@@ -325,7 +339,7 @@ class _Sandboxes:
     async def _watch_idle(self) -> None:
         """An idle sandbox has nothing to compute: one that burns CPU between activations
         (a thread its tenant left running) is ended."""
-        while True:
+        while not self._closed:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             for i, (session, scratch, mark, since) in reversed(list(enumerate(self._idle))):
@@ -343,44 +357,100 @@ class _Sandboxes:
                 self._ended(session, scratch)
 
     def close(self) -> None:
+        self._closed = True
         for session, scratch, _, _ in self._idle:
             self._ended(session, scratch)
         self._idle.clear()
-        self.template.close()
+        self._close_template()
         if self._egress is not None:
             self._egress.close()
 
 
-@ray.remote(num_cpus=0)
-class InstanceHost:
-    """See the module docstring. The scheduler calls `serve` once (it returns when the
-    host has stopped), `set_quota`, `wake`, `stop` and `report`."""
+@dataclass
+class HostSpec:
+    """What a host of one (tenant, code version) is started with (the loader builds it)."""
 
-    def __init__(
-        self,
-        database_url: str,
-        tenant_id: str,
-        version: str,
-        kind: str,
-        blob: bytes,
-        manifest_json: str,
-        lease_ttl: float,
-        owner: str,
-        poll_interval: float = 1.0,
-        binding_factory: Callable[[Journal], Any] | None = None,
-        otel_env: dict[str, str] | None = None,
-        keep_logs: int = 1000,
-        sandbox: dict[str, Any] | None = None,
-    ):
-        sandbox = sandbox or {}
+    tenant_id: str
+    version: str
+    kind: str
+    blob: bytes
+    manifest_json: str
+    lease_ttl: float
+    owner: str  # its lease owner id
+    poll_interval: float = 1.0
+    binding_factory: Callable[[Journal], Any] | None = None  # the tenant's WORKFLOWS
+    otel_env: dict[str, str] | None = None
+    keep_logs: int = 1000
+    sandbox: dict[str, Any] | None = None  # mode, limits, policy, max_crashes, bindings
+
+
+@ray.remote(num_cpus=0)
+class HostProcess:
+    """A trusted process in which hosts live: the Ray actor the loader starts (one per
+    node, more on PostgreSQL; one per runtime env with pip packages). Its hosts share
+    its journal connection, hence its group commit: one writer per process commits
+    for all of them. The scheduler addresses each host by its id."""
+
+    def __init__(self, database_url: str):
         self._journal = Journal(database_url, create_tables=False)
-        self._tracing = tracing.tracing_for(otel_env or {}, tenant_id, version)
-        self._keep_logs = keep_logs
+        self._hosts: dict[int, InstanceHost] = {}
+
+    async def add(self, host_id: int, spec: HostSpec) -> None:
+        """Start a host (its sandbox template) here; off the loop, which other hosts use."""
+        self._hosts[host_id] = await asyncio.to_thread(InstanceHost, self._journal, spec)
+
+    async def serve(self, host_id: int) -> HostReport:
+        return await self._hosts[host_id].serve()
+
+    async def set_quota(self, host_id: int, slots: int) -> None:
+        if host_id in self._hosts:
+            await self._hosts[host_id].set_quota(slots)
+
+    async def wake(self, host_id: int) -> None:
+        if host_id in self._hosts:
+            await self._hosts[host_id].wake()
+
+    async def stop(self, host_id: int) -> None:
+        if host_id in self._hosts:
+            await self._hosts[host_id].stop()
+
+    async def report(self, host_id: int) -> HostReport | None:
+        host = self._hosts.get(host_id)
+        return await host.report() if host is not None else None
+
+    async def end(self, host_id: int, timeout_s: float = 5.0) -> None:
+        """Deactivate a host: end its sandboxes and template, export its pending spans."""
+        host = self._hosts.pop(host_id, None)
+        if host is not None:
+            await host.stop()
+            await host.drain(timeout_s)
+
+    async def hosts(self) -> int:
+        return len(self._hosts)
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def sandboxes(self) -> list[dict[str, Any]]:
+        return [await h.sandboxes() for h in list(self._hosts.values())]
+
+
+class InstanceHost:
+    """One (tenant, code version) in a host process: see the module docstring. The
+    scheduler calls `serve` once (it returns when the host has stopped), `set_quota`,
+    `wake`, `stop` and `report`, through its `HostProcess`."""
+
+    def __init__(self, journal: Journal, spec: HostSpec):
+        tenant_id, version = spec.tenant_id, spec.version
+        sandbox = spec.sandbox or {}
+        self._journal = journal
+        self._tracing = tracing.tracing_for(spec.otel_env or {}, tenant_id, version)
+        self._keep_logs = spec.keep_logs
         self._activations = 0
         self._code = (tenant_id, version)
-        self._lease_ttl = lease_ttl
-        self._owner = owner
-        self._poll = poll_interval
+        self._lease_ttl = spec.lease_ttl
+        self._owner = spec.owner
+        self._poll = spec.poll_interval
         self._quota = 0
         self._stopping = False
         self._running: dict[int, int] = {}  # pk -> lease token of the activations in progress
@@ -388,10 +458,10 @@ class InstanceHost:
         self._counts = ActivityCounts()
         self._outcomes: dict[str, int] = {}
         bindings = {name: make(tenant_id) for name, make in (sandbox.get("bindings") or {}).items()}
-        if binding_factory is not None:
-            bindings["WORKFLOWS"] = binding_factory(self._journal)
+        if spec.binding_factory is not None:
+            bindings["WORKFLOWS"] = spec.binding_factory(self._journal)
         self._sandboxes = _Sandboxes(
-            tenant_id, version, kind, blob, manifest_json,
+            tenant_id, version, spec.kind, spec.blob, spec.manifest_json,
             mode=sandbox.get("mode", "strict"),
             limits=SandboxLimits(**sandbox.get("limits", {})),
             policy=TenantPolicy(**sandbox.get("policy", {})),
@@ -466,7 +536,10 @@ class InstanceHost:
         """What this host did since its last report."""
         counts, self._counts = self._counts, ActivityCounts()
         outcomes, self._outcomes = self._outcomes, {}
-        return HostReport(outcomes, counts, len(self._running), self._journal.write_stats())
+        return HostReport(
+            outcomes, counts, len(self._running), self._journal.write_stats(),
+            f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}",
+        )
 
     async def _activate_one(self, pk: int, token: int, state: ActivationState) -> None:
         self._activations += 1
@@ -491,18 +564,17 @@ class InstanceHost:
         self._outcomes[outcome] = self._outcomes.get(outcome, 0) + 1
 
     async def drain(self, timeout_s: float = 5.0) -> None:
-        """Export pending spans and end the sandboxes (before the host is deactivated)."""
+        """End the sandboxes and export pending spans (before the host is deactivated)."""
         self._sandboxes.close()
-        tracing.flush_all(timeout_s)
-
-    async def pid(self) -> int:
-        return os.getpid()
+        if self._tracing is not None:
+            await asyncio.to_thread(self._tracing.flush, timeout_s)
 
     async def sandboxes(self) -> dict[str, Any]:
-        """This host's live sandboxes: {"host_pid", "started", "sandboxes": [...]}."""
+        """This host's live sandboxes: {"host_pid" (of its process), "node_id", "tenant",
+        "version", "template_pid", "started", "sandboxes": [...]}."""
         return {
             "host_pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
             "tenant": self._code[0], "version": self._code[1],
-            "started": self._sandboxes.started,
+            "template_pid": self._sandboxes.template.pid, "started": self._sandboxes.started,
             "sandboxes": [dict(v) for v in self._sandboxes.live.values()],
         }

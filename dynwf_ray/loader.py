@@ -1,21 +1,24 @@
-"""The loader actor: tenant code -> Ray runtime env -> instance host actors.
+"""The loader actor: tenant code -> Ray runtime env -> hosts in host processes.
 
 One per engine, named `dynwf-loader-<engine name>`. It owns:
 - `get(id, load)`: a cache by id whose `load` callback runs only on a miss;
   the least recently used entries beyond `loader_cache_size` are evicted. The
   loader caches each code version's spec through it: the stored code read from
   the journal, and the Ray runtime_env of its hosts (its pip packages, if any).
-- the host actors: `start` creates one for a (tenant, code version) in that
-  version's runtime env, `end` deactivates one (its spans flushed, its process
-  killed). Which hosts live, and how much each runs, is the scheduler's
-  decision (`pool.py`); the loader only carries it out.
+- the host processes (`host.HostProcess` actors) and the hosts in them:
+  `start` places a host for a (tenant, code version) in a process (`_place`:
+  code without pip packages shares `host_processes` per node, code with pip
+  packages gets a process per runtime env) and returns that process's handle;
+  `end` deactivates a host (its sandboxes ended, its spans flushed). Which
+  hosts live, and how much each runs, is the scheduler's decision (`pool.py`);
+  the loader only carries it out.
 
 A host is started with its tenant's merged telemetry settings (see
 `tracing.tenant_env`) and sandbox policy (the engine's mode and limits, the
 tenant's `TenantPolicy` from the journal).
 
-Hosts are owned by this actor: if it dies they die with it, and the scheduler
-re-activates their instances.
+Host processes are owned by this actor: if it dies they die with it, and the
+scheduler re-activates their instances.
 """
 
 from __future__ import annotations
@@ -24,15 +27,16 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .binding import WorkflowBinding
 from .config import EngineConfig
 from .errors import InvalidInputError
-from .host import InstanceHost
+from .host import HostProcess, HostSpec
 from .journal import Journal
 from .scheduler import Notifier
 from .package import PACKAGE, Manifest, check_pip_allowed, runtime_env_for
@@ -55,11 +59,19 @@ class CodeSpec:
     runtime_env: dict | None
 
 
+@dataclass(eq=False)
+class _Process:
+    actor: Any  # a HostProcess
+    env: str | None  # its pip runtime env (as JSON), None for code without one
+    node_id: str | None  # where it was asked to run (plain processes)
+    hosts: set[int] = field(default_factory=set)
+
+
 @dataclass
 class _Host:
     id: int
     key: CodeKey
-    actor: Any
+    process: _Process
 
 
 class HostBindingFactory:
@@ -96,6 +108,7 @@ class Loader:
         self._lock = threading.RLock()
         self._cache: OrderedDict[Any, Any] = OrderedDict()
         self._hosts: dict[int, _Host] = {}
+        self._processes: list[_Process] = []
         self._closed = False
         self._counters = {"cache_hits": 0, "cache_misses": 0, "cold_starts": 0}
 
@@ -133,67 +146,131 @@ class Loader:
     # -- hosts ----------------------------------------------------------------
 
     def start(self, host_id: int, tenant_id: str, version: str) -> Any:
-        """Start an instance host for this code (a cold start) and return its handle.
+        """Start an instance host for this code (a cold start) in a host process, and
+        return that process's handle (the scheduler calls it with `host_id`).
 
         The host leases as `<host_owner_prefix><host_id>`. Raises LookupError when the
         code cannot be run (none stored, or pip packages its tenant may no longer use).
         """
-        spec = self.code_spec(tenant_id, version)
+        if self._closed:
+            raise RuntimeError("the engine is stopping")
+        code = self.code_spec(tenant_id, version)
         policy = json.loads(self.journal.tenant_policy(tenant_id) or "{}")
-        if spec.kind == PACKAGE:  # the platform may have withdrawn pip since the push
+        if code.kind == PACKAGE:  # the platform may have withdrawn pip since the push
             try:
-                check_pip_allowed(tenant_id, Manifest(**json.loads(spec.manifest_json)), policy)
+                check_pip_allowed(tenant_id, Manifest(**json.loads(code.manifest_json)), policy)
             except InvalidInputError as exc:
                 raise LookupError(str(exc)) from None
-        otel_env = tenant_env(self.journal, self.config.telemetry_env, tenant_id, version)
-        sandbox = {
-            "mode": self.config.sandbox,
-            "limits": self.config.sandbox_limits.model_dump(),
-            "policy": policy,
-            "max_crashes": self.config.max_activation_failures,
-            "bindings": self._bindings,
-        }
-        # Spread hosts over the cluster's nodes: each holds its own sandboxes, and a
-        # node's loss then takes only its share of the activations with it. (Ray places
-        # actors that ask for no resource at all on random nodes, which bunches them
-        # up: a token request of 1 byte of memory makes SPREAD work.)
-        options: dict[str, Any] = {"scheduling_strategy": "SPREAD", "memory": 1}
-        if spec.runtime_env:
-            options["runtime_env"] = spec.runtime_env
         cfg = self.config
-        actor = InstanceHost.options(**options).remote(
-            cfg.database_url, spec.tenant_id, spec.version, spec.kind, spec.blob,
-            spec.manifest_json, cfg.lease_ttl, cfg.host_owner(host_id), cfg.poll_interval,
-            HostBindingFactory(tenant_id, cfg.scheduler_name, cfg.namespace, cfg.telemetry_env),
-            otel_env, cfg.log_lines_per_instance, sandbox,
+        spec = HostSpec(
+            tenant_id=tenant_id, version=version, kind=code.kind, blob=code.blob,
+            manifest_json=code.manifest_json, lease_ttl=cfg.lease_ttl,
+            owner=cfg.host_owner(host_id), poll_interval=cfg.poll_interval,
+            binding_factory=HostBindingFactory(
+                tenant_id, cfg.scheduler_name, cfg.namespace, cfg.telemetry_env
+            ),
+            otel_env=tenant_env(self.journal, cfg.telemetry_env, tenant_id, version),
+            keep_logs=cfg.log_lines_per_instance,
+            sandbox={
+                "mode": cfg.sandbox, "limits": cfg.sandbox_limits.model_dump(), "policy": policy,
+                "max_crashes": cfg.max_activation_failures, "bindings": self._bindings,
+            },
         )
+        for _ in range(3):  # a process on a node that is gone: place the host elsewhere
+            process = self._place(code.runtime_env)
+            try:
+                ray.get(process.actor.add.remote(host_id, spec))
+            except ray.exceptions.RayActorError:
+                self._drop(process)
+                continue
+            break
+        else:
+            raise RuntimeError("no host process could take the host")
         with self._lock:
             if self._closed:  # the engine stopped while this host was being created
-                ray.kill(actor)
                 raise RuntimeError("the engine is stopping")
-            self._hosts[host_id] = _Host(host_id, (tenant_id, version), actor)
+            process.hosts.add(host_id)
+            self._hosts[host_id] = _Host(host_id, (tenant_id, version), process)
             self._counters["cold_starts"] += 1
         log.info("started a host for tenant %s version %s", tenant_id, version)
-        return actor
+        return process.actor
 
     def end(self, host_id: int) -> None:
-        """Deactivate a host: flush its spans, then end its process (a dead one: forget it)."""
+        """Deactivate a host: end its sandboxes, flush its spans (bounded wait). A
+        process of a pip runtime env that no longer hosts anything ends too."""
         with self._lock:
             host = self._hosts.pop(host_id, None)
-        if host is not None:
-            _drain_and_kill([host.actor])
+            if host is None:
+                return
+            host.process.hosts.discard(host_id)
+            last = host.process.env is not None and not host.process.hosts
+            if last:
+                self._processes.remove(host.process)
+        ref = host.process.actor.end.remote(host_id, DRAIN_TIMEOUT)
+        ray.wait([ref], timeout=DRAIN_TIMEOUT + 1)
+        if last:
+            ray.kill(host.process.actor)
+
+    def _place(self, runtime_env: dict | None) -> "_Process":
+        """The process a new host goes to. Code without pip packages shares the plain
+        processes (`host_processes` per node, started as needed, least loaded first);
+        code with pip packages gets a process per runtime env."""
+        env = json.dumps(runtime_env, sort_keys=True) if runtime_env else None
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is stopping")
+            mine = [p for p in self._processes if p.env == env]
+            if env is not None and mine:
+                return mine[0]
+            node = None
+            if env is None:
+                per_node = self._per_node()
+                counts = {n: sum(1 for p in mine if p.node_id == n) for n in per_node}
+                short = [n for n, c in counts.items() if c < per_node[n]]
+                if not short and mine:
+                    return min(mine, key=lambda p: len(p.hosts))
+                node = min(short or counts, key=lambda n: counts[n], default=None)
+            options: dict[str, Any] = {"scheduling_strategy": "SPREAD", "memory": 1}
+            if node is not None:
+                options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
+            if runtime_env:
+                options["runtime_env"] = runtime_env
+            process = _Process(
+                HostProcess.options(**options).remote(self.config.database_url), env, node
+            )
+            self._processes.append(process)
+            return process
+
+    def _per_node(self) -> dict[str, int]:
+        """Plain host processes wanted per alive node: `host_processes`, or by default one
+        on SQLite (one writer: more processes would only queue for the file) and one
+        per two CPUs of the node on PostgreSQL."""
+        wanted = {}
+        for node in ray.nodes():
+            if node.get("Alive"):
+                cpus = int(node.get("Resources", {}).get("CPU", 1))
+                default = 1 if self.journal.is_sqlite else max(1, cpus // 2)
+                wanted[node["NodeID"]] = self.config.host_processes or default
+        return wanted
+
+    def _drop(self, process: "_Process") -> None:
+        with self._lock:
+            if process in self._processes:
+                self._processes.remove(process)
+            for host_id in process.hosts:
+                self._hosts.pop(host_id, None)
 
     def sandboxes(self) -> list[dict]:
         """What every live host reports of its sandboxes (see `InstanceHost.sandboxes`)."""
         with self._lock:
-            actors = [h.actor for h in self._hosts.values()]
+            actors = [p.actor for p in self._processes]
         refs = [a.sandboxes.remote() for a in actors]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5.0) if refs else ([], [])
         out = []
         for ref in ready:
             try:
-                out.append(ray.get(ref))
-            except Exception:  # noqa: BLE001 - a host that died meanwhile
+                out.extend(ray.get(ref))
+            except Exception:  # noqa: BLE001 - a process that died meanwhile
                 pass
         return out
 
@@ -203,8 +280,8 @@ class Loader:
         `close`, the engine is stopping: start no host from now on."""
         with self._lock:
             self._closed = self._closed or close
-            hosts, self._hosts = list(self._hosts.values()), {}
-        _drain_and_kill([host.actor for host in hosts])
+            processes, self._processes, self._hosts = self._processes, [], {}
+        _drain_and_kill(processes)
 
     def stats(self) -> dict:
         with self._lock:
@@ -213,6 +290,7 @@ class Loader:
                 by_tenant[host.key[0]] = by_tenant.get(host.key[0], 0) + 1
             return {
                 "live_hosts": len(self._hosts),
+                "host_processes": len(self._processes),
                 "hosts_by_tenant": by_tenant,
                 "cache_entries": len(self._cache),
                 "loader_cache_size": self.config.loader_cache_size,
@@ -224,10 +302,10 @@ class Loader:
 DRAIN_TIMEOUT = 3.0
 
 
-def _drain_and_kill(actors: list[Any]) -> None:
-    """Ask hosts to flush their spans (bounded wait), then end their processes."""
-    if actors:
-        refs = [actor.drain.remote(DRAIN_TIMEOUT) for actor in actors]
+def _drain_and_kill(processes: list[_Process]) -> None:
+    """End every host of these processes (spans flushed, bounded wait), then the processes."""
+    refs = [p.actor.end.remote(h, DRAIN_TIMEOUT) for p in processes for h in p.hosts]
+    if refs:
         ray.wait(refs, num_returns=len(refs), timeout=DRAIN_TIMEOUT + 1)
-    for actor in actors:
-        ray.kill(actor)
+    for process in processes:
+        ray.kill(process.actor)

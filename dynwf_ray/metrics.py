@@ -1,9 +1,9 @@
 """Metrics: per-tenant counters and gauges as OpenTelemetry metrics, with a Prometheus endpoint.
 
-Hosts count what their activations did in an `ActivityCounts` and return it
-with each loan's outcomes; the scheduler's `EngineMetrics` adds the counts to
+Hosts count what their activations did in an `ActivityCounts` and report it
+to the scheduler about every second; the scheduler's `EngineMetrics` adds the counts to
 OpenTelemetry instruments labelled with the tenant, and observes the gauges
-when a reader collects: live host actors per tenant (from the loader),
+when a reader collects: live hosts per tenant (the scheduler's),
 queued and hibernated instances per tenant (from the journal).
 
 Readers: a Prometheus endpoint when `EngineConfig.metrics_port` is set (0
@@ -22,6 +22,9 @@ in brackets):
 - `dynwf.activations` [dynwf_activations_total], attribute `dynwf.activation.warm`;
 - `dynwf.activation.latency` [dynwf_activation_latency_seconds]: from the
   moment an instance was due to its activation running;
+- `dynwf.hosts.started`, `dynwf.hosts.stopped` [dynwf_hosts_*_total], attribute
+  `dynwf.host.reason`: hosts started and stopped by the pool (`pool.py`)
+  and why (`stopped` with reason "died" when one died);
 - `dynwf.hosts.live`, `dynwf.instances.queued`, `dynwf.instances.hibernated`
   (waiting on a timer or an event, no process), `dynwf.instances.paused`: gauges.
 """
@@ -97,7 +100,11 @@ class EngineMetrics:
             "dynwf.activation.latency", "s", "From an instance being due to its activation running",
             explicit_bucket_boundaries_advisory=_LATENCY_BUCKETS,
         )
-        meter.create_observable_gauge("dynwf.hosts.live", [self._hosts], "{actor}", "Live host actors")
+        self._host_changes = {
+            kind: meter.create_counter(f"dynwf.hosts.{kind}", "{host}", f"Hosts {kind}, by reason")
+            for kind in ("started", "stopped")
+        }
+        meter.create_observable_gauge("dynwf.hosts.live", [self._hosts], "{host}", "Live hosts")
         for status, name in (("queued", "queued"), ("waiting", "hibernated"), ("paused", "paused")):
             meter.create_observable_gauge(
                 f"dynwf.instances.{name}", [self._instances(status)], "{instance}",
@@ -120,6 +127,10 @@ class EngineMetrics:
             self._activations.add(counts["cold"], {**attrs, "dynwf.activation.warm": False})
         for latency in counts.get("latencies", ()):
             self._latency.record(max(latency, 0.0), attrs)
+
+    def host_change(self, kind: str, tenant_id: str, reason: str) -> None:
+        """A host was "started" or "stopped" (by the pool, or it "died") for a reason."""
+        self._host_changes[kind].add(1, {TENANT: tenant_id, "dynwf.host.reason": reason})
 
     def shutdown(self) -> None:
         self.provider.shutdown()

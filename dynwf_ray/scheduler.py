@@ -17,9 +17,11 @@ Two layers:
 The scheduler is off the hot path: hosts claim their own code's due instances
 (in batches) while they run fewer activations than their quota, and
 `notify(tenant, version)` (an instance created, an event sent) wakes the
-version's hosts directly. It ticks when notified (at most every `MIN_TICK`
-seconds), when a host starts or ends, at the next timer of a version without
-a host, every `BACKLOG_TICK` while a backlog lasts, and every `poll_interval`.
+version's hosts directly when they have slots. It ticks when notified for a
+version with no such host (at most every `MIN_TICK` seconds), when a host
+starts or ends, at the next timer or lease expiry of any code (hosts take
+their own code's timers; the tick starts hosts for code that has none), every
+`BACKLOG_TICK` while a backlog lasts, and every `poll_interval`.
 
 On (re)start it ends the hosts of its predecessor (the loader's `reset`) and
 releases their leases, so their instances run again at once. It owns the
@@ -177,7 +179,7 @@ class SchedulerCore:
 @dataclass
 class _LiveHost:
     key: CodeKey
-    actor: Any = None
+    actor: Any = None  # its HostProcess (calls name the host by its id)
     ready: bool = False
     running: int = 0
 
@@ -227,7 +229,7 @@ class _RayScheduler:
         self._hosts: dict[int, _LiveHost] = {}
         self._by_key: dict[CodeKey, list[tuple[int, Any]]] = {}  # ready hosts, for notify
         self._counters = {"activations": 0, "warm_starts": 0, "outcomes": {}}
-        self._writes: dict[int, dict] = {}
+        self._writes: dict[str, dict] = {}  # host process -> its journal's write stats
         self.metrics = EngineMetrics(
             cfg.telemetry_env, cfg.metrics_port, cfg.metrics_host,
             self._hosts_by_tenant, self.journal.count_by_tenant_status,
@@ -254,7 +256,7 @@ class _RayScheduler:
             for host_id, actor in list(self._by_key.get(key, ())):
                 host = self.core.pool.hosts.get(host_id)
                 if host is not None and host.quota > 0:
-                    actor.wake.remote()
+                    actor.wake.remote(host_id)
                     woken = True
             if woken:
                 return  # it runs at once; the next tick counts it in
@@ -272,7 +274,7 @@ class _RayScheduler:
         writes: dict[str, float] = {}
         for report in list(self._writes.values()):
             for k, v in report.items():
-                writes[k] = round(writes.get(k, 0) + v, 6)
+                writes[k] = max(writes.get(k, 0), v) if k == "group_max" else round(writes.get(k, 0) + v, 6)
         pool = self.core.pool
         return {
             "running_activations": sum(h.running for h in self._hosts.values()),
@@ -331,6 +333,10 @@ class _RayScheduler:
 
     def _apply(self, decisions: list[Decision]) -> None:
         for d in decisions:
+            if isinstance(d, (Start, Stop)):
+                self.metrics.host_change(
+                    "started" if isinstance(d, Start) else "stopped", d.key.tenant_id, d.reason
+                )
             if isinstance(d, Start):
                 self._hosts[d.host_id] = _LiveHost(d.key)
                 self._loop.create_task(self._run_host(d.host_id, d.key))
@@ -339,34 +345,38 @@ class _RayScheduler:
                 log.info("stopping a host of tenant %s version %s: %s", *d.key, d.reason)
                 self._forget(d.host_id, keep=True)
                 if host is not None and host.actor is not None:
-                    host.actor.stop.remote()
+                    host.actor.stop.remote(d.host_id)
             elif isinstance(d, Quota):
                 host = self._hosts.get(d.host_id)
                 if host is not None and host.actor is not None:
-                    host.actor.set_quota.remote(d.slots)
+                    host.actor.set_quota.remote(d.host_id, d.slots)
 
     async def _run_host(self, host_id: int, key: CodeKey) -> None:
         """Start a host, serve until it stops, and clean up after it (or its death)."""
         why = None
         try:
-            actor = await self._loader.start.remote(host_id, key.tenant_id, key.version)
+            try:
+                actor = await self._loader.start.remote(host_id, key.tenant_id, key.version)
+            except RayActorError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - its code cannot be loaded (now)
+                await self._code_unavailable(key, getattr(exc, "cause", None) or exc)
+                return
             self._hosts[host_id].actor = actor
-            served = actor.serve.remote()
-            await actor.report.remote()  # constructed: its sandbox template is up
+            served = actor.serve.remote(host_id)
             self.core.pool.started(host_id, time.time())
             self._hosts[host_id].ready = True
             if not self.core.pool.hosts.get(host_id, None) or self.core.pool.hosts[host_id].stopping:
-                actor.stop.remote()
+                actor.stop.remote(host_id)
             else:
                 self._by_key.setdefault(key, []).append((host_id, actor))
             self._wake.set()
             last = await served
             self._account(host_id, last)
-        except RayActorError as exc:
+        except Exception as exc:  # noqa: BLE001 - its process died, or a bug: its work crashed
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        except Exception as exc:  # noqa: BLE001 - its code cannot be loaded (now)
-            cause = getattr(exc, "cause", None) or exc
-            await self._code_unavailable(key, cause)
+            if not isinstance(exc, RayActorError):
+                log.error("host %s failed: %s", host_id, exc)
         finally:
             self._forget(host_id)
             self.core.pool.ended(host_id)
@@ -374,6 +384,9 @@ class _RayScheduler:
             self._wake.set()
         if why is not None and not self._stopping:
             log.warning("a host of tenant %s version %s died: %s", *key, why)
+            pooled = self.core.pool.hosts.get(host_id)
+            if pooled is None or not pooled.stopping:  # a stop already counted it
+                self.metrics.host_change("stopped", key.tenant_id, "died")
             self.core.host_died(host_id, time.time(), why)
 
     async def _code_unavailable(self, key: CodeKey, cause: BaseException) -> None:
@@ -403,7 +416,7 @@ class _RayScheduler:
             await asyncio.sleep(REPORT_EVERY)
             hosts = [(i, h) for i, h in list(self._hosts.items()) if h.ready]
             replies = await asyncio.gather(
-                *(h.actor.report.remote() for _, h in hosts), return_exceptions=True
+                *(h.actor.report.remote(i) for i, h in hosts), return_exceptions=True
             )
             for (host_id, _), reply in zip(hosts, replies):
                 if isinstance(reply, HostReport):
@@ -414,7 +427,7 @@ class _RayScheduler:
         if host is None:
             return
         host.running = report.running
-        self._writes[host_id] = report.writes
+        self._writes[report.process] = report.writes  # one journal per host process
         outcomes = self._counters["outcomes"]
         for outcome, n in report.outcomes.items():
             outcomes[outcome] = outcomes.get(outcome, 0) + n

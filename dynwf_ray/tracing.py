@@ -260,9 +260,10 @@ def _batching(exporter: SpanExporter, env: Mapping[str, str]) -> SpanProcessor:
 
 
 #: Distinct settings a process keeps a `Tracing` for (a platform process emitting root
-#: spans for many tenants with endpoints of their own); the least recently used beyond
-#: this are flushed and shut down.
-MAX_PROVIDERS = 64
+#: spans for many tenants with endpoints of their own; a host process with hosts of many
+#: tenants); the least recently used beyond this are flushed and shut down. Hosts in a
+#: process number at most `max_hosts`: keep this above it.
+MAX_PROVIDERS = 1024
 _PROVIDERS: "OrderedDict[tuple, Tracing | None]" = OrderedDict()
 _PROVIDERS_LOCK = threading.Lock()
 
@@ -271,7 +272,7 @@ def tracing_for(
     env: Mapping[str, str], tenant_id: str | None = None, code_version: str | None = None
 ) -> "Tracing | None":
     """The process's `Tracing` for these settings; None = tracing off. `tenant_id` and
-    `code_version` become resource attributes (a host's process serves one of each)."""
+    `code_version` become resource attributes (each host serves one of each)."""
     key = (tenant_id, code_version, tuple(sorted(env.items())))
     evicted: list[Tracing] = []
     with _PROVIDERS_LOCK:

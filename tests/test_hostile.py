@@ -280,15 +280,13 @@ class Arena:
     def sandbox_pids(self, role: str) -> list[int]:
         return [s["pid"] for h in self.hosts(role) for s in h["sandboxes"]]
 
-    def template_of(self, host_pid: int) -> psutil.Process | None:
+    def template_of(self, host: dict) -> psutil.Process | None:
+        """The template process of one host (`hosts()`; hosts of every tenant may share a
+        process, each with a template of its own)."""
         try:
-            for child in psutil.Process(host_pid).children():
-                cmd = child.cmdline()
-                if "-I" in cmd and "-c" in cmd:
-                    return child
+            return psutil.Process(host["template_pid"])
         except psutil.NoSuchProcess:
-            pass
-        return None
+            return None
 
     # -- running attacks ------------------------------------------------------------------
 
@@ -645,7 +643,7 @@ def _pids(arena) -> dict[str, int]:
     pids = {"test's sleeper": arena.sleeper.pid, "victim host": arena.victim["host_pid"],
             "victim sandbox": arena.victim["sandbox_pid"], "attacker host": arena.host_pid("atk"),
             "test process": os.getpid()}  # this very process (never sent a real signal)
-    template = arena.template_of(pids["attacker host"])
+    template = arena.template_of(arena.hosts("atk")[0])
     if template is not None:
         pids["attacker template"] = template.pid
     return pids
@@ -670,10 +668,10 @@ def test_kill_of_its_own_process_group_spares_the_host(arena):
     """The sandbox shares its process group with the template and the trusted host (they
     forked it): SIGKILL to that group, and to -1, from run()."""
     alive = [_proc_identity(arena.victim["host_pid"])]
-    for host in arena.host_pids("atk"):
+    for host in arena.hosts("atk"):
         template = arena.template_of(host)
         assert template is not None
-        alive += [_proc_identity(host), _proc_identity(template.pid)]
+        alive += [_proc_identity(host["host_pid"]), _proc_identity(template.pid)]
     r = arena.run("kill_own_group", where="run", watch=True)
     if r["ran_in"] and r["ran_in"]["host"] not in [a[0] for a in alive]:  # a host started for it
         alive.append(_proc_identity(r["ran_in"]["host"]))
@@ -1062,7 +1060,7 @@ def test_no_inherited_descriptors(arena):
     request on each socket. No new process appears under the template."""
     r = arena.run("inherited_fds", where="step")
     known = set(arena.sandbox_pids("atk"))
-    for host in arena.host_pids("atk"):
+    for host in arena.hosts("atk"):
         template = arena.template_of(host)
         children = {c.pid for c in template.children()}
         assert children <= known, f"processes under the template that are no sandbox: {children - known}"

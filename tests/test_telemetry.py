@@ -85,11 +85,11 @@ def test_each_tenant_endpoint_gets_one_trace_per_instance_and_only_its_own(obser
         assert root.attributes["dynwf.instance.status"] == "complete"
         activations = [s for s in spans if s.name == "activation"]
         assert len(activations) >= 2 and all(s.parent_span_id == root_id for s in activations)
-        # Activated in two host processes (before the wait, and after it in a new actor),
-        # and in two sandboxes.
-        pids = {s.resource["process.pid"] for s in activations}
+        # Activated by two hosts (the first was deactivated in between, run_observed
+        # waited for it), in two sandboxes; hosts of any tenant share host processes,
+        # so the pid may be the same.
         out = outputs[tenant]["output"]
-        assert out["before"] != out["after"] and len(pids) == 2
+        assert out["before"] != out["after"]
         by_id = {s.span_id: s for s in spans}
         steps = sorted((s for s in spans if s.name.startswith("step ")), key=lambda s: s.start_ns)
         assert [(s.name, s.attributes["dynwf.step.attempt"]) for s in steps] == [
@@ -222,13 +222,15 @@ def test_prometheus_endpoint_has_per_tenant_metrics(observed):
             if k.startswith(name + "{") and label in k and all(l in k for l in labels)
         )
 
-    # This tenant ran at least these two to the end: 4 attempts and 1 retry each.
-    assert metric("dynwf_steps_started_total") >= 8
+    # This tenant ran at least these two to the end: 4 attempts and 1 retry each. (Hosts
+    # report their counts to the scheduler about every second.)
+    wait_until(lambda: metric("dynwf_steps_started_total") >= 8, what="the counts reported")
     assert metric("dynwf_steps_completed_total") >= 6
     assert metric("dynwf_step_retries_total") >= 2
     assert metric("dynwf_activations_total", 'dynwf_activation_warm="false"') >= 2
     assert metric("dynwf_activation_latency_seconds_count") >= 4
     wait_until(lambda: metric("dynwf_instances_hibernated") == 1, what="one hibernated instance")
+    assert metric("dynwf_hosts_started_total", 'dynwf_host_reason="first host of its code"') >= 1
     other = f'dynwf_tenant_id="{tenants[0]}"'
     assert any(other in k for k in _scrape(url))  # both tenants, told apart
     sleeper.terminate()
