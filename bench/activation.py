@@ -75,7 +75,7 @@ def main() -> None:
         "load_before": load_before,
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "tenant_code": "pushed",
-        "warm": warm, "warm_target_p50_ms": 5,
+        "warm": warm, "warm_target_p50_ms": 3,
         "cold": cold, "cold_target_ms": 1200,
     })
 

@@ -10,7 +10,8 @@ tenant's is while it has traffic). Default engine configuration.
 Also reported: how much of A's backlog was left when B's last sample started
 (the samples must fall inside the flood to mean anything), and A's rate.
 
-Usage: python bench/fairness.py [--flood 10000] [--samples 40] [--database-url URL]
+Usage: python bench/fairness.py [--flood 10000] [--samples 40] [--max-activations N]
+       [--host-concurrency N] [--host-processes N] [--database-url URL]
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from dynwf_ray import Engine  # noqa: E402
 def main() -> None:
     flood, samples = arg("--flood", 10000), arg("--samples", 40)
     url = database_url()
-    engine = Engine.start(database_url=url, name=f"bench-fair-{os.getpid()}")
+    tuning = {k: v for k, v in (("max_activations", arg("--max-activations", None)),
+                                ("host_concurrency", arg("--host-concurrency", None)),
+                                ("host_processes", arg("--host-processes", None))) if v is not None}
+    engine = Engine.start(database_url=url, name=f"bench-fair-{os.getpid()}", **tuning)
     try:
         engine.push_tenant("flood", pushed_tenant_dir("three", "flood"))
         engine.push_tenant("single", pushed_tenant_dir("stamp", "single"))
@@ -59,7 +63,7 @@ def main() -> None:
         engine.stop()
     emit("fairness", {
         "journal": url.split(":")[0],
-        "config": "default",
+        "config": tuning or "default",
         "flood_instances": flood,
         "flood_create_s": round(created_s, 2),
         "flood_per_s": round(flood / flood_s, 1),

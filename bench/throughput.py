@@ -17,7 +17,7 @@
   figures for an engine tuned that way, beside the default ones (`three_step_tuned`).
 
 Usage: python bench/throughput.py [--creates 10000] [--workflows 300] [--one-by-one 200]
-       [--runs 3] [--max-hosts N] [--max-activations N] [--host-concurrency N]
+       [--runs 3] [--max-hosts N] [--max-activations N] [--host-concurrency N] [--host-processes N]
        [--database-url URL]
 """
 
@@ -139,7 +139,8 @@ def main() -> None:
     runs = arg("--runs", 3)
     tuning = {k: v for k, v in (("max_hosts", arg("--max-hosts", None)),
                                 ("max_activations", arg("--max-activations", None)),
-                                ("host_concurrency", arg("--host-concurrency", None)))
+                                ("host_concurrency", arg("--host-concurrency", None)),
+                                ("host_processes", arg("--host-processes", None)))
               if v is not None}
     load_before = [round(x, 2) for x in os.getloadavg()]
     created = create_rate(database_url(), creates)

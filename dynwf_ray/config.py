@@ -40,17 +40,19 @@ class EngineConfig(BaseModel):
     name: str = "default"
     #: Ray namespace the engine's named actors live in.
     namespace: str = "dynwf"
-    #: Admission: at most this many activations at once, shared fairly between tenants
-    #: (`pool.py`). None: 32 per CPU of the Ray cluster.
+    #: Admission: about this many activations at once, shared fairly between tenants
+    #: (`pool.py`). None: 8 per CPU of the Ray cluster (more only adds latency: the
+    #: host processes are busy already, see docs/benchmarks.md).
     max_activations: int | None = Field(default=None, ge=1)
-    #: Host actors alive at most (one or more per active code version). None: 16 per
-    #: CPU of the cluster, at most one per 256 MiB of its memory, at least 4.
+    #: Hosts alive at most (one or more per active code version, each with its sandbox
+    #: template and sandboxes). None: 16 per CPU of the cluster, at most one per 256 MiB
+    #: of its memory, at least 4.
     max_hosts: int | None = Field(default=None, ge=1)
     #: Activations one host runs at once at most (each in a sandbox of its own).
     host_concurrency: int = Field(default=32, ge=1)
     #: Host processes per node for code without pip packages (hosts of every tenant
-    #: share them, and each shares one journal writer). None: one on SQLite, one per
-    #: two CPUs of the node on PostgreSQL.
+    #: share them, and each shares one journal writer). None: two on SQLite, one per
+    #: two CPUs of the node on PostgreSQL (at least two); one on a node with one CPU.
     host_processes: int | None = Field(default=None, ge=1)
     #: Seconds a host whose code has had no work is kept warm before it is deactivated
     #: (its template and sandboxes ended).

@@ -242,14 +242,17 @@ class Loader:
             return process
 
     def _per_node(self) -> dict[str, int]:
-        """Plain host processes wanted per alive node: `host_processes`, or by default one
-        on SQLite (one writer: more processes would only queue for the file) and one
-        per two CPUs of the node on PostgreSQL."""
+        """Plain host processes wanted per alive node: `host_processes`, or by default two
+        on SQLite (its writers take turns: more would queue for the file, but a second
+        process keeps one tenant's flood from slowing another's hosts, and uses a second
+        core; docs/benchmarks.md) and one per two CPUs of the node on PostgreSQL, at
+        least two; one on a node with one CPU."""
         wanted = {}
         for node in ray.nodes():
             if node.get("Alive"):
                 cpus = int(node.get("Resources", {}).get("CPU", 1))
-                default = 1 if self.journal.is_sqlite else max(1, cpus // 2)
+                default = 2 if self.journal.is_sqlite else max(2, cpus // 2)
+                default = min(default, max(cpus, 1))
                 wanted[node["NodeID"]] = self.config.host_processes or default
         return wanted
 

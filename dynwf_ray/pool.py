@@ -13,8 +13,9 @@ What it decides:
   versions the same way, and a version's among its hosts as their *quotas*: a
   host claims due instances of its code itself while it runs fewer than its
   quota. Capacity no tenant wants now is lent evenly to all warm hosts (within
-  their tenants' caps), so that new work starts without waiting for the
-  scheduler, and quotas stay put while capacity is plentiful.
+  their tenants' caps), and every warm host keeps at least one slot, so that
+  new work starts without waiting for the scheduler; quotas stay put while
+  capacity is plentiful.
 - **Hosts follow demand.** A version with work and no host gets one at once
   (there is no warm one to wait for). It gets another only while it has more
   work than its hosts may run, for longer than a cold start takes (the expected
@@ -259,7 +260,9 @@ class HostPool:
         caps = caps or {}
         plentiful = sum(w.total for w in demand.values()) <= cfg.max_activations
         for h in ready:
-            slots = min(per_host[h.id], cfg.host_concurrency)
+            # Every warm host keeps at least one slot, even when capacity is scarce: new
+            # work of its code starts at once, without waiting for a tick to share again.
+            slots = max(1, min(per_host[h.id], cfg.host_concurrency))
             if plentiful:  # everything wanted runs anyway: lower no quota
                 slots = max(slots, h.quota)
             cap = caps.get(h.key.tenant_id)

@@ -65,7 +65,7 @@ def pool_config(config: EngineConfig, cpus: float, memory_bytes: float) -> PoolC
     cpus_ = max(1, int(cpus))
     max_hosts = config.max_hosts or max(4, min(16 * cpus_, int(memory_bytes // (256 << 20))))
     return PoolConfig(
-        max_activations=config.max_activations or 32 * cpus_,
+        max_activations=config.max_activations or 8 * cpus_,
         max_hosts=max_hosts,
         host_concurrency=config.host_concurrency,
         cpus=cpus_,
