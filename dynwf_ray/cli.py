@@ -292,7 +292,7 @@ def _demo(url: str, tenants: Path) -> int:
         stats = engine.stats()
         print(
             f"activations: {stats['activations']} ({stats['cold_starts']} cold, "
-            f"{stats['warm_starts']} warm); live host actors: {stats['live_hosts']}"
+            f"{stats['warm_starts']} warm); live hosts: {stats['live_hosts']}"
         )
         return 0 if ok else 1
     finally:
