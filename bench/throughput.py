@@ -18,7 +18,7 @@
 
 Usage: python bench/throughput.py [--creates 10000] [--workflows 300] [--one-by-one 200]
        [--runs 3] [--max-hosts N] [--max-activations N] [--host-concurrency N] [--host-processes N]
-       [--database-url URL]
+       [--no-dbos] [--database-url URL]
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def main() -> None:
     }
     if tuning:
         figures["three_step_tuned"] = three_step(database_url(), one_by_one, workflows, runs, **tuning)
-    peer = dbos(one_by_one, runs)
+    peer = None if "--no-dbos" in sys.argv else dbos(one_by_one, runs)
     if peer is not None:
         figures["dbos"] = peer
         figures["ratio_vs_dbos"] = {
