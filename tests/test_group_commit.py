@@ -1,0 +1,124 @@
+"""Group commit (`Journal.grouped`) and SQLite's writer lock, against a real journal.
+
+Concurrent writes share commits; each is durable when its await returns; a write
+whose lease is lost fails alone; any other failure in a batch reruns its writes one
+by one, so only the bad one fails; SQLite writers of two journals take turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from dynwf_ray.journal import STEP_COMPLETE, Journal, LeaseLostError, StepRecord
+from dynwf_ray.tracing import new_trace_context
+
+
+def _claimed(journal: Journal, tenant: str, n: int) -> list:
+    now = time.time()
+    journal.save_code(tenant, "v1", "test", b"", now)
+    journal.create_instances(
+        tenant, "v1", [(f"g{i}", "{}", "{}", *new_trace_context()) for i in range(n)], now,
+        skip_existing=False,
+    )
+    return journal.claim_due(now, n, "test", 30.0, tenant_id=tenant)
+
+
+def _record(name: str) -> StepRecord:
+    now = time.time()
+    return StepRecord(name, 1, "do", STEP_COMPLETE, '"ok"', None, None, 1, None, now, now)
+
+
+def test_concurrent_writes_share_commits_and_each_is_durable(journal, tenant):
+    claims = _claimed(journal, tenant, 20)
+    before = journal.grouped.stats()["group_commits"]
+
+    async def write_all():
+        await asyncio.gather(*(
+            journal.grouped.record_step(c.pk, c.token, _record("s"), time.time(), 30.0)
+            for c in claims
+        ))
+
+    asyncio.run(write_all())
+    commits = journal.grouped.stats()["group_commits"] - before
+    assert 1 <= commits < 20, commits
+    fresh = Journal(journal.url, create_tables=False)  # another connection sees them all
+    try:
+        assert all([s.name for s in fresh.list_steps(c.pk)] == ["s"] for c in claims)
+    finally:
+        fresh.close()
+
+
+def test_a_lost_lease_fails_only_its_own_write(journal, tenant):
+    kept, lost = _claimed(journal, tenant, 2)
+    journal.terminate(tenant, lost.instance_id, time.time())  # fences the second lease
+
+    async def both():
+        return await asyncio.gather(
+            journal.grouped.record_step(kept.pk, kept.token, _record("a"), time.time(), 30.0),
+            journal.grouped.record_step(lost.pk, lost.token, _record("a"), time.time(), 30.0),
+            return_exceptions=True,
+        )
+
+    ok, failed = asyncio.run(both())
+    assert ok is False  # pause_requested
+    assert isinstance(failed, LeaseLostError)
+    assert [s.name for s in journal.list_steps(kept.pk)] == ["a"]
+    assert journal.list_steps(lost.pk) == []
+
+
+def test_another_failure_in_a_batch_reruns_the_others_alone(journal, tenant):
+    good = _claimed(journal, tenant, 3)
+    group = journal.grouped
+
+    def broken(conn):
+        conn.exec_driver_sql("SELECT 1")
+        raise ValueError("a bug in one write")
+
+    async def mixed():
+        writes = [group.record_step(c.pk, c.token, _record("m"), time.time(), 30.0) for c in good]
+        writes.insert(1, group._submit(broken, ()))
+        return await asyncio.gather(*writes, return_exceptions=True)
+
+    results = asyncio.run(mixed())
+    assert isinstance(results[1], ValueError)
+    assert [r for i, r in enumerate(results) if i != 1] == [False, False, False]
+    assert all([s.name for s in journal.list_steps(c.pk)] == ["m"] for c in good)
+
+
+def test_sqlite_writers_of_two_journals_take_turns_and_the_wait_is_counted(tmp_path):
+    url = f"sqlite:///{tmp_path}/j.db"
+    first, second = Journal(url), Journal(url, create_tables=False)
+    try:
+        if not first.is_sqlite:
+            pytest.skip("SQLite only")
+        holding, release = threading.Event(), threading.Event()
+
+        def hold():
+            with first._write():
+                holding.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert holding.wait(10)
+        waits = second.write_stats()["sqlite_lock_waits"]
+        done = threading.Event()
+        writer = threading.Thread(
+            target=lambda: (second.save_code("t", "v", "test", b"", time.time()), done.set())
+        )
+        writer.start()
+        assert not done.wait(0.3)  # its turn has not come: the other transaction is open
+        release.set()
+        assert done.wait(10)
+        holder.join()
+        writer.join()
+        stats = second.write_stats()
+        assert stats["sqlite_lock_waits"] == waits + 1 and stats["sqlite_lock_wait_s"] > 0.2
+        assert second.latest_version("t") == "v"
+    finally:
+        first.close()
+        second.close()
