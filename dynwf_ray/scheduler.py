@@ -333,14 +333,11 @@ class _RayScheduler:
 
     def _apply(self, decisions: list[Decision]) -> None:
         for d in decisions:
-            if isinstance(d, (Start, Stop)):
-                self.metrics.host_change(
-                    "started" if isinstance(d, Start) else "stopped", d.key.tenant_id, d.reason
-                )
             if isinstance(d, Start):
                 self._hosts[d.host_id] = _LiveHost(d.key)
-                self._loop.create_task(self._run_host(d.host_id, d.key))
+                self._loop.create_task(self._run_host(d.host_id, d.key, d.reason))
             elif isinstance(d, Stop):
+                self.metrics.host_change("stopped", d.key.tenant_id, d.reason)
                 host = self._hosts.get(d.host_id)
                 log.info("stopping a host of tenant %s version %s: %s", *d.key, d.reason)
                 self._forget(d.host_id, keep=True)
@@ -351,7 +348,7 @@ class _RayScheduler:
                 if host is not None and host.actor is not None:
                     host.actor.set_quota.remote(d.host_id, d.slots)
 
-    async def _run_host(self, host_id: int, key: CodeKey) -> None:
+    async def _run_host(self, host_id: int, key: CodeKey, reason: str) -> None:
         """Start a host, serve until it stops, and clean up after it (or its death)."""
         why = None
         try:
@@ -363,6 +360,7 @@ class _RayScheduler:
                 await self._code_unavailable(key, getattr(exc, "cause", None) or exc)
                 return
             self._hosts[host_id].actor = actor
+            self.metrics.host_change("started", key.tenant_id, reason)
             served = actor.serve.remote(host_id)
             self.core.pool.started(host_id, time.time())
             self._hosts[host_id].ready = True
