@@ -8,7 +8,8 @@
   runtime env). Cold = hibernate_after 0, a new actor in an existing env.
 - `first_activation_pip_env_s`: globex's first activation when its pip env must
   be built (a push built it before; a fresh Ray session must build it again).
-- `warm_host_uss_mb`: unique memory (USS) of each warm host process.
+- `warm_host_uss_mb`: unique memory (USS) of each host process (hosts of every
+  tenant share them).
 - `registered_tenants`: N tenants pushed with the same content (validated once,
   stored once per tenant), each with one instance in flight (queued), no
   scheduler running: journal size, and how long the scheduler's queries take
@@ -23,7 +24,6 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,36 +33,18 @@ import psutil  # noqa: E402  (installed with ray[default])
 
 from bench._common import arg, database_url, emit, summary_ms  # noqa: E402
 from bench.activation import activation_samples  # noqa: E402
+from bench.workflows import pushed_tenant_dir  # noqa: E402
 from dynwf_ray import Engine  # noqa: E402
 from dynwf_ray.binding import WorkflowBinding  # noqa: E402
 from dynwf_ray.journal import Journal  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
-WAKE = '''
-import os, time
-from dynwf_ray import WorkflowEntrypoint
-
-SALT = {salt!r}
-
-class Wake(WorkflowEntrypoint):
-    async def run(self, event, step):
-        pid = await step.do("pid", os.getpid)
-        await step.wait_for_event("poke", type="poke", timeout="1 hour")
-        return {{"resumed_at": await step.do("resumed at", time.time), "pid": pid}}
-'''
-
-
-def tenant_dir(salt: str) -> str:
-    d = Path(tempfile.mkdtemp(prefix="dynwf-bench-tenant-"))
-    (d / "workflow.py").write_text(WAKE.format(salt=salt))
-    return str(d)
-
 
 def registered_tenants(n: int) -> dict:
     url = database_url()
     journal = Journal(url)
-    directory = tenant_dir("shared")
+    directory = pushed_tenant_dir("wake", "shared")
     engine = Engine.start(database_url=url, name="bench-many", max_hosts=1)
     try:
         engine.push_tenant("t0", directory)  # validates once
@@ -107,13 +89,16 @@ def main() -> None:
     try:
         pushes = []
         for i in range(5):
-            d = tenant_dir(f"push-{i}-{time.time_ns()}")
+            d = pushed_tenant_dir("wake", f"push-{i}-{time.time_ns()}")
             t0 = time.perf_counter()
             engine.push_tenant(f"p{i}", d)
             pushes.append(time.perf_counter() - t0)
-        engine.push_tenant("warm", tenant_dir("warm"))
-        warm, pids = activation_samples(engine, "warm", samples, cold=False)
-        uss = [psutil.Process(p).memory_full_info().uss / 2**20 for p in set(pids) if psutil.pid_exists(p)]
+        engine.push_tenant("warm", pushed_tenant_dir("wake", "warm"))
+        warm, _ = activation_samples(engine, "warm", samples, cold=False)
+        # (the pid a step reports is its sandbox's, in the sandbox's own PID namespace)
+        pids = {h["host_pid"] for h in engine.sandboxes()}
+        uss = [psutil.Process(p).memory_full_info().uss / 2**20 for p in pids if psutil.pid_exists(p)]
+        engine.set_tenant_policy("globex", pip=True)  # pip is the platform's grant
         t0 = time.perf_counter()
         engine.push_tenant("globex", str(REPO / "tenants" / "globex"))
         globex_push = time.perf_counter() - t0
@@ -121,7 +106,7 @@ def main() -> None:
         engine.stop()
     engine = Engine.start(database_url=url, name="bench-cold", hibernate_after=0, max_hosts=4)
     try:
-        engine.push_tenant("cold", tenant_dir("cold"))
+        engine.push_tenant("cold", pushed_tenant_dir("wake", "cold"))
         cold, _ = activation_samples(engine, "cold", max(3, samples // 4), cold=True)
     finally:
         engine.stop()
