@@ -36,7 +36,7 @@ from .errors import InvalidInputError, StepFailedError
 from .journal import ActivationState, Journal, LeaseLostError
 from .logs import LogCapture
 from .metrics import ActivityCounts
-from .step import Abandon, AttemptTracker, PauseAtBoundary, Step, Suspend, error_name_of
+from .step import Abandon, PauseAtBoundary, Step, Suspend, error_name_of
 from .tracing import InstanceTrace, Tracing, trace_id_of
 from .types import WorkflowEvent, timestamp_to_datetime, to_json
 
@@ -80,7 +80,6 @@ async def activate(
     env: Mapping[str, Any] | None = None,
     clock: Callable[[], float] = time.time,
     lease_ttl: float = 30.0,
-    tracker: AttemptTracker | None = None,
     tracing: Tracing | None = None,
     capture_logs: bool = False,
     keep_logs: int = 1000,
@@ -116,7 +115,7 @@ async def activate(
     error: tuple[str, str] | None = None
     try:
         step = Step(
-            journal, state, token, clock=clock, lease_ttl=lease_ttl, tracker=tracker,
+            journal, state, token, clock=clock, lease_ttl=lease_ttl,
             trace=trace, log=log, keep_logs=keep_logs, counts=counts,
         )
         outcome, error, write = await _run(state, token, runner, clock, step, trace)

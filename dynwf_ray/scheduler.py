@@ -156,13 +156,15 @@ class SchedulerCore:
         for claim in claims:
             crashes = self.journal.count_crash(claim.pk)
             if crashes >= self._max_failures:
-                self._give_up(claim, name, f"{crashes} activations in a row crashed; last: {message}", now)
+                self.give_up(claim, name, f"{crashes} activations in a row crashed; last: {message}", now)
                 given_up.append(claim.pk)
             else:
                 self.journal.release(claim.pk, claim.token, now, now)
         return given_up
 
-    def _give_up(self, claim: Any, name: str, message: str, now: float) -> None:
+    def give_up(self, claim: Any, name: str, message: str, now: float) -> None:
+        """Mark an instance errored for good (its activations keep crashing, or its code
+        cannot be loaded) and end its trace."""
         self.counters["instances_given_up"] += 1
         try:
             self.journal.fail(claim.pk, claim.token, name, message[:4000], now)
@@ -396,7 +398,7 @@ class _RayScheduler:
         message = f"tenant {key.tenant_id!r}: {cause}"
         if isinstance(cause, LookupError):  # no such code stored: retrying cannot help
             for claim in claims:
-                self.core._give_up(claim, "CodeUnavailableError", message, now)
+                self.core.give_up(claim, "CodeUnavailableError", message, now)
         else:
             self.core.crashed(claims, now, "CodeUnavailableError", message)
 

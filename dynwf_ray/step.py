@@ -27,7 +27,7 @@ import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from functools import lru_cache
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from tenacity import (
     RetryCallState,
@@ -100,14 +100,6 @@ class Abandon(BaseException):
         self.crash = crash
 
 
-class AttemptTracker(Protocol):
-    """Internal: told when a step attempt starts and ends (the host's watchdog)."""
-
-    def begin(self, deadline: float, on_overrun: Callable[[], None]) -> None: ...
-
-    def end(self) -> None: ...
-
-
 @lru_cache(maxsize=64)
 def _retrying(config: RetryConfig) -> Retrying:
     """The tenacity policy for a retry config (backoff: d, d*n, d*2^(n-1))."""
@@ -152,7 +144,6 @@ class Step:
         *,
         clock: Callable[[], float] = time.time,
         lease_ttl: float = 30.0,
-        tracker: AttemptTracker | None = None,
         trace: InstanceTrace | None = None,
         log: ActivationLog | None = None,
         keep_logs: int = 1000,
@@ -167,7 +158,6 @@ class Step:
         self._token = token
         self._clock = clock
         self._lease_ttl = lease_ttl
-        self._tracker = tracker
         self._records = {(s.name, s.seq): s for s in state.steps}
         self._counts: dict[str, int] = {}
         self._pause_requested = state.info.pause_requested
@@ -264,24 +254,13 @@ class Step:
         self, fn: Callable[..., Any], name: str, seq: int, attempt: int, config: StepConfig
     ) -> Any:
         args = (StepContext(step=name, count=seq, attempt=attempt),) if takes_context(fn) else ()
-        began = self._clock()
         deadline = time.monotonic() + config.timeout
-        tracker = self._tracker
-        if tracker is not None:
-            tracker.begin(
-                deadline,
-                lambda: self._record_overrun(name, seq, attempt, began, config),
-            )
-        try:
-            value = fn(*args)
-            if inspect.isawaitable(value):
-                try:
-                    value = await asyncio.wait_for(value, config.timeout)
-                except asyncio.TimeoutError:
-                    raise self._timeout_error(name, attempt, config) from None
-        finally:
-            if tracker is not None:
-                tracker.end()
+        value = fn(*args)
+        if inspect.isawaitable(value):
+            try:
+                value = await asyncio.wait_for(value, config.timeout)
+            except asyncio.TimeoutError:
+                raise self._timeout_error(name, attempt, config) from None
         if time.monotonic() > deadline:
             # A synchronous callback cannot be interrupted; it still failed its timeout.
             raise self._timeout_error(name, attempt, config)
@@ -310,21 +289,6 @@ class Step:
         self._activity.retries += 1
         await self._record(name, seq, STEP_RETRYING, started, attempt, error=exc, next_attempt_at=next_at)
         raise Suspend(next_at)
-
-    def _record_overrun(
-        self, name: str, seq: int, attempt: int, started: float, config: StepConfig
-    ) -> None:
-        """Called by a watchdog thread when a callback blocks past its timeout."""
-        exc = self._timeout_error(name, attempt, config)
-        delay = retry_delay(config.retries, attempt, exc)
-        if delay is None:
-            record = self._make_record(name, seq, STEP_FAILED, started, attempt, error=exc)
-        else:
-            record = self._make_record(
-                name, seq, STEP_RETRYING, started, attempt, error=exc,
-                next_attempt_at=self._clock() + delay,
-            )
-        self._journal.record_step(self._pk, self._token, record, self._clock(), self._lease_ttl)
 
     # -- sleeping ----------------------------------------------------------
 
