@@ -19,6 +19,10 @@ the journal under the activation's lease (a lost lease writes nothing):
   activation meanwhile; this activation stopped without writing.
 - `crashed`: the sandbox died for no reason that can be recorded as the
   tenant's; the instance is released to be activated again at once.
+- `journal_unavailable`: a journal write failed because the journal cannot be
+  used now (disk full, unreachable, read-only); nothing more is written and the
+  caller releases the instance once the journal works (`host.py`). A platform
+  fault is never the tenant's failure.
 
 Around it, the activation's telemetry: its span (current while `run()` runs),
 the instance's root span when it completes or errors, its captured output,
@@ -32,15 +36,17 @@ import time
 from typing import Any, Callable, Literal, Mapping, Protocol
 
 from .entrypoint import WorkflowEntrypoint
-from .errors import InvalidInputError, StepFailedError
+from .errors import InvalidInputError, JournalUnavailableError, StepFailedError
 from .journal import ActivationState, Journal, LeaseLostError
 from .logs import LogCapture
 from .metrics import ActivityCounts
-from .step import Abandon, PauseAtBoundary, Step, Suspend, error_name_of
+from .step import Abandon, JournalFault, PauseAtBoundary, Step, Suspend, error_name_of
 from .tracing import InstanceTrace, Tracing, trace_id_of
 from .types import WorkflowEvent, timestamp_to_datetime, to_json
 
-Outcome = Literal["complete", "errored", "suspended", "paused", "lease_lost", "crashed"]
+Outcome = Literal[
+    "complete", "errored", "suspended", "paused", "lease_lost", "crashed", "journal_unavailable",
+]
 
 
 class Runner(Protocol):
@@ -98,6 +104,8 @@ async def activate(
             state = journal.load_activation(pk, token)
         except LeaseLostError:
             return "lease_lost"
+        except JournalUnavailableError:
+            return "journal_unavailable"
     info = state.info
     counts = counts if counts is not None else ActivityCounts()
     if warm is not None:
@@ -131,6 +139,8 @@ async def activate(
                 )
             except LeaseLostError:
                 outcome, error = "lease_lost", None
+            except JournalUnavailableError:
+                outcome, error = "journal_unavailable", None
         return outcome
     except LeaseLostError:
         outcome, error = "lease_lost", None
@@ -161,6 +171,10 @@ async def _run(
     )
     try:
         output = await runner.run(state, event, step, trace)
+    except JournalFault:
+        return "journal_unavailable", None, None  # nothing can be written now
+    except JournalUnavailableError:  # a binding's journal call failed: the platform's fault
+        return "journal_unavailable", None, None
     except Abandon as abandon:
         now = clock()
         return "crashed", ("SandboxCrashedError", where + abandon.reason), ("release", token, now, now)

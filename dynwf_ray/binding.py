@@ -6,6 +6,10 @@ from an unknown id. It works in any process that can reach the journal (the
 platform's driver, an instance host, the CLI); `notify` tells the scheduler
 that new work is due so it does not wait for its next poll.
 
+Calls that cannot reach or write the journal raise `JournalUnavailableError`
+(naming the cause) and write nothing; `status()` says when a platform condition
+keeps an instance from going on.
+
 Each new instance starts a trace: in the caller's trace when `create` runs
 inside a span (see `tracing.py`). Terminating or restarting an instance ends
 that trace's root span, exported with the tenant's telemetry settings
@@ -42,6 +46,10 @@ _SANDBOX_INSTANCE_METHODS = {
 }
 
 
+#: Statuses of instances a platform condition can keep from going on.
+_BLOCKABLE = {"queued", "running", "waiting", "waitingForPause"}
+
+
 def _no_notify(tenant_id: str, version: str | None) -> None:
     return None
 
@@ -58,7 +66,9 @@ class InstanceHandle:
 
     def status(self) -> dict[str, Any]:
         """{"status", "error": {name, message} | None, "output"} (Cloudflare's shape),
-        plus "version": the code version the instance runs."""
+        plus "version": the code version the instance runs, and "condition": what of
+        the platform keeps it from going on, if anything (None; or, say,
+        "journal unavailable: disk full (...)" while the journal cannot be written)."""
         info = self._binding._journal.require_instance(self._binding.tenant_id, self.id)
         error = (
             InstanceError(name=info.error_name, message=info.error_message or "")
@@ -67,7 +77,8 @@ class InstanceHandle:
         )
         output = json.loads(info.output_json) if info.output_json is not None else None
         status = InstanceStatus(status=info.status, error=error, output=output).model_dump()
-        return {**status, "version": info.code_version}
+        blocked = info.status in _BLOCKABLE and self._binding._condition()
+        return {**status, "version": info.code_version, "condition": blocked or None}
 
     def pause(self) -> None:
         self._binding._journal.pause(self._binding.tenant_id, self.id, self._binding._clock())
@@ -127,8 +138,12 @@ class WorkflowBinding:
         clock: Callable[[], float] = time.time,
         metadata: Mapping[str, Any] | None = None,
         otel_env: Mapping[str, str] | None = None,
+        condition: Callable[[], str | None] | None = None,
     ):
         self._journal = journal
+        # What blocks instances now (`status()["condition"]`): the engine's view when
+        # the engine gives one, else what this process's journal writes have seen.
+        self._condition = condition or journal.health.condition
         self._otel_env = otel_env
         self.tenant_id = validate_id(tenant_id, "tenant id")
         self._notify = notify

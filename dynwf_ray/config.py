@@ -59,7 +59,9 @@ class EngineConfig(BaseModel):
     hibernate_after: float = Field(default=60.0, ge=0)
     #: Entries the loader's get(id, load) cache holds (least recently used evicted).
     loader_cache_size: int = Field(default=1024, ge=1)
-    #: Lease length in seconds; a dead holder's instances are reclaimed after this.
+    #: Lease length in seconds; the instances of a holder that stopped renewing are
+    #: reclaimed after this (at once when its whole engine session is known to be gone:
+    #: a crashed platform on this machine, see sessions.py).
     lease_ttl: float = Field(default=30.0, gt=0)
     #: Longest the scheduler and an idle host sleep between journal polls (they pick up
     #: work created by other processes, and timers).
@@ -97,15 +99,6 @@ class EngineConfig(BaseModel):
     @property
     def scheduler_name(self) -> str:
         return f"dynwf-scheduler-{self.name}"
-
-    @property
-    def host_owner_prefix(self) -> str:
-        """Lease owner ids of this engine's hosts start with this."""
-        return f"{self.scheduler_name}/host-"
-
-    def host_owner(self, host_id: int) -> str:
-        """The lease owner id of one of this engine's hosts."""
-        return f"{self.host_owner_prefix}{host_id}"
 
     @property
     def loader_name(self) -> str:

@@ -20,7 +20,8 @@ from pydantic import ValidationError
 
 from .binding import WorkflowBinding
 from .config import EngineConfig
-from .errors import InvalidInputError, SandboxUnavailableError
+from .errors import InvalidInputError, JournalUnavailableError, SandboxUnavailableError
+from .health import merge
 from .journal import Journal
 from .loader import Loader
 from .package import package_class, pickled_modules, push
@@ -45,6 +46,7 @@ class Engine:
         self._owns_ray = owns_ray
         self._clock: Callable[[], float] = time.time
         self._notify = Notifier(self._send_notify)
+        self._health: tuple[float, dict] = (float("-inf"), {})  # (when fetched, health())
 
     @classmethod
     def start(cls, *, bindings: Mapping[str, Callable[[str], Any]] | None = None, **kwargs: Any) -> "Engine":
@@ -59,6 +61,7 @@ class Engine:
         except ValidationError as exc:
             raise InvalidInputError(f"invalid engine configuration: {exc}") from None
         _check_sandbox(config.sandbox)
+        journal = Journal(config.database_url)  # JournalUnavailableError before Ray starts
         owns_ray = False
         if not ray.is_initialized():
             ray.init(
@@ -68,7 +71,6 @@ class Engine:
                 include_dashboard=False if config.ray_address is None else None,
             )
             owns_ray = True
-        journal = Journal(config.database_url)
         lifetime = {"lifetime": "detached"} if config.detached else {}
         loader = Loader.options(
             name=config.loader_name, namespace=config.namespace, get_if_exists=True, **lifetime
@@ -117,7 +119,7 @@ class Engine:
         """The tenant's WORKFLOWS binding: it reaches only that tenant's instances."""
         return WorkflowBinding(
             self.journal, tenant_id, notify=self._notify, clock=self._clock, metadata=metadata,
-            otel_env=self.config.telemetry_env,
+            otel_env=self.config.telemetry_env, condition=self._condition,
         )
 
     def set_tenant_telemetry(
@@ -202,6 +204,37 @@ class Engine:
             **ray.get(self._scheduler.stats.remote()),
             "instances": self.journal.count_by_status(),
         }
+
+    def health(self) -> dict:
+        """Whether the engine can make progress: {"ready": bool, "journal": {"ok", "cause",
+        "detail", "since", "failures": {cause: count}}, "session": its epoch}. The journal
+        part merges what every process of the engine saw of its journal writes (this one,
+        the scheduler's heartbeat, the hosts'); "ready" is False while they fail or the
+        scheduler does not answer (then "scheduler" says why)."""
+        if not self.journal.health.ok:  # it failed here last: does it still?
+            try:
+                self.journal.probe()
+            except JournalUnavailableError:
+                pass
+        own = self.journal.health.snapshot()
+        try:
+            engine = ray.get(self._scheduler.health.remote(), timeout=5)
+        except Exception as exc:  # noqa: BLE001 - not answering is the answer
+            return {"ready": False, "journal": own, "session": None,
+                    "scheduler": f"not answering: {type(exc).__name__}: {exc}"}
+        journal = merge([own, engine["journal"]])
+        self._health = (time.monotonic(), journal)
+        return {**engine, "ready": engine["ready"] and journal["ok"], "journal": journal}
+
+    def _condition(self) -> str | None:
+        """What keeps instances from going on (`status()["condition"]`), from `health()`
+        at most a second old."""
+        at, journal = self._health
+        if time.monotonic() - at > 1.0:
+            journal = self.health()["journal"]
+        if journal["ok"]:
+            return None
+        return f"journal unavailable: {journal['cause']} ({journal['detail']})"
 
     def stop(self) -> None:
         """Stop the scheduler, the loader and its hosts; instances resume on the next start."""

@@ -5,9 +5,10 @@ Tenant code sees `NonRetryableError` (raise it to stop a step's retries),
 (a `wait_for_event` that timed out). Platform code sees the input errors
 (`InvalidInputError` and its kinds `PayloadTooLargeError`, `NotSerializableError`),
 `InstanceNotFoundError`, `DuplicateInstanceError`, `UnknownTenantError`,
-`InvalidStateError` and `SandboxUnavailableError`. A step attempt that goes
-over a sandbox limit fails with `ResourceLimitError`. Each message names the
-thing that was wrong.
+`InvalidStateError`, `SandboxUnavailableError` and `JournalUnavailableError`
+(the journal database cannot be used now: disk full, unreachable, read-only).
+A step attempt that goes over a sandbox limit fails with `ResourceLimitError`.
+Each message names the thing that was wrong.
 """
 
 from __future__ import annotations
@@ -47,6 +48,26 @@ class UnknownTenantError(DynwfError, LookupError):
 
 class JournalSchemaError(DynwfError):
     """The journal database was created by an older dynwf-ray and lacks columns."""
+
+
+class JournalUnavailableError(DynwfError):
+    """The journal database refused or failed an operation for a reason of its own: the
+    disk is full, the server is unreachable or read-only, a lock or serialization
+    conflict. Nothing of the operation was written (its transaction rolled back).
+
+    `cause` names the condition ("disk full", "read-only", "unreachable", "locked",
+    "serialization failure", "disk I/O error", "corrupt", "database error");
+    `retryable` says whether the same call may succeed later without a change to
+    the call (True for every cause but a corrupt database). Tenant code never sees
+    this error: an activation that meets it is abandoned and retried by the platform.
+    """
+
+    def __init__(self, cause: str, detail: str, retryable: bool = True):
+        self.cause = cause
+        self.detail = detail
+        self.retryable = retryable
+        hint = "retrying may help once it is fixed" if retryable else "retrying will not help"
+        super().__init__(f"the journal is unavailable: {cause} ({detail}); {hint}")
 
 
 class InvalidStateError(DynwfError):

@@ -17,6 +17,12 @@ code in a batch and activates them concurrently; it renews the leases of all
 its activations together every third of the lease TTL. Leases carry its owner
 id, so if it dies the scheduler releases all of them at once.
 
+When the journal cannot be written (disk full, unreachable, read-only), an
+activation that meets it is abandoned (the tenant's code never sees the error)
+and its instance is *blocked*: the host retries with backoff (`health.backoff`)
+to release it, claims nothing meanwhile, and once the journal works the
+instance runs again from its last recorded step.
+
 A `HostProcess` is the Ray actor hosts live in: the loader keeps one per node
 for code without pip packages (hosts of every tenant share it), more on
 PostgreSQL, and one per pip runtime env (where Ray put those packages). Its
@@ -56,7 +62,8 @@ from .journal import ActivationState, Journal
 from .metrics import ActivityCounts
 from .package import CODE_ROOT, PACKAGE, Manifest, unpack
 from .sandbox.policy import JailSpec, SandboxLimits, TenantPolicy
-from .errors import InvalidInputError
+from .errors import InvalidInputError, JournalUnavailableError
+from .health import backoff
 from .sandbox.supervisor import BOOT_TIMEOUT, SandboxSession, TenantError
 from .sandbox.template import Template
 from .step import Abandon, Step
@@ -93,6 +100,8 @@ class HostReport:
     running: int  # activations in progress now
     writes: dict[str, float]  # journal writes of its process so far (`Journal.write_stats`)
     process: str  # its host process: "<node id>:<pid>"
+    journal: dict[str, Any]  # its process's journal health (`JournalHealth.snapshot`)
+    blocked: int  # instances whose activation a journal fault interrupted, not yet released
 
 
 def _tenant_env(manifest: Manifest) -> dict[str, str]:
@@ -454,6 +463,9 @@ class InstanceHost:
         self._quota = 0
         self._stopping = False
         self._running: dict[int, int] = {}  # pk -> lease token of the activations in progress
+        self._blocked: dict[int, int] = {}  # pk -> token of activations a journal fault ended
+        self._faults = 0  # journal faults in a row (the backoff grows with them)
+        self._retry_at = 0.0  # monotonic time before which no journal work is tried again
         self._wake: asyncio.Event | None = None
         self._counts = ActivityCounts()
         self._outcomes: dict[str, int] = {}
@@ -481,14 +493,22 @@ class InstanceHost:
         journal, (tenant_id, version) = self._journal.grouped, self._code
         renew_every = self._lease_ttl / 3
         next_renewal = time.monotonic() + renew_every
-        while not (self._stopping and not self._running):
+        while not (self._stopping and not self._running and not self._blocked):
             self._wake.clear()
-            free = 0 if self._stopping else self._quota - len(self._running)
+            free = 0 if self._stopping else self._quota - len(self._running) - len(self._blocked)
             claims = []
-            if free > 0:
-                claims = await journal.claim_and_load(
-                    time.time(), free, self._owner, self._lease_ttl, tenant_id, version
-                )
+            if time.monotonic() >= self._retry_at:
+                try:
+                    if self._blocked:
+                        await self._release_blocked()
+                        free = 0 if self._stopping else self._quota - len(self._running)
+                    if free > 0:
+                        claims = await journal.claim_and_load(
+                            time.time(), free, self._owner, self._lease_ttl, tenant_id, version
+                        )
+                    self._faults = 0
+                except JournalUnavailableError:
+                    self._journal_fault()
                 for state in claims:
                     pk, token = state.info.pk, state.info.lease_token
                     self._running[pk] = token
@@ -498,14 +518,21 @@ class InstanceHost:
                     await journal.renew_leases(
                         list(self._running.items()), time.time(), self._lease_ttl
                     )
+                except JournalUnavailableError:
+                    pass  # its health says so; the activations find out on their next write
                 except Exception:  # noqa: BLE001 - keep going through a DB hiccup
                     log.exception("lease renewal failed")
                 next_renewal = time.monotonic() + renew_every
-            if free > 0 and len(claims) == free:
+            if free > 0 and claims and len(claims) == free:
                 continue  # every free slot taken: more may be due
             timeout = renew_every if self._running else self._poll
-            if free > len(claims):
-                due = self._journal.next_wake_at(tenant_id, version)
+            if self._retry_at > time.monotonic():
+                timeout = min(timeout, self._retry_at - time.monotonic())
+            elif free > len(claims):
+                try:
+                    due = self._journal.next_wake_at(tenant_id, version)
+                except JournalUnavailableError:
+                    due = None
                 if due is not None:
                     timeout = min(timeout, max(0.0, due - time.time()))
             if timeout > 0:
@@ -539,10 +566,12 @@ class InstanceHost:
         return HostReport(
             outcomes, counts, len(self._running), self._journal.write_stats(),
             f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}",
+            self._journal.health.snapshot(), len(self._blocked),
         )
 
     async def _activate_one(self, pk: int, token: int, state: ActivationState) -> None:
         self._activations += 1
+        blocked = False
         try:
             outcome = await activate(
                 self._journal, pk, token, self._sandboxes,
@@ -550,18 +579,32 @@ class InstanceHost:
                 keep_logs=self._keep_logs, counts=self._counts, warm=self._activations > 1,
                 state=state,
             )
-        except Exception:  # noqa: BLE001 - a platform fault (e.g. the journal): released
+            blocked = outcome == "journal_unavailable"
+        except Exception:  # noqa: BLE001 - a fault of the platform, never the tenant's
             log.exception("activation of instance pk=%s failed", pk)
-            outcome = "crashed"
-            try:
-                self._journal.release(pk, token, time.time(), time.time())
-            except Exception:  # noqa: BLE001 - its lease expires then
-                pass
+            outcome, blocked = "crashed", True
         finally:
             self._running.pop(pk, None)
             if self._wake is not None:
                 self._wake.set()
+        if blocked:  # released after a backoff
+            self._blocked[pk] = token
+            self._journal_fault()
         self._outcomes[outcome] = self._outcomes.get(outcome, 0) + 1
+
+    def _journal_fault(self) -> None:
+        """The journal failed: try again after a backoff that grows with each fault."""
+        self._faults += 1
+        self._retry_at = time.monotonic() + backoff(self._faults)
+
+    async def _release_blocked(self) -> None:
+        """Give up the leases of activations a journal fault ended, so that their
+        instances run again now (here or on another host). A lease lost meanwhile is
+        someone else's business."""
+        now = time.time()
+        for pk, token in list(self._blocked.items()):
+            await self._journal.grouped.release(pk, token, now, now)
+            self._blocked.pop(pk, None)
 
     async def drain(self, timeout_s: float = 5.0) -> None:
         """End the sandboxes and export pending spans (before the host is deactivated)."""

@@ -16,6 +16,10 @@ Tables (SQLModel):
 - `events`: the inbox, buffered per (instance, type), consumed FIFO.
 - `logs`: what tenant code printed or logged, per instance and step, with
   trace and span ids; only the newest lines of each instance are kept.
+- `engine_sessions`: one row per scheduler incarnation, numbered by its `epoch`,
+  with its heartbeat and the processes it ran in. Leases are owned by
+  `e<epoch>/<holder>`, so a session found gone (`sessions.py`) gives up its
+  leases at once (`end_session`) instead of letting them expire.
 
 Each instance also carries its trace identity (`trace_context`: its root
 span's W3C traceparent; `trace_caller`: the span that created it), and each
@@ -27,6 +31,12 @@ matches while `lease_token` is the caller's), renews the lease, and on
 PostgreSQL locks the row so `send_event` and a suspending wait cannot miss each
 other. On SQLite every write transaction is `BEGIN IMMEDIATE` in WAL mode with
 `synchronous=FULL`: one fsync'd commit per step.
+
+Faults: a database error that says the journal cannot be used now (disk full,
+unreachable, read-only, a lock or serialization conflict) is raised as
+`JournalUnavailableError` naming its cause, never as the driver's exception; a
+transaction that fails leaves nothing written. Each journal's `health`
+(`health.py`) follows its writes.
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine as SAEngine
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Column, Field, SQLModel
 
@@ -68,7 +79,9 @@ from .errors import (
     InstanceNotFoundError,
     InvalidStateError,
     JournalSchemaError,
+    JournalUnavailableError,
 )
+from .health import JournalHealth
 from .types import LogLine
 
 TERMINAL = ("complete", "errored", "terminated")
@@ -205,6 +218,23 @@ class LogRow(SQLModel, table=True):
     message: str
 
 
+class EngineSessionRow(SQLModel, table=True):
+    """One engine session: a scheduler incarnation, numbered by `epoch` (see sessions.py).
+    A table of its own, so journals from before it existed need no new column."""
+
+    __tablename__ = "engine_sessions"
+    epoch: int | None = Field(default=None, primary_key=True)
+    engine_name: str = Field(max_length=100)
+    node: str = Field(max_length=255)  # host name, for people
+    machine: str = Field(max_length=255)  # boot id and pid namespace: where pids mean something
+    processes_json: str = "[]"  # [[pid, start time], ...] whose end ends the session
+    loader_id: str | None = Field(default=None, max_length=64)  # its hosts' loader actor
+    started_at: float
+    heartbeat_at: float
+    ended_at: float | None = None
+    ended_reason: str | None = None
+
+
 I = InstanceRow.__table__
 S = StepRow.__table__
 E = EventRow.__table__
@@ -214,6 +244,15 @@ B = CodeBlobRow.__table__
 L = LogRow.__table__
 P = TenantPolicyRow.__table__
 X = CrashRow.__table__
+N = EngineSessionRow.__table__
+
+#: Ended sessions are kept this long (seconds) for people to read, then deleted.
+KEEP_ENDED_SESSIONS = 7 * 86400
+
+
+def lease_owner_prefix(epoch: int) -> str:
+    """Every lease taken in session `epoch` is owned by an id that starts with this."""
+    return f"e{epoch}/"
 
 
 class LeaseLostError(Exception):
@@ -229,6 +268,20 @@ class Claim:
     tenant_id: str
     instance_id: str
     code_version: str
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """An engine session as the journal holds it (`EngineSessionRow`)."""
+
+    epoch: int
+    engine_name: str
+    node: str
+    machine: str
+    processes: tuple[tuple[int, int], ...]
+    loader_id: str | None
+    started_at: float
+    heartbeat_at: float
 
 
 @dataclass(frozen=True)
@@ -386,6 +439,7 @@ class Journal:
     def __init__(self, url: str, *, create_tables: bool = True, synchronous: str = "FULL"):
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        self.health = JournalHealth()
         if self.is_sqlite:
             path = sqlite_url_path(url)
             if path and path != ":memory:":
@@ -415,11 +469,18 @@ class Journal:
             },
         )
         if create_tables:
-            with _TABLE_LOCK:
-                SQLModel.metadata.create_all(self.engine)
-                self._check_schema()
-                for index in I.indexes:  # indexes added since a journal's tables were made
-                    index.create(self.engine, checkfirst=True)
+            try:
+                with _TABLE_LOCK:
+                    SQLModel.metadata.create_all(self.engine)
+                    self._check_schema()
+                    for index in I.indexes:  # indexes added since a journal's tables were made
+                        index.create(self.engine, checkfirst=True)
+            except Exception as exc:
+                error = unavailable(exc)
+                if error is None:
+                    raise
+                self.engine.dispose()
+                raise error from exc
 
     def _check_schema(self) -> None:
         """Tables are created when missing, never altered: refuse a journal whose tables
@@ -446,10 +507,10 @@ class Journal:
     # -- transactions ------------------------------------------------------
 
     def _write(self) -> "_Tx":
-        return _Tx(self._write_engine, self._writers)
+        return _Tx(self._write_engine, self._writers, self.health)
 
     def _read(self) -> "_Tx":
-        return _Tx(self.engine, None)
+        return _Tx(self.engine, None, self.health)
 
     # -- tenants and code --------------------------------------------------
 
@@ -765,15 +826,6 @@ class Journal:
     def _release(self, conn: Connection, pk: int, token: int, wake_at: float, now: float) -> bool:
         return bool(self._release_where(conn, and_(I.c.pk == pk, I.c.lease_token == token), wake_at, now))
 
-    def release_owner(
-        self, owner: str, wake_at: float, now: float, *, prefix: bool = False
-    ) -> list[int]:
-        """Give up every lease a (dead) holder took, or every holder whose id starts with
-        `owner` when prefix=True; returns the instances released (their pks)."""
-        which = I.c.lease_owner.startswith(owner, autoescape=True) if prefix else I.c.lease_owner == owner
-        with self._write() as conn:
-            return self._release_where(conn, which, wake_at, now)
-
     @staticmethod
     def _release_where(conn: Connection, which: Any, wake_at: float, now: float) -> list[int]:
         result = conn.execute(
@@ -799,6 +851,65 @@ class Journal:
                        I.c.status.not_in(TERMINAL))
             ).all()
         return [Claim(*row) for row in rows]
+
+    # -- engine sessions (sessions.py decides when one is gone) ----------------
+
+    def open_session(
+        self, engine_name: str, node: str, machine: str, processes: Sequence[tuple[int, int]],
+        loader_id: str | None, now: float,
+    ) -> int:
+        """Begin a session; returns its epoch (greater than every earlier one's). Sessions
+        that ended more than `KEEP_ENDED_SESSIONS` ago are deleted meanwhile."""
+        with self._write() as conn:
+            conn.execute(delete(N).where(N.c.ended_at < now - KEEP_ENDED_SESSIONS))
+            return int(conn.execute(
+                insert(N).values(
+                    engine_name=engine_name, node=node[:255], machine=machine[:255],
+                    processes_json=json.dumps([list(p) for p in processes]),
+                    loader_id=loader_id, started_at=now, heartbeat_at=now,
+                ).returning(N.c.epoch)
+            ).scalar_one())
+
+    def heartbeat(self, epoch: int, now: float) -> bool:
+        """Say session `epoch` is alive; False if another engine has ended it meanwhile."""
+        with self._write() as conn:
+            return conn.execute(
+                update(N).where(N.c.epoch == epoch, N.c.ended_at.is_(None)).values(heartbeat_at=now)
+            ).rowcount == 1
+
+    def probe(self) -> None:
+        """Whether the journal can be written now: a write that changes nothing (the newest
+        session's heartbeat is rewritten with its own value). Raises
+        JournalUnavailableError; either way `health` learns the answer."""
+        newest = select(func.max(N.c.epoch)).scalar_subquery()
+        with self._write() as conn:
+            conn.execute(update(N).where(N.c.epoch == newest).values(heartbeat_at=N.c.heartbeat_at))
+
+    def live_sessions(self) -> list[SessionInfo]:
+        """Sessions not ended (some may be gone without having said so)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(N.c.epoch, N.c.engine_name, N.c.node, N.c.machine, N.c.processes_json,
+                       N.c.loader_id, N.c.started_at, N.c.heartbeat_at)
+                .where(N.c.ended_at.is_(None)).order_by(N.c.epoch)
+            ).all()
+        return [
+            SessionInfo(r.epoch, r.engine_name, r.node, r.machine,
+                        tuple(tuple(p) for p in json.loads(r.processes_json)), r.loader_id,
+                        r.started_at, r.heartbeat_at)
+            for r in rows
+        ]
+
+    def end_session(self, epoch: int, reason: str, now: float) -> list[int]:
+        """End session `epoch` and give up every lease taken in it, in one transaction:
+        its instances are due again at once. Returns their pks."""
+        with self._write() as conn:
+            conn.execute(
+                update(N).where(N.c.epoch == epoch, N.c.ended_at.is_(None))
+                .values(ended_at=now, ended_reason=reason[:1000])
+            )
+            which = I.c.lease_owner.startswith(lease_owner_prefix(epoch), autoescape=True)
+            return self._release_where(conn, which, now, now)
 
     # -- crashed activations --------------------------------------------------
 
@@ -1204,6 +1315,9 @@ class GroupCommit:
     async def end_activation(self, *args: Any) -> None:
         return await self._submit(self._journal._end_activation, args)
 
+    async def release(self, *args: Any) -> bool:
+        return await self._submit(self._journal._release, args)
+
     def stats(self) -> dict[str, int]:
         return dict(self._stats)
 
@@ -1241,7 +1355,8 @@ class GroupCommit:
         """Run a batch in one transaction. A write that finds its lease lost raises before
         it writes anything (the fence is its first statement), so it fails alone; any
         other error rolls the whole batch back and runs each write in a transaction of
-        its own, so that one bad write cannot fail the others."""
+        its own, so that one bad write cannot fail the others; an unavailable journal
+        fails them all (it is nothing one write did)."""
         results: list[tuple[bool, Any]] = []
         try:
             with self._journal._write() as conn:
@@ -1250,6 +1365,8 @@ class GroupCommit:
                         results.append((True, fn(conn, *args)))
                     except LeaseLostError as exc:
                         results.append((False, exc))
+        except JournalUnavailableError as exc:
+            return [(False, exc)] * len(batch)
         except Exception:  # noqa: BLE001 - one by one, below
             if len(batch) == 1:
                 return self._alone(batch[0])
@@ -1322,13 +1439,16 @@ class _WriterLock:
 
 class _Tx:
     """One transaction on a pooled connection, committed on success, rolled back on error
-    (a write transaction takes the journal's writer lock around it)."""
+    (a write transaction takes the journal's writer lock around it). A database error
+    that says the journal cannot be used now leaves as `JournalUnavailableError`; the
+    journal's health learns how each write went."""
 
-    __slots__ = ("_engine", "_lock", "_conn", "_tx")
+    __slots__ = ("_engine", "_lock", "_health", "_conn", "_tx")
 
-    def __init__(self, engine: SAEngine, lock: _WriterLock | None):
+    def __init__(self, engine: SAEngine, lock: _WriterLock | None, health: JournalHealth):
         self._engine = engine
         self._lock = lock
+        self._health = health
 
     def __enter__(self) -> Connection:
         if self._lock is not None:
@@ -1336,22 +1456,87 @@ class _Tx:
         try:
             self._conn = self._engine.connect()
             self._tx = self._conn.begin()
-        except BaseException:
+        except BaseException as exc:
             if self._lock is not None:
                 self._lock.release()
+            self._raise_unavailable(exc)
             raise
         return self._conn
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                self._tx.commit()
+                try:
+                    self._tx.commit()
+                except BaseException as failed:
+                    self._raise_unavailable(failed)
+                    raise
+                if self._lock is not None:
+                    self._health.succeeded()
             else:
-                self._tx.rollback()
+                try:
+                    self._tx.rollback()
+                except Exception:  # noqa: BLE001 - the connection is gone: nothing was written
+                    pass
+                self._raise_unavailable(exc)
         finally:
-            self._conn.close()
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001
+                pass
             if self._lock is not None:
                 self._lock.release()
+
+    def _raise_unavailable(self, exc: BaseException) -> None:
+        error = unavailable(exc)
+        if error is not None:
+            self._health.failed(error)
+            if error is not exc:
+                raise error from exc
+
+
+#: Causes of `JournalUnavailableError`: (cause, retryable, SQLSTATEs, phrases of drivers'
+#: messages). The first that matches names the cause.
+_CAUSES = (
+    ("disk full", True, ("53100",), ("database or disk is full", "no space left on device")),
+    ("read-only", True, ("25006",), ("readonly database", "read-only transaction")),
+    ("serialization failure", True, ("40001", "40P01"), ("could not serialize", "deadlock detected")),
+    ("locked", True, ("55P03",), ("database is locked", "database table is locked")),
+    ("disk I/O error", True, ("58030",), ("disk i/o error",)),
+    ("corrupt", False, ("XX001", "XX002"), ("malformed", "file is not a database")),
+    ("unreachable", True, ("08000", "08001", "08003", "08004", "08006", "57P01", "57P02", "57P03",
+                           "53300"),
+     ("connection refused", "could not connect", "connection failed", "server closed the connection",
+      "terminating connection", "unable to open database file", "connection is closed",
+      "connection is lost", "too many clients")),
+)
+
+
+def unavailable(exc: BaseException) -> JournalUnavailableError | None:
+    """The `JournalUnavailableError` for a database error that says the journal cannot be
+    used now; None for every other error (a constraint, bad SQL: the call was wrong)."""
+    if isinstance(exc, JournalUnavailableError):
+        return exc
+    if isinstance(exc, (sa_exc.IntegrityError, sa_exc.ProgrammingError, sa_exc.DataError)):
+        return None
+    orig = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's exception
+    if not isinstance(exc, (sa_exc.DBAPIError, sa_exc.DisconnectionError, sa_exc.TimeoutError,
+                            sqlite3.Error)) and type(orig).__module__.split(".")[0] != "psycopg":
+        return None
+    text = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    code = getattr(orig, "sqlstate", None)
+    lowered = text.lower()
+    for cause, retryable, codes, phrases in _CAUSES:
+        if code in codes or any(p in lowered for p in phrases):
+            return JournalUnavailableError(cause, text, retryable)
+    if isinstance(exc, sa_exc.TimeoutError):  # the connection pool had no connection to give
+        return JournalUnavailableError("busy", text)
+    if code is None and isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)) \
+            and not isinstance(orig, sqlite3.Error):
+        return JournalUnavailableError("unreachable", text)  # psycopg: no server answered
+    if code is not None and code[:2] in ("08", "53", "57", "58", "XX"):
+        return JournalUnavailableError("database error", text)  # other PostgreSQL conditions
+    return None
 
 
 def _install_sqlite_pragmas(engine: SAEngine, synchronous: str) -> None:

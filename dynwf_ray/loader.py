@@ -38,6 +38,7 @@ from .config import EngineConfig
 from .errors import InvalidInputError
 from .host import HostProcess, HostSpec
 from .journal import Journal
+from .sessions import this_process
 from .scheduler import Notifier
 from .package import PACKAGE, Manifest, check_pip_allowed, runtime_env_for
 from .tracing import tenant_env
@@ -145,11 +146,18 @@ class Loader:
 
     # -- hosts ----------------------------------------------------------------
 
-    def start(self, host_id: int, tenant_id: str, version: str) -> Any:
+    def identity(self) -> dict[str, Any]:
+        """Where the loader runs ({"actor_id", "machine", "pid", "started"}): its hosts die
+        with it, so a session that used it is gone once it is (sessions.py)."""
+        machine, pid, started = this_process()
+        return {"actor_id": ray.get_runtime_context().get_actor_id(), "machine": machine,
+                "pid": pid, "started": started}
+
+    def start(self, host_id: int, tenant_id: str, version: str, owner: str) -> Any:
         """Start an instance host for this code (a cold start) in a host process, and
         return that process's handle (the scheduler calls it with `host_id`).
 
-        The host leases as `<host_owner_prefix><host_id>`. Raises LookupError when the
+        The host leases as `owner`. Raises LookupError when the
         code cannot be run (none stored, or pip packages its tenant may no longer use).
         """
         if self._closed:
@@ -165,7 +173,7 @@ class Loader:
         spec = HostSpec(
             tenant_id=tenant_id, version=version, kind=code.kind, blob=code.blob,
             manifest_json=code.manifest_json, lease_ttl=cfg.lease_ttl,
-            owner=cfg.host_owner(host_id), poll_interval=cfg.poll_interval,
+            owner=owner, poll_interval=cfg.poll_interval,
             binding_factory=HostBindingFactory(
                 tenant_id, cfg.scheduler_name, cfg.namespace, cfg.telemetry_env
             ),

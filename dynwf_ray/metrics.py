@@ -26,7 +26,16 @@ in brackets):
   `dynwf.host.reason`: hosts started and stopped by the pool (`pool.py`)
   and why (`stopped` with reason "died" when one died);
 - `dynwf.hosts.live`, `dynwf.instances.queued`, `dynwf.instances.hibernated`
-  (waiting on a timer or an event, no process), `dynwf.instances.paused`: gauges.
+  (waiting on a timer or an event, no process), `dynwf.instances.paused`: gauges;
+- `dynwf.instances.blocked` [dynwf_instances_blocked]: gauge of instances whose
+  activation a journal fault interrupted, waiting for the journal to work again.
+
+And for the engine as a whole (no tenant):
+- `dynwf.journal.write_failures` [dynwf_journal_write_failures_total], attribute
+  `dynwf.journal.cause` ("disk full", "read-only", "unreachable"...): journal
+  transactions that failed because the journal could not be used;
+- `dynwf.journal.available` [dynwf_journal_available]: 1 while journal writes
+  work, 0 while they fail (`Engine.health()`).
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
+
+from .errors import JournalUnavailableError
 
 log = logging.getLogger("dynwf_ray.metrics")
 
@@ -69,6 +80,8 @@ class EngineMetrics:
         host: str,
         hosts_by_tenant: Callable[[], Mapping[str, int]],
         instances_by_tenant: Callable[[], Mapping[tuple[str, str], int]],
+        blocked_by_tenant: Callable[[], Mapping[str, int]] = dict,
+        journal_available: Callable[[], bool] = lambda: True,
     ):
         from opentelemetry.metrics import Observation
         from opentelemetry.sdk.metrics import MeterProvider
@@ -105,6 +118,20 @@ class EngineMetrics:
             for kind in ("started", "stopped")
         }
         meter.create_observable_gauge("dynwf.hosts.live", [self._hosts], "{host}", "Live hosts")
+        self._blocked_by_tenant = blocked_by_tenant
+        meter.create_observable_gauge(
+            "dynwf.instances.blocked", [self._blocked], "{instance}",
+            "Instances whose activation waits for the journal to work again",
+        )
+        self._journal_failures = meter.create_counter(
+            "dynwf.journal.write_failures", "{transaction}",
+            "Journal transactions that failed because the journal could not be used, by cause",
+        )
+        meter.create_observable_gauge(
+            "dynwf.journal.available",
+            [lambda _o: [self._observation(1 if journal_available() else 0)]],
+            "1", "1 while journal writes work, 0 while they fail",
+        )
         for status, name in (("queued", "queued"), ("waiting", "hibernated"), ("paused", "paused")):
             meter.create_observable_gauge(
                 f"dynwf.instances.{name}", [self._instances(status)], "{instance}",
@@ -127,6 +154,10 @@ class EngineMetrics:
             self._activations.add(counts["cold"], {**attrs, "dynwf.activation.warm": False})
         for latency in counts.get("latencies", ()):
             self._latency.record(max(latency, 0.0), attrs)
+
+    def journal_failures(self, cause: str, n: int) -> None:
+        """`n` more journal transactions failed for `cause`."""
+        self._journal_failures.add(n, {"dynwf.journal.cause": cause})
 
     def host_change(self, kind: str, tenant_id: str, reason: str) -> None:
         """A host was "started" or "stopped" (by the pool, or it "died") for a reason."""
@@ -180,6 +211,9 @@ class EngineMetrics:
             log.exception("could not read live hosts")
             return []
 
+    def _blocked(self, _options: Any) -> list[Any]:
+        return [self._observation(n, {TENANT: t}) for t, n in self._blocked_by_tenant().items()]
+
     def _counts(self) -> Mapping[tuple[str, str], int]:
         """Instances per (tenant, status): one journal query serves the gauges of one
         collection (they are observed one after the other)."""
@@ -193,7 +227,9 @@ class EngineMetrics:
         def observe(_options: Any) -> list[Any]:
             try:
                 counts = self._counts()
-            except Exception:  # noqa: BLE001 - e.g. the database is briefly unreachable
+            except JournalUnavailableError:  # the journal's health says so, once
+                return []
+            except Exception:  # noqa: BLE001 - a scrape must not fail
                 log.exception("could not count instances")
                 return []
             return [self._observation(n, {TENANT: t}) for (t, s), n in counts.items() if s == status]

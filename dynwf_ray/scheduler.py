@@ -24,8 +24,15 @@ their own code's timers; the tick starts hosts for code that has none), every
 `BACKLOG_TICK` while a backlog lasts, and every `poll_interval`.
 
 On (re)start it ends the hosts of its predecessor (the loader's `reset`) and
-releases their leases, so their instances run again at once. It owns the
-engine's metrics (`metrics.py`): hosts report what their activations did.
+opens an engine session (`sessions.py`): its predecessor's session, and any
+other that is certainly gone (a crashed platform on this machine), is ended and
+its leases given up, so their instances run again at once. It heartbeats its
+session every second; that write is also its own probe of the journal.
+
+It owns the engine's metrics (`metrics.py`) and health: hosts report what
+their activations did and how their process's journal writes go; the
+scheduler merges that with its own (`health.merge`) into `health()`, logging
+each transition once.
 """
 
 from __future__ import annotations
@@ -42,11 +49,14 @@ import ray
 from ray.exceptions import RayActorError
 
 from .config import EngineConfig
+from .errors import JournalUnavailableError
+from .health import JournalHealth, merge
 from .host import HostReport
 from .journal import Journal, LeaseLostError
 from .metrics import EngineMetrics
 from .pool import CodeKey, Decision, HostPool, PoolConfig, Quota, Start, Stop, Want
 from .sandbox.policy import TenantPolicy
+from .sessions import SessionKeeper, this_process
 from .tracing import end_instance_trace
 
 log = logging.getLogger("dynwf_ray.scheduler")
@@ -56,8 +66,10 @@ MIN_TICK = 0.02
 #: Time between ticks while instances are due (hosts work a backlog off; the pool
 #: re-shares capacity and sizes hosts by it at this pace).
 BACKLOG_TICK = 0.25
-#: Seconds between two rounds of host reports (metrics, stats).
+#: Seconds between two rounds of host reports (metrics, stats, health).
 REPORT_EVERY = 1.0
+#: A host process's journal health counts this long after its last report.
+HEALTH_FRESH = 5.0
 
 
 def pool_config(config: EngineConfig, cpus: float, memory_bytes: float) -> PoolConfig:
@@ -206,6 +218,9 @@ class Scheduler:
     def stats(self) -> dict:
         return self._impl.stats()
 
+    def health(self) -> dict:
+        return self._impl.health()
+
     def stop(self) -> None:
         self._impl.stop()
 
@@ -214,18 +229,30 @@ class _RayScheduler:
     def __init__(self, config: dict):
         self.config = cfg = EngineConfig(**config)
         self.journal = Journal(cfg.database_url)
-        self.owner = f"scheduler-{os.getpid()}-{time.time_ns() % 10**9}"
         self._loader = ray.get_actor(cfg.loader_name, namespace=cfg.namespace)
         # Hosts of a previous incarnation of this scheduler are unaccounted for: end
-        # them, and release what they held so it runs again at once.
+        # them; opening the session then gives up what they held, so it runs again now.
         ray.get(self._loader.reset.remote())
-        now = time.time()
-        self.journal.release_owner(cfg.host_owner_prefix, now, now, prefix=True)
+        loader = ray.get(self._loader.identity.remote())
+        machine, pid, started = this_process()
+        self.session = SessionKeeper(
+            self.journal, cfg.name, machine=machine, loader_id=loader["actor_id"],
+            # whose end ends the session: this process and the loader, whose hosts die
+            # with it (when it runs on another machine, only heartbeats can tell)
+            processes=[(pid, started), (loader["pid"], loader["started"])]
+            if loader["machine"] == machine else [],
+            timeout=cfg.lease_ttl,
+        )
+        self.session.open()
+        self.owner = self.session.owner("scheduler")
+        self.health_ = JournalHealth("the engine's journal", level=logging.WARNING)
+        self._health: dict[str, tuple[float, dict]] = {}  # host process -> (when, its health)
+        self._blocked: dict[int, int] = {}  # host -> instances a journal fault blocked there
         resources = ray.cluster_resources()
         self.core = SchedulerCore(
             self.journal,
             pool_config(cfg, resources.get("CPU", os.cpu_count() or 1), resources.get("memory", 8 << 30)),
-            max_failures=cfg.max_activation_failures, host_owner=cfg.host_owner,
+            max_failures=cfg.max_activation_failures, host_owner=self._host_owner,
             telemetry_env=cfg.telemetry_env,
         )
         self._hosts: dict[int, _LiveHost] = {}
@@ -235,6 +262,7 @@ class _RayScheduler:
         self.metrics = EngineMetrics(
             cfg.telemetry_env, cfg.metrics_port, cfg.metrics_host,
             self._hosts_by_tenant, self.journal.count_by_tenant_status,
+            self._blocked_by_tenant, lambda: self.health_.ok,
         )
         self._stopping = False
         self._last_tick = 0.0
@@ -291,18 +319,26 @@ class _RayScheduler:
             "metrics_url": self.metrics.url,
         }
 
+    def health(self) -> dict:
+        """The engine's journal health (`health.merge` of its processes'), and `ready`:
+        whether the scheduler runs and the journal can be written."""
+        return {"ready": self.health_.ok and not self._stopping,
+                "journal": self.health_.snapshot(), "session": self.session.epoch}
+
     def stop(self) -> None:
         """Stop activating; end hosts; release their instances so the next engine resumes them."""
         self._stopping = True
         self._loop.call_soon_threadsafe(self._wake.set)
         self._thread.join(timeout=10)  # no tick after this one: nothing new starts
         ray.get(self._loader.reset.remote(close=True))
-        now = time.time()
         try:
-            self.journal.release_owner(self.config.host_owner_prefix, now, now, prefix=True)
-        except Exception:  # noqa: BLE001 - the leases then expire on their own
-            log.exception("could not release the leases of stopped activations")
+            self.session.close()
+        except Exception:  # noqa: BLE001 - the next engine on this machine ends it
+            log.exception("could not end this engine's session")
         self.metrics.shutdown()
+
+    def _host_owner(self, host_id: int) -> str:
+        return self.session.owner(f"host-{host_id}")
 
     # -- the loop ------------------------------------------------------------
 
@@ -326,7 +362,9 @@ class _RayScheduler:
                     # Due now: a backlog the hosts are working off; look again soon to
                     # share and size by it. Later: a timer, perhaps of code with no host.
                     wait = min(wait, max(nxt - time.time(), BACKLOG_TICK))
-            except Exception:  # noqa: BLE001 - e.g. the database is briefly unreachable
+            except JournalUnavailableError:
+                pass  # the journal's health says so, once; the next tick retries
+            except Exception:  # noqa: BLE001 - a bug: say so, and go on
                 log.exception("scheduler tick failed; retrying")
             try:
                 await asyncio.wait_for(self._wake.wait(), wait)
@@ -355,7 +393,9 @@ class _RayScheduler:
         why = None
         try:
             try:
-                actor = await self._loader.start.remote(host_id, key.tenant_id, key.version)
+                actor = await self._loader.start.remote(
+                    host_id, key.tenant_id, key.version, self._host_owner(host_id)
+                )
             except RayActorError:
                 raise
             except Exception as exc:  # noqa: BLE001 - its code cannot be loaded (now)
@@ -379,6 +419,7 @@ class _RayScheduler:
                 log.error("host %s failed: %s", host_id, exc)
         finally:
             self._forget(host_id)
+            self._blocked.pop(host_id, None)
             self.core.pool.ended(host_id)
             self._loader.end.remote(host_id)
             self._wake.set()
@@ -387,7 +428,10 @@ class _RayScheduler:
             pooled = self.core.pool.hosts.get(host_id)
             if pooled is None or not pooled.stopping:  # a stop already counted it
                 self.metrics.host_change("stopped", key.tenant_id, "died")
-            self.core.host_died(host_id, time.time(), why)
+            try:
+                self.core.host_died(host_id, time.time(), why)
+            except JournalUnavailableError:
+                pass  # its instances' leases expire; the journal's health says why
 
     async def _code_unavailable(self, key: CodeKey, cause: BaseException) -> None:
         """No host can run this code: error its due instances if it cannot ever run
@@ -421,6 +465,28 @@ class _RayScheduler:
             for (host_id, _), reply in zip(hosts, replies):
                 if isinstance(reply, HostReport):
                     self._account(host_id, reply)
+            await asyncio.to_thread(self._keep_session)
+            self._merge_health()
+
+    def _keep_session(self) -> None:
+        """Heartbeat (the scheduler's own probe of the journal) and end sessions that are
+        gone. A scheduler whose session another engine ended must not go on: it exits,
+        and Ray starts it again, in a new session, with its hosts ended."""
+        try:
+            alive = self.session.tick()
+        except JournalUnavailableError:
+            return
+        if not alive and not self._stopping:
+            os._exit(1)
+
+    def _merge_health(self) -> None:
+        now = time.monotonic()
+        fresh = [h for at, h in self._health.values() if now - at < HEALTH_FRESH]
+        before = dict(self.health_.failures)
+        self.health_.observe(merge([self.journal.health.snapshot(), *fresh]))
+        for cause, n in self.health_.failures.items():
+            if n > before.get(cause, 0):
+                self.metrics.journal_failures(cause, n - before.get(cause, 0))
 
     def _account(self, host_id: int, report: HostReport) -> None:
         host = self._hosts.get(host_id)
@@ -428,12 +494,22 @@ class _RayScheduler:
             return
         host.running = report.running
         self._writes[report.process] = report.writes  # one journal per host process
+        self._health[report.process] = (time.monotonic(), report.journal)
+        self._blocked[host_id] = report.blocked
         outcomes = self._counters["outcomes"]
         for outcome, n in report.outcomes.items():
             outcomes[outcome] = outcomes.get(outcome, 0) + n
             self._counters["activations"] += n
         self._counters["warm_starts"] += report.counts.warm
         self.metrics.record(host.key.tenant_id, report.counts)
+
+    def _blocked_by_tenant(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for host_id, n in list(self._blocked.items()):
+            host = self._hosts.get(host_id)
+            if host is not None and n:
+                counts[host.key.tenant_id] = counts.get(host.key.tenant_id, 0) + n
+        return counts
 
     def _hosts_by_tenant(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -13,6 +13,10 @@ and sleep and wait spans when they end; an `ActivationLog` learns which step
 attempt is printing, and its lines go to the journal with the step's record;
 `ActivityCounts` counts attempts, completions, failures and retries.
 
+A journal write that fails because the journal cannot be used raises
+`JournalFault` (an `Abandon`): the activation ends with nothing written and the
+platform retries it; tenant code never sees the journal's error.
+
 `Suspend`, `PauseAtBoundary` and `Abandon` derive from BaseException so that
 tenant code catching `Exception` cannot swallow them (in a sandbox, tenant code
 never sees them at all: the supervisor runs this class).
@@ -41,6 +45,7 @@ from tenacity import (
 
 from .errors import (
     InvalidInputError,
+    JournalUnavailableError,
     NonRetryableError,
     StepFailedError,
     StepTimeoutError,
@@ -98,6 +103,16 @@ class Abandon(BaseException):
         super().__init__(reason)
         self.reason = reason
         self.crash = crash
+
+
+class JournalFault(Abandon):
+    """Internal: the journal could not record this step (`JournalUnavailableError`): end the
+    activation with nothing written; the platform runs it again once the journal works.
+    A BaseException, like the other control flow here: tenant code never catches it."""
+
+    def __init__(self, error: JournalUnavailableError):
+        super().__init__(str(error), crash=False)
+        self.error = error
 
 
 @lru_cache(maxsize=64)
@@ -373,9 +388,12 @@ class Step:
             )
             await self._write(record)
         now = self._clock()
-        got = await self._journal.grouped.take_event(
-            self._pk, self._token, record, type, now, self._lease_ttl
-        )
+        try:
+            got = await self._journal.grouped.take_event(
+                self._pk, self._token, record, type, now, self._lease_ttl
+            )
+        except JournalUnavailableError as exc:
+            raise JournalFault(exc) from None
         if got is not None:
             event_type, payload_json, created_at = got
             if self._trace is not None:
@@ -436,6 +454,9 @@ class Step:
     async def _write(self, record: StepRecord) -> None:
         """Record a step durably (group-committed with concurrent activations' writes)."""
         logs = self._log.take() if self._log is not None else ()
-        self._pause_requested = await self._journal.grouped.record_step(
-            self._pk, self._token, record, self._clock(), self._lease_ttl, logs, self._keep_logs
-        )
+        try:
+            self._pause_requested = await self._journal.grouped.record_step(
+                self._pk, self._token, record, self._clock(), self._lease_ttl, logs, self._keep_logs
+            )
+        except JournalUnavailableError as exc:
+            raise JournalFault(exc) from None

@@ -71,6 +71,7 @@ def test_create_run_and_status(engine, tenant):
     assert status == {
         "status": "complete", "error": None,
         "output": {"hello": "Hello, Ray!", "instance": "hello-1"}, "version": version,
+        "condition": None,
     }
     assert wf.get("hello-1").status() == status
 

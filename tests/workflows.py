@@ -144,6 +144,28 @@ class BlockingStep(WorkflowEntrypoint):
         return await step.do("spin", spin, retries={"limit": 0}, timeout="1 second")
 
 
+class Heavy(WorkflowEntrypoint):
+    """`steps` steps with 20 KB results (each logs its run to `<dir>/<id>.log`); step
+    "s1" first waits for a `go` file. Catches every exception, as careless tenant
+    code does: a platform fault must still never reach it."""
+
+    async def run(self, event, step):
+        d, n = event.payload["dir"], event.payload["steps"]
+        sizes = []
+        try:
+            for i in range(n):
+                async def work(i=i):
+                    if i == 1:
+                        await wait_for_file(Path(d) / "go")
+                    append(d, f"{event.instance_id}.log", f"s{i}")
+                    return "x" * 20_000
+
+                sizes.append(len(await step.do(f"s{i}", work)))
+        except Exception as exc:  # noqa: BLE001
+            return {"caught": repr(exc)}
+        return sizes
+
+
 class NotAWorkflow:
     async def run(self, event, step):
         return None

@@ -35,9 +35,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..errors import DynwfError, NonRetryableError, ResourceLimitError, StepFailedError
+from ..errors import (
+    DynwfError, JournalUnavailableError, NonRetryableError, ResourceLimitError, StepFailedError,
+)
 from ..journal import STEP_COMPLETE, STEP_FAILED, ActivationState, LeaseLostError
-from ..step import Abandon, PauseAtBoundary, Step, Suspend
+from ..step import Abandon, JournalFault, PauseAtBoundary, Step, Suspend
 from ..tracing import InstanceTrace, current_ids, traceparent
 from ..types import WorkflowEvent, to_json
 from . import protocol
@@ -310,6 +312,9 @@ class SandboxSession:
             value = await self._answer(act, op, message)
         except (Suspend, PauseAtBoundary, LeaseLostError, Abandon, _Lost) as exc:
             act.queue.put_nowait(("ended", exc))
+            return
+        except JournalUnavailableError as exc:  # a binding's journal call: never the tenant's
+            act.queue.put_nowait(("ended", JournalFault(exc)))
             return
         except StepFailedError as exc:
             if not self.healthy:  # the sandbox died in the attempt: replay from the journal
