@@ -7,6 +7,7 @@
     dynwf status <id> [--tenant T]     status, version, output and steps of one instance
     dynwf send-event <id> <type> <json> [--tenant T]
     dynwf logs <id> [--tenant T] [-f]   what an instance's code printed; -f follows it
+    dynwf health                       can the journal be written; which engines heartbeat
 
 Every command takes --database-url (default: $DYNWF_DATABASE_URL, else the
 embedded SQLite file under ~/.dynwf/). `demo` starts an engine and `push`
@@ -25,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
+from .binding import WorkflowBinding
 from .config import default_database_url
 from .package import push
 from .errors import DynwfError
@@ -80,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the instance finishes")
     logs.add_argument("--interval", type=float, default=0.5, help="seconds between polls with -f")
 
+    command("health", "whether the journal can be written, and the engines using it (exit 1: not)")
+
     args = parser.parse_args(argv)
     url = getattr(args, "database_url", None) or default_database_url()
     try:
@@ -98,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _send_event(journal, _find(journal, args.id, args.tenant), args.type, args.payload)
         if args.command == "logs":
             return _logs(journal, _find(journal, args.id, args.tenant), args.follow, args.interval)
+        if args.command == "health":
+            return _health(journal)
     except DynwfError as exc:
         print(f"dynwf: {exc}", file=sys.stderr)
         return 2
@@ -180,10 +186,40 @@ def _status(journal: Journal, info: InstanceInfo) -> int:
         "waiting_for": info.waiting_for,
         "activations": info.activations,
         "trace_id": info.trace_context.split("-")[1] if info.trace_context else None,
+        "condition": WorkflowBinding(journal, info.tenant_id, condition=lambda: _probed(journal))
+        .get(info.instance_id).status()["condition"],
         "steps": [_step_doc(s) for s in journal.list_steps(info.pk)],
     }
     print(json.dumps(doc, indent=2))
     return 0
+
+
+def _probed(journal: Journal) -> str | None:
+    """What keeps instances from going on: tries a write that changes nothing."""
+    try:
+        journal.probe()
+    except DynwfError:
+        pass
+    return journal.health.condition()
+
+
+#: An engine whose heartbeat is older than this (seconds) is not counted as running.
+_HEARTBEAT_FRESH = 5.0
+
+
+def _health(journal: Journal) -> int:
+    condition = _probed(journal)
+    now = time.time()
+    engines = [
+        {"epoch": s.epoch, "engine": s.engine_name, "node": s.node, "started": _when(s.started_at),
+         "heartbeat_age_s": round(now - s.heartbeat_at, 1)}
+        for s in journal.live_sessions()
+    ]
+    running = [e for e in engines if e["heartbeat_age_s"] <= _HEARTBEAT_FRESH]
+    doc = {"ready": condition is None and bool(running), "journal": condition or "ok",
+           "engines": engines}
+    print(json.dumps(doc, indent=2))
+    return 0 if doc["ready"] else 1
 
 
 def _step_doc(s: StepRecord) -> dict:
@@ -194,8 +230,6 @@ def _step_doc(s: StepRecord) -> dict:
 
 
 def _send_event(journal: Journal, info: InstanceInfo, event_type: str, payload: str) -> int:
-    from .binding import WorkflowBinding
-
     try:
         data = json.loads(payload)
     except json.JSONDecodeError as exc:

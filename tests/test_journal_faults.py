@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+import time
 from contextlib import contextmanager
 
 import psycopg
@@ -251,3 +252,28 @@ def test_an_unreachable_journal_is_named_at_once():
     with pytest.raises(JournalUnavailableError, match="unreachable") as raised:
         Journal("postgresql+psycopg://nobody:x@127.0.0.1:1/none")
     assert raised.value.retryable
+
+
+def test_the_cli_says_whether_the_journal_can_be_written(own_journal, tenant, monkeypatch, capsys):
+    from dynwf_ray import cli
+
+    journal = own_journal
+    monkeypatch.setattr(cli, "Journal", lambda url: journal)  # the CLI uses this journal object
+    d = Driver(journal, tenant, Careful)
+    d.binding.create(id="waits")
+    args = ["--database-url", journal.url]
+    assert cli.main(["health", *args]) == 1  # writable, but no engine heartbeats
+    assert json.loads(capsys.readouterr().out)["journal"] == "ok"
+    journal.open_session("eng", "node", "m", [], None, time.time())
+    assert cli.main(["health", *args]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ready"] and doc["engines"][0]["engine"] == "eng"
+    with read_only(journal):
+        assert cli.main(["health", *args]) == 1
+        assert json.loads(capsys.readouterr().out)["journal"].startswith("journal unavailable: read-only")
+        assert cli.main(["status", "waits", "--tenant", tenant, *args]) == 0
+        assert json.loads(capsys.readouterr().out)["condition"].startswith("journal unavailable: read-only")
+        assert cli.main(["send-event", "waits", "go", "{}", "--tenant", tenant, *args]) == 2
+        assert "the journal is unavailable: read-only" in capsys.readouterr().err
+    assert cli.main(["status", "waits", "--tenant", tenant, *args]) == 0
+    assert json.loads(capsys.readouterr().out)["condition"] is None
