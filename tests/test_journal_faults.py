@@ -126,45 +126,41 @@ def _pg_read_only(url: str, on: bool) -> None:
 
 
 @contextmanager
-def read_only(journal: Journal):
-    """The journal refuses every write until the block ends."""
-    if journal.is_sqlite:
-        def on_connect(dbapi_conn, _record):
-            dbapi_conn.execute("PRAGMA query_only=1")
-        journal.engine.dispose()
-        event.listen(journal.engine, "connect", on_connect)
-        try:
-            yield
-        finally:
-            event.remove(journal.engine, "connect", on_connect)
-            journal.engine.dispose()
-    else:
-        _pg_read_only(journal.url, True)
-        journal.engine.dispose()  # new connections begin read-only
-        try:
-            yield
-        finally:
-            _pg_read_only(journal.url, False)
-            journal.engine.dispose()
-
-
-@contextmanager
-def full(journal: Journal):
-    """SQLite only: the file may not grow (its page count is capped at its size)."""
-    pages = [0]
-
+def _sqlite_pragma(journal: Journal, pragma: str):
+    """Every connection of the journal runs `pragma` until the block ends."""
     def on_connect(dbapi_conn, _record):
-        dbapi_conn.execute(f"PRAGMA max_page_count={pages[0]}")
+        dbapi_conn.execute(pragma)
 
-    with journal.engine.connect() as conn:
-        pages[0] = conn.exec_driver_sql("PRAGMA page_count").scalar()
-    journal.engine.dispose()
+    journal.engine.dispose()  # connections made from now on run it
     event.listen(journal.engine, "connect", on_connect)
     try:
         yield
     finally:
         event.remove(journal.engine, "connect", on_connect)
         journal.engine.dispose()
+
+
+@contextmanager
+def read_only(journal: Journal):
+    """The journal refuses every write until the block ends."""
+    if journal.is_sqlite:
+        with _sqlite_pragma(journal, "PRAGMA query_only=1"):
+            yield
+        return
+    _pg_read_only(journal.url, True)
+    journal.engine.dispose()  # new connections begin read-only
+    try:
+        yield
+    finally:
+        _pg_read_only(journal.url, False)
+        journal.engine.dispose()
+
+
+def full(journal: Journal):
+    """SQLite only: the file may not grow (its page count is capped at its size)."""
+    with journal.engine.connect() as conn:
+        pages = conn.exec_driver_sql("PRAGMA page_count").scalar()
+    return _sqlite_pragma(journal, f"PRAGMA max_page_count={pages}")
 
 
 class Careful(WorkflowEntrypoint):
