@@ -53,10 +53,11 @@ class JournalSchemaError(DynwfError):
 class JournalUnavailableError(DynwfError):
     """The journal database refused or failed an operation for a reason of its own: the
     disk is full, the server is unreachable or read-only, a lock or serialization
-    conflict. Nothing of the operation was written (its transaction rolled back).
+    conflict, no free connection. Nothing of the operation was written (its transaction
+    rolled back).
 
     `cause` names the condition ("disk full", "read-only", "unreachable", "locked",
-    "serialization failure", "disk I/O error", "corrupt", "database error");
+    "serialization failure", "disk I/O error", "corrupt", "busy", "database error");
     `retryable` says whether the same call may succeed later without a change to
     the call (True for every cause but a corrupt database). Tenant code never sees
     this error: an activation that meets it is abandoned and retried by the platform.

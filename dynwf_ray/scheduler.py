@@ -316,6 +316,8 @@ class _RayScheduler:
             "journal_writes": writes,
             **{k: v for k, v in self._counters.items()},
             **self.core.counters,
+            "session": self.session.epoch,
+            "instances_reclaimed": self.session.reclaimed,  # from sessions found gone
             "metrics_url": self.metrics.url,
         }
 

@@ -21,7 +21,7 @@ Two engines started on one journal by mistake therefore share its instances,
 each run by one of them at a time, and neither takes over the other's.
 
 A scheduler whose own session another engine ended (it stalled past `timeout`)
-must not go on: `SessionKeeper.heartbeat` returns False and the scheduler
+must not go on: `SessionKeeper.tick` returns False and the scheduler
 restarts, ending its hosts, in a new session.
 """
 
