@@ -45,6 +45,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import site
 import sys
@@ -64,6 +65,7 @@ from .package import CODE_ROOT, PACKAGE, Manifest, unpack
 from .sandbox.policy import JailSpec, SandboxLimits, TenantPolicy
 from .errors import InvalidInputError, JournalUnavailableError
 from .health import backoff
+from .sessions import running, this_process
 from .sandbox.supervisor import BOOT_TIMEOUT, SandboxSession, TenantError
 from .sandbox.template import Template
 from .step import Abandon, Step
@@ -291,7 +293,7 @@ class _Sandboxes:
             if session.healthy:
                 return session, scratch
             self._ended(session, scratch)
-        scratch = tempfile.mkdtemp(prefix=f"dynwf-sandbox-{self._tenant_id}-")
+        scratch = tempfile.mkdtemp(prefix=f"dynwf-sandbox-{self._tenant_id}-{_SCRATCH_OWNER}-")
         spec = JailSpec(read_write=(scratch, *self._rw_paths), **self._spec)
         try:
             sandbox = self.template.spawn(
@@ -393,6 +395,25 @@ class HostSpec:
     sandbox: dict[str, Any] | None = None  # mode, limits, policy, max_crashes, bindings
 
 
+#: Sandbox scratch directories name the process that made them ("p<pid>.<start time>"):
+#: those of a host process that died without removing them (a crash) are found by it.
+_SCRATCH_OWNER = "p{}.{}".format(*this_process()[1:])
+_SCRATCH_NAME = re.compile(r"^dynwf-sandbox-.+-p(\d+)\.(\d+)-[^-]+$")
+
+
+def sweep_scratch(directory: str | None = None) -> list[str]:
+    """Remove the sandbox scratch directories that host processes no longer running left
+    behind (a platform that crashed leaves its sandboxes' directories); returns them."""
+    swept = []
+    with os.scandir(directory or tempfile.gettempdir()) as entries:
+        for entry in entries:
+            match = _SCRATCH_NAME.match(entry.name)
+            if match and entry.is_dir() and not running(int(match[1]), int(match[2])):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                swept.append(entry.path)
+    return swept
+
+
 @ray.remote(num_cpus=0)
 class HostProcess:
     """A trusted process in which hosts live: the Ray actor the loader starts (one per
@@ -403,6 +424,7 @@ class HostProcess:
     def __init__(self, database_url: str):
         self._journal = Journal(database_url, create_tables=False)
         self._hosts: dict[int, InstanceHost] = {}
+        sweep_scratch()
 
     async def add(self, host_id: int, spec: HostSpec) -> None:
         """Start a host (its sandbox template) here; off the loop, which other hosts use."""

@@ -135,3 +135,16 @@ def test_ending_a_session_frees_only_its_own_leases(journal, tenant):
     assert d.info("z0").status == "queued"
     assert d.info("z1").lease_expires_at is not None
     assert journal.end_session(epochs[0], "test", d.now) == []  # nothing more to give up
+
+
+def test_scratch_dirs_of_host_processes_that_died_are_swept(tmp_path):
+    from dynwf_ray.host import _SCRATCH_OWNER, sweep_scratch
+
+    ours = tmp_path / f"dynwf-sandbox-acme-1-{_SCRATCH_OWNER}-k2j4h1x9"
+    dead = tmp_path / f"dynwf-sandbox-acme-1-p{2**22 + 12345}.77-a8d7f6s5"
+    unknown = tmp_path / "dynwf-sandbox-acme-0a1b2c3d"  # named before owners were: kept
+    for d in (ours, dead, unknown):
+        d.mkdir()
+        (d / "file").write_text("x")
+    assert sweep_scratch(str(tmp_path)) == [str(dead)]
+    assert ours.exists() and unknown.exists() and not dead.exists()

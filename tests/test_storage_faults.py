@@ -84,9 +84,12 @@ def _blocked(engine, handles, cause: str) -> None:
     assert not [s for s in conditions if s["status"] in ("errored", "terminated")]
     blocked = [s for s in conditions if s["status"] not in TERMINAL]
     assert blocked and all(s["condition"].startswith(f"journal unavailable: {cause}") for s in blocked)
+    print(f"\n[{cause}] engine.health(): {health}\n[{cause}] {len(blocked)} instances blocked, "
+          f"e.g. status(): {blocked[0]}")
 
 
 def _finished(handles, work: Path) -> None:
+    reruns = 0
     for h in handles:
         assert wait_status(h, "complete", timeout=120)["output"] == [20_000] * STEPS
         runs = lines(work / f"{h.id}.log")
@@ -94,6 +97,8 @@ def _finished(handles, work: Path) -> None:
         # fault ran again once the journal worked; no step ran more than twice.
         assert runs.count("s0") == 1, runs
         assert all(1 <= runs.count(f"s{i}") <= 2 for i in range(STEPS)), runs
+        reruns += len(runs) - STEPS
+    print(f"{len(handles)} instances complete; {reruns} step attempts in flight at the fault ran again")
 
 
 def test_a_full_disk_blocks_instances_and_never_fails_them(make_engine, small_fs, tenant, tmp_path):
@@ -109,6 +114,7 @@ def test_a_full_disk_blocks_instances_and_never_fails_them(make_engine, small_fs
         with pytest.raises(JournalUnavailableError, match="disk full") as raised:
             wf.create(id="while-full", params={"dir": str(work), "steps": 1})
         assert raised.value.retryable
+        print(f"create() while full raised {type(raised.value).__name__}: {raised.value}")
         filler.unlink()  # space returns
         _finished(handles, work)
         assert wait_until(lambda: engine.health()["ready"], what="the engine to be ready again")
@@ -152,8 +158,9 @@ def test_a_read_only_postgresql_journal_blocks_instances_and_never_fails_them(
     try:
         (work / "go").touch()
         _blocked(engine, handles, "read-only")
-        with pytest.raises(JournalUnavailableError, match="read-only"):
+        with pytest.raises(JournalUnavailableError, match="read-only") as raised:
             wf.create(id="while-read-only", params={"dir": str(work), "steps": 1})
+        print(f"create() while read-only raised {type(raised.value).__name__}: {raised.value}")
     finally:
         _pg_database(url, "RESET default_transaction_read_only")
     _finished(handles, work)
