@@ -37,6 +37,7 @@ from .types import (
     to_json,
     validate_event_type,
     validate_id,
+    validate_step_name,
 )
 
 
@@ -92,15 +93,35 @@ class InstanceHandle:
         info = self._binding._journal.terminate(self._binding.tenant_id, self.id, now)
         self._binding._end_trace(info, "terminated", now)
 
-    def restart(self) -> None:
-        """Start over from the beginning, in a new trace (the old one's root span ends)."""
+    def restart(self, from_step: tuple[str, int] | list | None = None) -> None:
+        """Run again, in a new trace (the old one's root span ends): from the beginning, or
+        `from_step=(name, count)`: the results recorded before that step are kept; it and
+        every step after it run again (the events their waits took and the lines they
+        printed are discarded). `count` is the occurrence of `name` (1: its first)."""
+        if from_step is not None:
+            if not isinstance(from_step, (tuple, list)) or len(from_step) != 2 \
+                    or not isinstance(from_step[1], int) or isinstance(from_step[1], bool) \
+                    or from_step[1] < 1:
+                raise InvalidInputError(
+                    f"from_step must be (step name, count >= 1), got {from_step!r}"
+                )
+            from_step = (validate_step_name(from_step[0]), from_step[1])
         now = self._binding._clock()
         info = self._binding._journal.restart(
-            self._binding.tenant_id, self.id, now, new_trace_context()
+            self._binding.tenant_id, self.id, now, new_trace_context(), from_step
         )
         if info.status not in ("complete", "errored", "terminated"):
             self._binding._end_trace(info, "restarted", now)
         self._binding._notify(self._binding.tenant_id, info.code_version)
+
+    def delete(self, force: bool = False) -> None:
+        """Delete the instance with its steps, events and logs (its id may then be used
+        again). Refused with InvalidStateError while it runs, unless `force`: its
+        activation is then fenced out and stops at its next step."""
+        now = self._binding._clock()
+        info = self._binding._journal.delete_instance(self._binding.tenant_id, self.id, now, force)
+        if info.status not in ("complete", "errored", "terminated"):
+            self._binding._end_trace(info, "deleted", now)
 
     def logs(self, after: int = 0, limit: int = 1000) -> list[LogLine]:
         """What the instance's code printed or logged (the newest lines are kept, see

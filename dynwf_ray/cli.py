@@ -7,6 +7,7 @@
     dynwf status <id> [--tenant T]     status, version, output and steps of one instance
     dynwf send-event <id> <type> <json> [--tenant T]
     dynwf logs <id> [--tenant T] [-f]   what an instance's code printed; -f follows it
+    dynwf delete <id> [--tenant T] [--force]  delete an instance with its steps, events, logs
     dynwf health                       can the journal be written; which engines heartbeat
 
 Every command takes --database-url (default: $DYNWF_DATABASE_URL, else the
@@ -82,6 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the instance finishes")
     logs.add_argument("--interval", type=float, default=0.5, help="seconds between polls with -f")
 
+    delete = command("delete", "delete an instance with its steps, events and logs")
+    delete.add_argument("id")
+    delete.add_argument("--tenant")
+    delete.add_argument("--force", action="store_true", help="delete it even while it runs")
+
     command("health", "whether the journal can be written, and the engines using it (exit 1: not)")
 
     args = parser.parse_args(argv)
@@ -104,6 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _logs(journal, _find(journal, args.id, args.tenant), args.follow, args.interval)
         if args.command == "health":
             return _health(journal)
+        if args.command == "delete":
+            info = _find(journal, args.id, args.tenant)
+            WorkflowBinding(journal, info.tenant_id).get(info.instance_id).delete(force=args.force)
+            print(f"deleted {info.tenant_id}/{info.instance_id}")
+            return 0
     except DynwfError as exc:
         print(f"dynwf: {exc}", file=sys.stderr)
         return 2

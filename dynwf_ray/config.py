@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .sandbox.policy import SandboxLimits
 from .tracing import otel_environ
-from .types import validate_id
+from .types import Retention, validate_id
 
 
 def default_database_url() -> str:
@@ -74,6 +74,11 @@ class EngineConfig(BaseModel):
     #: process that runs steps; tenants' own settings are layered on top (tracing.py).
     #: Tracing is off unless an exporter or OTLP endpoint is set.
     telemetry_env: dict[str, str] = Field(default_factory=otel_environ)
+    #: How long finished instances are kept, by final status (complete, errored,
+    #: terminated): seconds or a duration such as "7 days"; None keeps them for good
+    #: (the default). Expired ones are deleted with their steps, events and logs by
+    #: the scheduler's sweeper. A tenant may have its own (`Engine.set_retention`).
+    retention: Retention = Field(default_factory=Retention)
     #: Log lines kept per instance (the newest); each line is at most 4096 characters.
     log_lines_per_instance: int = Field(default=1000, ge=1)
     #: Port of the scheduler's Prometheus endpoint (/metrics); 0 picks a free one,

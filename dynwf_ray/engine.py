@@ -28,7 +28,7 @@ from .package import package_class, pickled_modules, push
 from .sandbox.policy import SandboxLimits, TenantPolicy
 from .scheduler import Notifier, Scheduler
 from .tracing import tenant_telemetry
-from .types import validate_id
+from .types import Retention, validate_id
 
 log = logging.getLogger("dynwf_ray.engine")
 
@@ -184,6 +184,30 @@ class Engine:
         self.journal.set_tenant_policy(tenant_id, policy.model_dump_json(), self._clock())
         ray.get(self._scheduler.retire.remote(tenant_id))
         return policy.masked()
+
+    def set_retention(self, tenant_id: str, **rules: Any) -> Retention:
+        """Keep a tenant's finished instances for its own time, per final status:
+        `complete=`, `errored=`, `terminated=` (seconds, "30 days", a timedelta; None
+        keeps them for good). Statuses not named follow the engine's `retention`.
+        Returns the tenant's retention as it now applies."""
+        validate_id(tenant_id, "tenant id")
+        try:
+            own = Retention(**rules)
+        except ValidationError as exc:
+            raise InvalidInputError(f"tenant {tenant_id!r} retention: {exc}") from None
+        self.journal.set_retention(tenant_id, own.model_dump_json(exclude_unset=True), self._clock())
+        return self.retention(tenant_id)
+
+    def clear_retention(self, tenant_id: str) -> None:
+        """The engine's retention applies to the tenant again."""
+        validate_id(tenant_id, "tenant id")
+        self.journal.set_retention(tenant_id, None, self._clock())
+
+    def retention(self, tenant_id: str) -> Retention:
+        """How long the tenant's finished instances are kept (its own rules over the engine's)."""
+        validate_id(tenant_id, "tenant id")
+        own = json.loads(self.journal.retention_rules().get(tenant_id, "{}"))
+        return Retention(**{**self.config.retention.model_dump(), **own})
 
     def tenant_policy(self, tenant_id: str) -> TenantPolicy:
         """The tenant's policy, secrets masked (the defaults when the platform set none)."""

@@ -16,6 +16,9 @@ Tables (SQLModel):
 - `events`: the inbox, buffered per (instance, type), consumed FIFO.
 - `logs`: what tenant code printed or logged, per instance and step, with
   trace and span ids; only the newest lines of each instance are kept.
+- `tenant_retention`: a tenant's own rules for how long its finished instances
+  are kept (the engine's `retention` applies otherwise); `sweep` deletes expired
+  instances with their steps, events and logs, a bounded batch per transaction.
 - `engine_sessions`: one row per scheduler incarnation, numbered by its `epoch`,
   with its heartbeat and the processes it ran in. Leases are owned by
   `e<epoch>/<holder>`, so a session found gone (`sessions.py`) gives up its
@@ -77,6 +80,7 @@ from sqlmodel import Column, Field, SQLModel
 from .errors import (
     DuplicateInstanceError,
     InstanceNotFoundError,
+    InvalidInputError,
     InvalidStateError,
     JournalSchemaError,
     JournalUnavailableError,
@@ -111,6 +115,15 @@ class TenantPolicyRow(SQLModel, table=True):
     updated_at: float = 0.0
 
 
+class RetentionRow(SQLModel, table=True):
+    """A tenant's own retention rules (`Retention` as JSON, only the statuses it sets)."""
+
+    __tablename__ = "tenant_retention"
+    tenant_id: str = Field(primary_key=True, max_length=100)
+    retention_json: str
+    updated_at: float = 0.0
+
+
 class CodeBlobRow(SQLModel, table=True):
     """Tenant code, stored once per content (version = hash of the content)."""
 
@@ -137,7 +150,7 @@ class InstanceRow(SQLModel, table=True):
         UniqueConstraint("tenant_id", "instance_id", name="uq_instances_tenant_instance"),
         Index("ix_instances_wake_at", "wake_at"),
         Index("ix_instances_lease_wake", "lease_expires_at", "wake_at"),  # next_wake_at
-        Index("ix_instances_status", "status"),
+        Index("ix_instances_status_updated", "status", "updated_at"),  # counts; the sweeper
         # a host claims only its own code's due instances (claim_due by tenant and version)
         Index("ix_instances_code_wake", "tenant_id", "code_version", "wake_at"),
     )
@@ -245,6 +258,7 @@ L = LogRow.__table__
 P = TenantPolicyRow.__table__
 X = CrashRow.__table__
 N = EngineSessionRow.__table__
+R = RetentionRow.__table__
 
 #: Ended sessions are kept this long (seconds) for people to read, then deleted.
 KEEP_ENDED_SESSIONS = 7 * 86400
@@ -578,6 +592,19 @@ class Journal:
         """Every tenant's policy (JSON) the platform set."""
         with self._read() as conn:
             return {t: text for t, text in conn.execute(select(P.c.tenant_id, P.c.policy_json)).all()}
+
+    def set_retention(self, tenant_id: str, retention_json: str | None, now: float) -> None:
+        """Store a tenant's own retention rules (None: the engine's apply)."""
+        with self._write() as conn:
+            conn.execute(delete(R).where(R.c.tenant_id == tenant_id))
+            if retention_json is not None:
+                conn.execute(insert(R).values(tenant_id=tenant_id, retention_json=retention_json,
+                                              updated_at=now))
+
+    def retention_rules(self) -> dict[str, str]:
+        """Every tenant's own retention rules (JSON)."""
+        with self._read() as conn:
+            return {t: text for t, text in conn.execute(select(R.c.tenant_id, R.c.retention_json)).all()}
 
     def tenant_policy(self, tenant_id: str) -> str | None:
         with self._read() as conn:
@@ -1237,11 +1264,22 @@ class Journal:
     def restart(
         self, tenant_id: str, instance_id: str, now: float,
         trace: tuple[str | None, str | None] = (None, None),
+        from_step: tuple[str, int] | None = None,
     ) -> InstanceInfo:
-        """Start the instance over, in a new trace: its steps, inbox and logs are
-        discarded, running holders fenced. Returns the instance as it was before."""
+        """Run the instance again, in a new trace, running holders fenced. From the start:
+        its steps, inbox and logs are discarded. `from_step` (name, count): that step and
+        every step that began after it are discarded, with the events their waits
+        consumed and the log lines they printed; the steps before it keep their results.
+        Returns the instance as it was before."""
         with self._write() as conn:
             info = self._lock_instance(conn, tenant_id, instance_id)
+            if from_step is None:
+                conn.execute(delete(S).where(S.c.instance_pk == info.pk))
+                conn.execute(delete(E).where(E.c.instance_pk == info.pk))
+                conn.execute(delete(L).where(L.c.instance_pk == info.pk))
+            else:
+                self._discard_from(conn, info, *from_step)
+            self._clear_crashes(conn, info.pk)
             conn.execute(
                 update(I).where(I.c.pk == info.pk).values(
                     status="queued", wake_at=now, waiting_for=None, output_json=None,
@@ -1250,10 +1288,79 @@ class Journal:
                     updated_at=now, trace_context=trace[0], trace_caller=trace[1],
                 )
             )
-            conn.execute(delete(S).where(S.c.instance_pk == info.pk))
-            conn.execute(delete(E).where(E.c.instance_pk == info.pk))
-            conn.execute(delete(L).where(L.c.instance_pk == info.pk))
             return info
+
+    @staticmethod
+    def _discard_from(conn: Connection, info: InstanceInfo, name: str, seq: int) -> None:
+        mine = S.c.instance_pk == info.pk
+        started = conn.execute(select(S.c.started_at).where(mine, S.c.name == name, S.c.seq == seq)).scalar()
+        if started is None:
+            raise InvalidInputError(
+                f"instance {info.instance_id!r} has no recorded step {name!r} (count {seq}) "
+                "to restart from"
+            )
+        later = conn.execute(
+            select(S.c.name, S.c.seq, S.c.kind, S.c.status, S.c.result_json)
+            .where(mine, S.c.started_at >= started)
+        ).all()
+        for step in later:
+            if step.kind == "wait" and step.status == STEP_COMPLETE:  # it consumed an event
+                got = json.loads(step.result_json)
+                conn.execute(delete(E).where(
+                    E.c.instance_pk == info.pk, E.c.consumed.is_(True), E.c.type == got["type"],
+                    E.c.created_at == got["timestamp"],
+                ))
+            conn.execute(delete(L).where(L.c.instance_pk == info.pk, L.c.step == step.name,
+                                         L.c.count == step.seq))
+        conn.execute(delete(S).where(mine, S.c.started_at >= started))
+
+    # -- deletion ----------------------------------------------------------------
+
+    def delete_instance(self, tenant_id: str, instance_id: str, now: float, force: bool = False) -> InstanceInfo:
+        """Delete an instance with its steps, events and logs; refused (InvalidStateError)
+        while an activation holds it, unless `force` (that activation is fenced out).
+        Returns the instance as it was."""
+        with self._write() as conn:
+            info = self._lock_instance(conn, tenant_id, instance_id)
+            held = info.lease_expires_at is not None and info.lease_expires_at >= now
+            if held and not force:
+                raise InvalidStateError(
+                    f"instance {instance_id!r} is running; pause or terminate it first, or "
+                    "delete it with force=True"
+                )
+            self._delete(conn, [info.pk])
+            return info
+
+    def sweep(
+        self, now: float, keep: dict[str, float | None],
+        tenants: dict[str, dict[str, float | None]], limit: int = 200,
+    ) -> int:
+        """Delete up to `limit` finished instances kept longer than their status allows:
+        `keep` {status: seconds | None (for good)} for every tenant not in `tenants`,
+        which has its own. One transaction; returns how many (fewer than `limit`: none
+        left to delete now)."""
+        expired = []
+        for status in TERMINAL:
+            if keep.get(status) is not None:
+                expired.append(and_(I.c.status == status, I.c.updated_at < now - keep[status],
+                                    I.c.tenant_id.not_in(list(tenants))))
+            for tenant, rules in tenants.items():
+                if rules.get(status) is not None:
+                    expired.append(and_(I.c.status == status, I.c.tenant_id == tenant,
+                                        I.c.updated_at < now - rules[status]))
+        if not expired:
+            return 0
+        with self._write() as conn:
+            pks = list(conn.execute(select(I.c.pk).where(or_(*expired)).limit(limit)).scalars())
+            if pks:
+                self._delete(conn, pks)
+            return len(pks)
+
+    @staticmethod
+    def _delete(conn: Connection, pks: list[int]) -> None:
+        for table in (S, E, L, X):
+            conn.execute(delete(table).where(table.c.instance_pk.in_(pks)))
+        conn.execute(delete(I).where(I.c.pk.in_(pks)))
 
     def _lock_instance(self, conn: Connection, tenant_id: str, instance_id: str) -> InstanceInfo:
         # Touch the row first: on PostgreSQL this takes the row lock (see module docstring).

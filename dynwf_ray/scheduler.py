@@ -29,6 +29,9 @@ other that is certainly gone (a crashed platform on this machine), is ended and
 its leases given up, so their instances run again at once. It heartbeats its
 session every second; that write is also its own probe of the journal.
 
+Every `SWEEP_EVERY` seconds it deletes finished instances whose retention
+expired (`SchedulerCore.sweep`), in small transactions off its loop.
+
 It owns the engine's metrics (`metrics.py`) and health: hosts report what
 their activations did and how their process's journal writes go; the
 scheduler merges that with its own (`health.merge`) into `health()`, logging
@@ -38,6 +41,7 @@ each transition once.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -58,6 +62,7 @@ from .pool import CodeKey, Decision, HostPool, PoolConfig, Quota, Start, Stop, W
 from .sandbox.policy import TenantPolicy
 from .sessions import SessionKeeper, this_process
 from .tracing import end_instance_trace
+from .types import Retention
 
 log = logging.getLogger("dynwf_ray.scheduler")
 
@@ -70,6 +75,9 @@ BACKLOG_TICK = 0.25
 REPORT_EVERY = 1.0
 #: A host process's journal health counts this long after its last report.
 HEALTH_FRESH = 5.0
+#: The sweeper of expired instances: every SWEEP_EVERY seconds, at most SWEEP_BATCHES
+#: transactions of SWEEP_BATCH instances each, SWEEP_PAUSE seconds apart.
+SWEEP_EVERY, SWEEP_BATCH, SWEEP_BATCHES, SWEEP_PAUSE = 10.0, 200, 50, 0.02
 
 
 def pool_config(config: EngineConfig, cpus: float, memory_bytes: float) -> PoolConfig:
@@ -128,8 +136,10 @@ class SchedulerCore:
     def __init__(
         self, journal: Journal, pool: PoolConfig, *, max_failures: int,
         host_owner: Any = str, telemetry_env: dict | None = None,
+        retention: Retention | None = None,
     ):
         self.journal = journal
+        self._retention = (retention or Retention()).model_dump()
         self.pool = HostPool(pool)
         self.pool._next_id = time.time_ns() // 1000  # never an id of a predecessor's host
         self._max_failures = max_failures
@@ -137,7 +147,7 @@ class SchedulerCore:
         self._telemetry_env = telemetry_env or {}
         self._caps: dict[str, int | None] = {}
         self._caps_at = float("-inf")
-        self.counters = {"host_deaths": 0, "instances_given_up": 0}
+        self.counters = {"host_deaths": 0, "instances_given_up": 0, "instances_swept": 0}
 
     def tick(self, now: float) -> list[Decision]:
         demand = {CodeKey(*k): Want(*v) for k, v in self.journal.demand(now).items()}
@@ -154,6 +164,25 @@ class SchedulerCore:
             }
             self._caps_at = now
         return self._caps
+
+    def sweep(self, now: float, batches: int = SWEEP_BATCHES, pause: float = 0.0) -> int:
+        """Delete finished instances whose retention (the engine's, or their tenant's
+        own) has expired, in up to `batches` transactions of `SWEEP_BATCH` instances,
+        `pause` seconds apart; returns how many."""
+        tenants = {
+            tenant: {**self._retention, **json.loads(text)}
+            for tenant, text in self.journal.retention_rules().items()
+        }
+        swept = 0
+        for i in range(batches):
+            n = self.journal.sweep(now, self._retention, tenants, SWEEP_BATCH)
+            swept += n
+            if n < SWEEP_BATCH:
+                break
+            if pause:
+                time.sleep(pause)  # let the hot path's writes in between
+        self.counters["instances_swept"] += swept
+        return swept
 
     def host_died(self, host_id: int, now: float, why: str) -> list[int]:
         """A host died: its instances crashed. Returns the pks given up on (errored)."""
@@ -253,7 +282,7 @@ class _RayScheduler:
             self.journal,
             pool_config(cfg, resources.get("CPU", os.cpu_count() or 1), resources.get("memory", 8 << 30)),
             max_failures=cfg.max_activation_failures, host_owner=self._host_owner,
-            telemetry_env=cfg.telemetry_env,
+            telemetry_env=cfg.telemetry_env, retention=cfg.retention,
         )
         self._hosts: dict[int, _LiveHost] = {}
         self._by_key: dict[CodeKey, list[tuple[int, Any]]] = {}  # ready hosts, for notify
@@ -350,6 +379,7 @@ class _RayScheduler:
 
     async def _main(self) -> None:
         self._loop.create_task(self._report_forever())
+        self._loop.create_task(self._sweep_forever())
         while not self._stopping:
             self._wake.clear()
             wait = self.config.poll_interval
@@ -469,6 +499,17 @@ class _RayScheduler:
                     self._account(host_id, reply)
             await asyncio.to_thread(self._keep_session)
             self._merge_health()
+
+    async def _sweep_forever(self) -> None:
+        """Delete expired finished instances, off the loop, a bounded batch at a time."""
+        while not self._stopping:
+            await asyncio.sleep(SWEEP_EVERY)
+            try:
+                await asyncio.to_thread(self.core.sweep, time.time(), SWEEP_BATCHES, SWEEP_PAUSE)
+            except JournalUnavailableError:
+                pass  # the journal's health says so; the next round tries again
+            except Exception:  # noqa: BLE001 - a bug: say so, and go on
+                log.exception("sweeping expired instances failed")
 
     def _keep_session(self) -> None:
         """Heartbeat (the scheduler's own probe of the journal) and end sessions that are

@@ -212,6 +212,23 @@ class InstanceStatus(BaseModel):
     output: Any = None
 
 
+class Retention(BaseModel):
+    """How long finished instances are kept, per final status, from when they finished:
+    seconds, a duration ("7 days") or a timedelta; None keeps them for good. Expired ones
+    are deleted with their steps, events and logs (`EngineConfig.retention`,
+    `Engine.set_retention`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    complete: float | None = None
+    errored: float | None = None
+    terminated: float | None = None
+
+    @field_validator("complete", "errored", "terminated", mode="before")
+    @classmethod
+    def _duration(cls, v: Any, info: Any) -> float | None:
+        return None if v is None else parse_duration(v, f"retention of {info.field_name} instances")
+
+
 class LogLine(BaseModel):
     """One line tenant code printed or logged (`instance.logs()`, `dynwf logs`).
 

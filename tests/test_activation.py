@@ -14,6 +14,7 @@ import pytest
 from dynwf_ray import (
     DuplicateInstanceError,
     InstanceNotFoundError,
+    InvalidInputError,
     InvalidStateError,
     NonRetryableError,
     WorkflowEntrypoint,
@@ -21,6 +22,7 @@ from dynwf_ray import (
 )
 from dynwf_ray.activation import activate
 from dynwf_ray.journal import LeaseLostError, StepRecord
+from dynwf_ray.types import LogLine
 
 from .driver import Driver
 
@@ -317,3 +319,51 @@ def test_releasing_a_lease_already_given_up_changes_nothing(journal, tenant):
     assert outcome == "suspended"
     assert journal.release(claim.pk, claim.token, d.now, d.now) is False
     assert d.info("r").status == "waiting" and d.info("r").wake_at == d.now + 5
+
+
+class Approved(WorkflowEntrypoint):
+    async def run(self, event, step):
+        a = await step.do("a", lambda: count("a"))
+        ok = await step.wait_for_event("approval", type="approval", timeout="1 hour")
+        b = await step.do("b", lambda: count("b"))
+        return [a, ok.payload, b]
+
+
+def test_restart_from_a_step_keeps_what_came_before_and_runs_the_rest_again(journal, tenant):
+    d = Driver(journal, tenant, Approved)
+
+    def ticking() -> float:  # time passes between steps: "after" means started later
+        d.now += 0.001
+        return d.now
+
+    d.clock = ticking
+    h = d.binding.create(id="r")
+    h.send_event("approval", "alice")
+    h.send_event("approval", "bob")  # still buffered after the first run
+    assert d.tick() == ["complete"]
+    assert h.status()["output"] == [1, "alice", 1]
+    pk = d.info("r").pk
+    journal.append_logs(pk, [LogLine(at=d.now, stream="stdout", step="b", count=1, attempt=1,
+                                     message="from b"),
+                             LogLine(at=d.now, stream="stdout", step="a", count=1, attempt=1,
+                                     message="from a")], 100)
+    with pytest.raises(InvalidInputError, match="no recorded step 'nope'"):
+        h.restart(from_step=("nope", 1))
+    for bad in (("b",), ("b", 0), ("b", "1"), "b"):
+        with pytest.raises(InvalidInputError, match="from_step"):
+            h.restart(from_step=bad)
+    assert h.status()["status"] == "complete"  # a refused restart changed nothing
+
+    h.restart(from_step=("approval", 1))
+    assert h.status()["status"] == "queued"
+    assert sorted(d.steps("r")) == [("a", 1)]
+    assert [line.message for line in h.logs()] == ["from a"]
+    assert d.tick() == ["complete"]  # "alice"'s event went with its wait: it took "bob"'s
+    assert h.status()["output"] == [1, "bob", 2]
+    assert (CALLS["a"], CALLS["b"]) == (1, 2)
+
+    h.restart(from_step=["a", 1])  # lists too (what a sandbox's call carries)
+    assert d.tick() == ["suspended"]  # no event left: it waits for one
+    h.send_event("approval", "carol")
+    assert d.tick() == ["complete"]
+    assert h.status()["output"] == [2, "carol", 3]
