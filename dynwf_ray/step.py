@@ -38,6 +38,7 @@ from tenacity import (
     Retrying,
     retry_if_not_exception_type,
     stop_after_attempt,
+    stop_never,
     wait_exponential,
     wait_fixed,
     wait_incrementing,
@@ -125,7 +126,7 @@ def _retrying(config: RetryConfig) -> Retrying:
     else:
         wait = wait_exponential(multiplier=config.delay, exp_base=2, min=0)
     return Retrying(
-        stop=stop_after_attempt(config.limit + 1),
+        stop=stop_never if config.limit is None else stop_after_attempt(config.limit + 1),
         wait=wait,
         retry=retry_if_not_exception_type(NonRetryableError),
     )
@@ -268,7 +269,7 @@ class Step:
     async def _attempt(
         self, fn: Callable[..., Any], name: str, seq: int, attempt: int, config: StepConfig
     ) -> Any:
-        args = (StepContext(step=name, count=seq, attempt=attempt),) if takes_context(fn) else ()
+        args = (StepContext(step=name, count=seq, attempt=attempt, config=config),) if takes_context(fn) else ()
         deadline = time.monotonic() + config.timeout
         value = fn(*args)
         if inspect.isawaitable(value):

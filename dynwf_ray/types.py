@@ -133,7 +133,9 @@ class RetryConfig(BaseModel):
     """`retries=` of `step.do`: how many retries, and how long between them."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    limit: int = Field(default=5, ge=0)
+    #: Retries after the first attempt; None retries for as long as the instance lives
+    #: (until it is terminated or restarted, or the step raises NonRetryableError).
+    limit: int | None = Field(default=5, ge=0)
     delay: float = 10.0
     backoff: Backoff = Backoff.exponential
 
@@ -184,12 +186,15 @@ class ReceivedEvent(BaseModel):
 
 
 class StepContext(BaseModel):
-    """Passed to a `step.do` callback that has a required positional parameter (or *args)."""
+    """Passed to a `step.do` callback that has a required positional parameter (or *args):
+    which step and attempt this is, and the step's effective options (`config`: its
+    `retries` and `timeout` after defaults)."""
 
     model_config = ConfigDict(frozen=True)
     step: str
     count: int
     attempt: int
+    config: StepConfig = DEFAULT_STEP_CONFIG
 
 
 InstanceStatusName = Literal[

@@ -96,6 +96,25 @@ def test_retries_suspend_for_each_backoff_delay(journal, tenant, backoff, waits)
     assert CALLS["flaky"] == 4
 
 
+class Forever(WorkflowEntrypoint):
+    async def run(self, event, step):
+        def flaky(ctx):
+            if ctx.attempt < 12:
+                raise RuntimeError(f"attempt {ctx.attempt} failed")
+            return [ctx.attempt, ctx.config.retries.limit, ctx.config.timeout]
+
+        return await step.do("flaky", flaky, retries={"limit": None, "delay": 1, "backoff": "constant"},
+                             timeout="5 seconds")
+
+
+def test_retries_without_a_limit_go_on_and_the_context_carries_the_steps_options(journal, tenant):
+    d = Driver(journal, tenant, Forever)
+    d.binding.create(id="f")
+    while d.tick() == ["suspended"]:
+        d.now += 1
+    assert json.loads(d.info("f").output_json) == [12, None, 5.0]
+
+
 def test_retries_exhausted_error_the_instance_with_the_last_error(journal, tenant):
     d = Driver(journal, tenant, Retrying)
     d.binding.create(id="f", params={"backoff": "constant", "succeed_at": 99})

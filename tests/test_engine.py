@@ -29,6 +29,7 @@ from .workflows import (
     Hello,
     NotAWorkflow,
     SleepThenPid,
+    StepOptions,
     Steered,
     ThreeSteps,
 )
@@ -74,6 +75,13 @@ def test_create_run_and_status(engine, tenant):
         "condition": None,
     }
     assert wf.get("hello-1").status() == status
+
+
+def test_a_sandboxed_step_sees_its_effective_options(engine, tenant):
+    engine.register(tenant, StepOptions)
+    output = wait_status(engine.binding(tenant).create(), "complete")["output"]
+    assert output == {"retries": {"limit": None, "delay": 2.0, "backoff": "exponential"},
+                      "timeout": 60.0}
 
 
 def test_binding_errors_are_clear(engine, tenant):

@@ -166,6 +166,16 @@ class Heavy(WorkflowEntrypoint):
         return sizes
 
 
+class StepOptions(WorkflowEntrypoint):
+    """Returns what its step's context says of the step's options (seen in the sandbox)."""
+
+    async def run(self, event, step):
+        return await step.do(
+            "options", lambda ctx: ctx.config.model_dump(mode="json"),
+            retries={"limit": None, "delay": "2 seconds"}, timeout="1 minute",
+        )
+
+
 class NotAWorkflow:
     async def run(self, event, step):
         return None

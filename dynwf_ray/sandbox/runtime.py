@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 from ..entrypoint import WorkflowEntrypoint
 from .. import errors
-from ..types import ReceivedEvent, StepContext, WorkflowEvent, takes_context, to_json
+from ..types import ReceivedEvent, StepConfig, StepContext, WorkflowEvent, takes_context, to_json
 from . import protocol
 
 _CALL: contextvars.ContextVar[int | None] = contextvars.ContextVar("dynwf_call", default=None)
@@ -265,7 +265,8 @@ async def _run_callback(channel: _Channel, fn: Callable[..., Any], name: str, ca
     span_token = _attach_span(call.get("span"))
     reply: dict[str, Any]
     try:
-        args = (StepContext(step=name, count=call["count"], attempt=call["attempt"]),) if takes_context(fn) else ()
+        args = (StepContext(step=name, count=call["count"], attempt=call["attempt"],
+                            config=StepConfig(**call["config"])),) if takes_context(fn) else ()
         value = fn(*args)
         if inspect.isawaitable(value):
             value = await value

@@ -385,20 +385,21 @@ class SandboxSession:
 
     # -- step callbacks ---------------------------------------------------------
 
-    def _call(self, act: _Activation, rid: int, name: str, count: int, attempt: int) -> asyncio.Future:
+    def _call(self, act: _Activation, rid: int, ctx: Any) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
         act.calls[rid] = future
-        act.call_steps[rid] = (name, count, attempt)
+        act.call_steps[rid] = (ctx.step, ctx.count, ctx.attempt)
         ids = act.call_ids[rid] = current_ids()
         _active(act)
-        self._send({"t": "call", "id": rid, "count": count, "attempt": attempt,
+        self._send({"t": "call", "id": rid, "count": ctx.count, "attempt": ctx.attempt,
+                    "config": ctx.config.model_dump(mode="json"),
                     "span": f"00-{ids[0]}-{ids[1]}-01" if ids else None})
         return future
 
     async def _remote(self, act: _Activation, rid: int, ctx: Any) -> Any:
         """One attempt of a sandboxed step (what `Step.do` calls): the callback runs in
         the sandbox; its answer, or the sandbox's end, becomes this call's outcome."""
-        future = self._call(act, rid, ctx.step, ctx.count, ctx.attempt)
+        future = self._call(act, rid, ctx)
         try:
             answer = await future
         except _Lost as lost:
