@@ -40,6 +40,7 @@ from .errors import InvalidInputError, JournalUnavailableError, StepFailedError
 from .journal import ActivationState, Journal, LeaseLostError
 from .logs import LogCapture
 from .metrics import ActivityCounts
+from .rollback import run_with_rollback
 from .step import Abandon, JournalFault, PauseAtBoundary, Step, Suspend, error_name_of
 from .tracing import InstanceTrace, Tracing, trace_id_of
 from .types import WorkflowEvent, timestamp_to_datetime, to_json
@@ -71,10 +72,13 @@ class InProcess:
     async def run(
         self, state: ActivationState, event: WorkflowEvent, step: Step, trace: InstanceTrace | None
     ) -> Any:
+        def run() -> Any:
+            return self.workflow_cls(self.env).run(event, step)
+
         if trace is not None:
             with trace.use():
-                return await self.workflow_cls(self.env).run(event, step)
-        return await self.workflow_cls(self.env).run(event, step)
+                return await run_with_rollback(run, step.compensations, step.undo)
+        return await run_with_rollback(run, step.compensations, step.undo)
 
 
 async def activate(

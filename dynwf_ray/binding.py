@@ -67,9 +67,12 @@ class InstanceHandle:
 
     def status(self) -> dict[str, Any]:
         """{"status", "error": {name, message} | None, "output"} (Cloudflare's shape),
-        plus "version": the code version the instance runs, and "condition": what of
+        plus "version": the code version the instance runs, "condition": what of
         the platform keeps it from going on, if anything (None; or, say,
-        "journal unavailable: disk full (...)" while the journal cannot be written)."""
+        "journal unavailable: disk full (...)" while the journal cannot be written),
+        and "rollback": the compensations run so far after `run()` failed
+        (`step.do(..., rollback=...)`), in the order they ran (the newest step's
+        first): {"step", "count", "status", "attempts", "error"}."""
         info = self._binding._journal.require_instance(self._binding.tenant_id, self.id)
         error = (
             InstanceError(name=info.error_name, message=info.error_message or "")
@@ -79,7 +82,13 @@ class InstanceHandle:
         output = json.loads(info.output_json) if info.output_json is not None else None
         status = InstanceStatus(status=info.status, error=error, output=output).model_dump()
         blocked = info.status in _BLOCKABLE and self._binding._condition()
-        return {**status, "version": info.code_version, "condition": blocked or None}
+        rollback = [
+            {"step": s.name, "count": -s.seq, "status": s.status, "attempts": s.attempts,
+             "error": f"{s.error_name}: {s.error_message}" if s.error_name else None}
+            for s in self._binding._journal.rollback_steps(info.pk)
+        ] if info.status != "queued" else []
+        return {**status, "version": info.code_version, "condition": blocked or None,
+                "rollback": rollback}
 
     def pause(self) -> None:
         self._binding._journal.pause(self._binding.tenant_id, self.id, self._binding._clock())

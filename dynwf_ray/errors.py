@@ -7,8 +7,9 @@ Tenant code sees `NonRetryableError` (raise it to stop a step's retries),
 `InstanceNotFoundError`, `DuplicateInstanceError`, `UnknownTenantError`,
 `InvalidStateError`, `SandboxUnavailableError` and `JournalUnavailableError`
 (the journal database cannot be used now: disk full, unreachable, read-only).
-A step attempt that goes over a sandbox limit fails with `ResourceLimitError`.
-Each message names the thing that was wrong.
+A step attempt that goes over a sandbox limit fails with `ResourceLimitError`; an
+instance whose `run()` failed and whose rollback then failed too ends with
+`RollbackFailedError`. Each message names the thing that was wrong.
 """
 
 from __future__ import annotations
@@ -94,6 +95,22 @@ class StepFailedError(DynwfError):
         self.attempts = attempts
         super().__init__(
             f"step {step!r} failed after {attempts} attempt(s): {error_name}: {message}"
+        )
+
+
+class RollbackFailedError(DynwfError):
+    """`run()` failed, and then the compensation of a completed step (`step.do(...,
+    rollback=...)`) failed for good too; the message names both errors and the step."""
+
+    def __init__(self, error: BaseException, step: str, count: int, failed: StepFailedError):
+        self.error = error
+        self.step = step
+        self.count = count
+        self.failed = failed
+        first = getattr(error, "tenant_error_name", None) or type(error).__name__
+        super().__init__(
+            f"{first}: {error}; then the rollback of step {step!r} (count {count}) failed "
+            f"after {failed.attempts} attempt(s): {failed.error_name}: {failed.message}"
         )
 
 

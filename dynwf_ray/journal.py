@@ -737,6 +737,15 @@ class Journal:
         with self._read() as conn:
             return [InstanceInfo(*r) for r in conn.execute(stmt).all()]
 
+    def rollback_steps(self, pk: int) -> list[StepRecord]:
+        """The instance's compensations recorded so far (steps of kind "rollback")."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(*_STEP_COLS).where(S.c.instance_pk == pk, S.c.kind == "rollback")
+                .order_by(S.c.started_at)
+            ).all()
+        return [StepRecord(*row) for row in rows]
+
     def list_steps(self, pk: int) -> list[StepRecord]:
         with self._read() as conn:
             rows = conn.execute(

@@ -53,6 +53,7 @@ from .errors import (
     WorkflowTimeoutError,
 )
 from .logs import ActivationLog
+from .rollback import Compensations
 from .metrics import ActivityCounts
 from .tracing import InstanceTrace
 from .journal import (
@@ -178,6 +179,7 @@ class Step:
         self._counts: dict[str, int] = {}
         self._pause_requested = state.info.pause_requested
         self.instance_id = state.info.instance_id
+        self.compensations = Compensations()
 
     def now(self) -> float:
         """The activation's clock (a fake one in tests)."""
@@ -192,14 +194,34 @@ class Step:
         *,
         retries: dict | RetryConfig | None = None,
         timeout: Any = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_retries: dict | RetryConfig | None = None,
+        rollback_timeout: Any = None,
         count: int | None = None,
+        kind: str = "do",
     ) -> Any:
-        """Run `fn` once, durably; on replay return its recorded result.
+        """Run `fn` once, durably; on replay return its recorded result. `rollback`: the
+        step's compensation, run if `run()` fails later (rollback.py).
 
         `count` is the occurrence count of `name` when the caller keeps it (a
-        sandbox replays finished steps itself and says which occurrence it asks for).
+        sandbox replays finished steps itself and says which occurrence it asks for);
+        a compensation is recorded as kind "rollback" at its step's count negated.
         """
         seq = self._next_seq(name, count)
+        result = await self._do(name, fn, retries, timeout, seq, kind)
+        if rollback is not None:
+            self.compensations.register(name, seq, rollback, result,
+                                        {"retries": rollback_retries, "timeout": rollback_timeout})
+        return result
+
+    async def undo(self, name: str, count: int, fn: Callable[[], Any], options: dict) -> Any:
+        """Run the compensation of step (name, count) durably (rollback.py)."""
+        return await self._do(name, fn, options.get("retries"), options.get("timeout"), -count, "rollback")
+
+    async def _do(
+        self, name: str, fn: Callable[..., Any] | None, retries: Any, timeout: Any,
+        seq: int, kind: str,
+    ) -> Any:
         record = self._records.get((name, seq))
         attempts_done = 0
         if record is not None:
@@ -229,7 +251,7 @@ class Step:
             else:
                 value = await self._attempt(fn, name, seq, attempt, config)
         except Exception as exc:  # noqa: BLE001 - any tenant error is a failed attempt
-            await self._attempt_failed(name, seq, attempt, started, config, exc, span)
+            await self._attempt_failed(name, seq, attempt, started, config, exc, span, kind)
         finally:
             if log is not None:
                 log.step = None
@@ -238,11 +260,11 @@ class Step:
         except InvalidInputError as exc:
             self._end_attempt(span, exc, None)
             self._activity.steps_failed += 1
-            await self._record(name, seq, STEP_FAILED, started, attempt, error=exc)
+            await self._record(name, seq, STEP_FAILED, started, attempt, error=exc, kind=kind)
             raise StepFailedError(name, type(exc).__name__, str(exc), attempt) from None
         self._end_attempt(span)
         self._activity.steps_completed += 1
-        await self._record(name, seq, STEP_COMPLETE, started, attempt, result_json=text)
+        await self._record(name, seq, STEP_COMPLETE, started, attempt, result_json=text, kind=kind)
         return json.loads(text)
 
     def _end_attempt(
@@ -290,7 +312,7 @@ class Step:
 
     async def _attempt_failed(
         self, name: str, seq: int, attempt: int, started: float, config: StepConfig,
-        exc: BaseException, span: Any = None,
+        exc: BaseException, span: Any = None, kind: str = "do",
     ) -> None:
         """Record a failed attempt; raise Suspend (retry later) or StepFailedError."""
         delay = retry_delay(config.retries, attempt, exc)
@@ -298,12 +320,13 @@ class Step:
         if delay is None:
             self._end_attempt(span, exc, None)
             self._activity.steps_failed += 1
-            await self._record(name, seq, STEP_FAILED, started, attempt, error=exc)
+            await self._record(name, seq, STEP_FAILED, started, attempt, error=exc, kind=kind)
             raise StepFailedError(name, error_name, str(exc), attempt) from exc
         next_at = self._clock() + delay
         self._end_attempt(span, exc, next_at)
         self._activity.retries += 1
-        await self._record(name, seq, STEP_RETRYING, started, attempt, error=exc, next_attempt_at=next_at)
+        await self._record(name, seq, STEP_RETRYING, started, attempt, error=exc,
+                           next_attempt_at=next_at, kind=kind)
         raise Suspend(next_at)
 
     # -- sleeping ----------------------------------------------------------

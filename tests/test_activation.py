@@ -25,6 +25,7 @@ from dynwf_ray.journal import LeaseLostError, StepRecord
 from dynwf_ray.types import LogLine
 
 from .driver import Driver
+from .workflows import Saga
 
 
 CALLS: dict[str, int] = {}
@@ -277,7 +278,8 @@ def test_pause_resume_terminate_restart(journal, tenant):
     assert d.tick() == []  # a paused instance's timer does not fire
     h.resume()
     assert d.tick() == ["complete"]
-    assert h.status() == {"status": "complete", "error": None, "output": 2, "version": "v1", "condition": None}
+    assert h.status() == {"status": "complete", "error": None, "output": 2, "version": "v1",
+                          "condition": None, "rollback": []}
     with pytest.raises(InvalidStateError, match="complete"):
         h.terminate()
     h.restart()
@@ -340,6 +342,17 @@ def test_releasing_a_lease_already_given_up_changes_nothing(journal, tenant):
     assert d.info("r").status == "waiting" and d.info("r").wake_at == d.now + 5
 
 
+def ticking(d: Driver) -> Driver:
+    """Time passes between the steps of d's activations (1 ms a read of the clock), so
+    that the order steps began in shows in their records."""
+    def clock() -> float:
+        d.now += 0.001
+        return d.now
+
+    d.clock = clock
+    return d
+
+
 class Approved(WorkflowEntrypoint):
     async def run(self, event, step):
         a = await step.do("a", lambda: count("a"))
@@ -349,13 +362,7 @@ class Approved(WorkflowEntrypoint):
 
 
 def test_restart_from_a_step_keeps_what_came_before_and_runs_the_rest_again(journal, tenant):
-    d = Driver(journal, tenant, Approved)
-
-    def ticking() -> float:  # time passes between steps: "after" means started later
-        d.now += 0.001
-        return d.now
-
-    d.clock = ticking
+    d = ticking(Driver(journal, tenant, Approved))
     h = d.binding.create(id="r")
     h.send_event("approval", "alice")
     h.send_event("approval", "bob")  # still buffered after the first run
@@ -386,3 +393,39 @@ def test_restart_from_a_step_keeps_what_came_before_and_runs_the_rest_again(jour
     h.send_event("approval", "carol")
     assert d.tick() == ["complete"]
     assert h.status()["output"] == [2, "carol", 3]
+
+
+def test_a_failed_run_rolls_back_completed_steps_newest_first(journal, tenant, tmp_path):
+    d = ticking(Driver(journal, tenant, Saga))
+    h = d.binding.create(id="s", params={"dir": str(tmp_path)})
+    assert d.tick() == ["errored"]
+    status = h.status()
+    assert status["error"]["name"] == "NonRetryableError" and "no courier" in status["error"]["message"]
+    assert (tmp_path / "undo.log").read_text().splitlines() == ["refund 30", "release 7"]
+    assert [(r["step"], r["count"], r["status"]) for r in status["rollback"]] == [
+        ("charge", 1, "complete"), ("book", 1, "complete")]
+    kinds = {(s.name, s.seq): s.kind for s in journal.list_steps(d.info("s").pk)}
+    assert kinds[("charge", -1)] == kinds[("book", -1)] == "rollback" and kinds[("ship", 1)] == "do"
+
+
+def test_a_compensation_is_retried_durably_and_never_run_twice(journal, tenant, tmp_path):
+    d = ticking(Driver(journal, tenant, Saga))
+    h = d.binding.create(id="s", params={"dir": str(tmp_path), "refund_fails": 1, "refund_retries": 2})
+    assert d.tick() == ["suspended"]  # the refund failed once: it waits for its retry
+    assert h.status()["rollback"][0]["status"] == "retrying"
+    d.now += 1
+    assert d.tick() == ["errored"]  # replays run() to the same failure, retries the refund
+    assert (tmp_path / "undo.log").read_text().splitlines() == ["refund 30", "refund 30", "release 7"]
+    assert len((tmp_path / "ship.log").read_text().splitlines()) == 1  # the failure was replayed
+    assert h.status()["error"]["name"] == "NonRetryableError"
+
+
+def test_a_compensation_that_keeps_failing_names_both_errors(journal, tenant, tmp_path):
+    d = ticking(Driver(journal, tenant, Saga))
+    h = d.binding.create(id="s", params={"dir": str(tmp_path), "refund_fails": 99})
+    assert d.tick() == ["errored"]
+    error = h.status()["error"]
+    assert error["name"] == "RollbackFailedError"
+    assert "no courier today" in error["message"] and "the bank is down" in error["message"]
+    assert "rollback of step 'charge'" in error["message"]
+    assert (tmp_path / "undo.log").read_text().splitlines() == ["refund 30"]  # stopped there

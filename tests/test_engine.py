@@ -28,6 +28,7 @@ from .workflows import (
     Flaky,
     Hello,
     NotAWorkflow,
+    Saga,
     SleepThenPid,
     StepOptions,
     Steered,
@@ -72,7 +73,7 @@ def test_create_run_and_status(engine, tenant):
     assert status == {
         "status": "complete", "error": None,
         "output": {"hello": "Hello, Ray!", "instance": "hello-1"}, "version": version,
-        "condition": None,
+        "condition": None, "rollback": [],
     }
     assert wf.get("hello-1").status() == status
 
@@ -82,6 +83,19 @@ def test_a_sandboxed_step_sees_its_effective_options(engine, tenant):
     output = wait_status(engine.binding(tenant).create(), "complete")["output"]
     assert output == {"retries": {"limit": None, "delay": 2.0, "backoff": "exponential"},
                       "timeout": 60.0}
+
+
+def test_a_failed_run_rolls_back_in_its_sandbox_across_activations(engine, tenant, tmp_path):
+    engine.register(tenant, Saga)
+    lend(engine, tenant, tmp_path)
+    h = engine.binding(tenant).create(params={"dir": str(tmp_path), "refund_fails": 1,
+                                              "refund_retries": 1})
+    status = wait_status(h, "errored")
+    assert status["error"]["name"] == "NonRetryableError"
+    assert lines(tmp_path / "undo.log") == ["refund 30", "refund 30", "release 7"]
+    assert [(r["step"], r["status"], r["attempts"]) for r in status["rollback"]] == [
+        ("charge", "complete", 2), ("book", "complete", 1)]
+    assert len(lines(tmp_path / "ship.log")) == 1
 
 
 def test_binding_errors_are_clear(engine, tenant):

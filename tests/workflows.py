@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from dynwf_ray import WorkflowEntrypoint
+from dynwf_ray import NonRetryableError, WorkflowEntrypoint
 from dynwf_ray.dynamic import create_dynamic_workflow_entrypoint
 
 
@@ -164,6 +164,35 @@ class Heavy(WorkflowEntrypoint):
         except Exception as exc:  # noqa: BLE001
             return {"caught": repr(exc)}
         return sizes
+
+
+class Saga(WorkflowEntrypoint):
+    """Books, charges and ships an order; shipping fails for good, so the charge is
+    refunded and the booking released (each compensation logs to `<dir>/undo.log`).
+    `refund_fails`: how many refund attempts fail (with `refund_retries` retries)."""
+
+    async def run(self, event, step):
+        d, p = event.payload["dir"], event.payload
+
+        def refund(receipt):
+            append(d, "undo.log", f"refund {receipt['charged']}")
+            if len(Path(d, "undo.log").read_text().splitlines()) <= p.get("refund_fails", 0):
+                raise RuntimeError("the bank is down")
+            return "refunded"
+
+        booking = await step.do("book", lambda: {"seat": 7},
+                                rollback=lambda b: append(d, "undo.log", f"release {b['seat']}"))
+        receipt = await step.do("charge", lambda: {"charged": 30}, rollback=refund,
+                                rollback_retries={"limit": p.get("refund_retries", 0), "delay": 1,
+                                                  "backoff": "constant"})
+
+        def ship():
+            append(d, "ship.log")
+            raise NonRetryableError("no courier today")
+
+        await step.do("log", lambda: "no rollback for this one")
+        await step.do("ship", ship)
+        return [booking, receipt]
 
 
 class StepOptions(WorkflowEntrypoint):

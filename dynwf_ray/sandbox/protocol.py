@@ -10,6 +10,7 @@ Sandbox -> supervisor (`op`), every request carries a fresh `id`:
     ready {}                               the tenant's code imported; waiting for work
     boot_error {name, message}             it did not
     do {id, name, count, retries, timeout} a step that replay could not answer locally
+    undo {id, name, count, retries, timeout}   the compensation of step (name, count)
     sleep {id, name, count, seconds} | sleep_until {id, name, count, at}
     wait {id, name, count, type, timeout}
     bind {id, binding, method, args, kwargs}   a call to a platform binding
@@ -21,7 +22,7 @@ Sandbox -> supervisor (`op`), every request carries a fresh `id`:
 
 Supervisor -> sandbox (`t`):
     activate {event, metadata, env, bindings, replay, trace}
-    call {id, attempt, count, span}        run the step callback of request `id`
+    call {id, attempt, count, config, span}   run the step callback of request `id`
     ok {id, value} | err {id, kind, name, message, ...}   answer to a request
     end {}                                 the activation is over (suspended, paused,
                                            a limit hit...): stop and report idle
@@ -104,11 +105,12 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
 
 # -- validation of what a sandbox sends (the trusted side) ---------------------------
 
-_REQUESTS = {"do", "sleep", "sleep_until", "wait", "bind"}
+_REQUESTS = {"do", "undo", "sleep", "sleep_until", "wait", "bind"}
 _FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "ready": {},
     "boot_error": {"name": (str,), "message": (str,)},
     "do": {"id": (int,), "name": (str,), "count": (int,)},
+    "undo": {"id": (int,), "name": (str,), "count": (int,)},
     "sleep": {"id": (int,), "name": (str,), "count": (int,)},
     "sleep_until": {"id": (int,), "name": (str,), "count": (int,), "at": (int, float)},
     "wait": {"id": (int,), "name": (str,), "count": (int,), "type": (str,)},

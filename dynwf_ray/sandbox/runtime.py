@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 from ..entrypoint import WorkflowEntrypoint
 from .. import errors
+from ..rollback import Compensations, run_with_rollback
 from ..types import ReceivedEvent, StepConfig, StepContext, WorkflowEvent, takes_context, to_json
 from . import protocol
 
@@ -195,6 +196,7 @@ class _Step:
         self._channel = channel
         self._replay = replay  # "name\x00count" -> ["ok", value] | ["failed", {...}]
         self._counts: dict[str, int] = {}
+        self.compensations = Compensations()
 
     def _next(self, name: Any) -> tuple[int, Any]:
         if not isinstance(name, str):
@@ -204,18 +206,37 @@ class _Step:
         return count, self._replay.pop(f"{name}\x00{count}", None)
 
     async def do(self, name: str, fn: Callable[..., Any] | None = None, *,
-                 retries: Any = None, timeout: Any = None) -> Any:
+                 retries: Any = None, timeout: Any = None, rollback: Any = None,
+                 rollback_retries: Any = None, rollback_timeout: Any = None) -> Any:
         count, known = self._next(name)
         if known is not None:
-            if known[0] == "ok":
-                return known[1]
-            raise _error(known[1])
-        if not callable(fn):
-            raise errors.InvalidInputError(f"step {name!r}: step.do needs a callable, got {fn!r}")
-        message = {
-            "op": "do", "id": self._channel.new_id(), "name": name, "count": count,
-            "retries": _jsonable(retries), "timeout": _jsonable(timeout),
-        }
+            if known[0] != "ok":
+                raise _error(known[1])
+            result = known[1]
+        else:
+            if not callable(fn):
+                raise errors.InvalidInputError(f"step {name!r}: step.do needs a callable, got {fn!r}")
+            message = {
+                "op": "do", "id": self._channel.new_id(), "name": name, "count": count,
+                "retries": _jsonable(retries), "timeout": _jsonable(timeout),
+            }
+            result = await self._channel.request(
+                message, lambda call: _run_callback(self._channel, fn, name, call)
+            )
+        if rollback is not None:
+            self.compensations.register(name, count, rollback, result, {
+                "retries": _jsonable(rollback_retries), "timeout": _jsonable(rollback_timeout)})
+        return result
+
+    async def _undo(self, name: str, count: int, fn: Callable[[], Any], options: dict) -> Any:
+        """One compensation (rollback.py): answered from replay, else asked for."""
+        known = self._replay.pop(f"{name}\x00{-count}", None)
+        if known is not None:
+            if known[0] != "ok":
+                raise _error(known[1])
+            return known[1]
+        message = {"op": "undo", "id": self._channel.new_id(), "name": name, "count": count,
+                   "retries": options["retries"], "timeout": options["timeout"]}
         return await self._channel.request(message, lambda call: _run_callback(self._channel, fn, name, call))
 
     async def sleep(self, name: str, duration: Any) -> None:
@@ -555,7 +576,9 @@ class _Runtime:
         token = _attach_span(message.get("trace"))
         reply: dict[str, Any] | None
         try:
-            output = await self.cls(env).run(event, step)  # type: ignore[misc]
+            output = await run_with_rollback(
+                lambda: self.cls(env).run(event, step), step.compensations, step._undo
+            )
             try:
                 reply = {"op": "return", "value": json.loads(to_json(output, "output of run()"))}
             except errors.InvalidInputError as exc:

@@ -344,12 +344,15 @@ class SandboxSession:
 
     async def _answer(self, act: _Activation, op: str, m: dict[str, Any]) -> Any:
         step, name, count = act.step, m.get("name"), m.get("count")
-        if op == "do":
+        if op in ("do", "undo"):
             rid = m["id"]
 
             async def in_sandbox(ctx: Any) -> Any:  # a plain function: cheap for Step to inspect
                 return await self._remote(act, rid, ctx)
 
+            if op == "undo":  # recorded at (name, -count), kind "rollback" (rollback.py)
+                return await step.do(name, in_sandbox, retries=m.get("retries"),
+                                     timeout=m.get("timeout"), count=-count, kind="rollback")
             return await step.do(
                 name, in_sandbox, retries=m.get("retries"), timeout=m.get("timeout"), count=count,
             )
@@ -554,12 +557,12 @@ def _replay(state: ActivationState) -> dict[str, Any]:
     budget = REPLAY_BUDGET_CHARS
     for r in state.steps:
         key = f"{r.name}\x00{r.seq}"
-        if r.kind == "do" and r.status == STEP_COMPLETE:
+        if r.kind in ("do", "rollback") and r.status == STEP_COMPLETE:
             budget -= len(r.result_json or "")
             if budget < 0:
                 break
             out[key] = ["ok", json.loads(r.result_json) if r.result_json else None]
-        elif r.kind == "do" and r.status == STEP_FAILED:
+        elif r.kind in ("do", "rollback") and r.status == STEP_FAILED:
             error = StepFailedError(r.name, r.error_name or "", r.error_message or "", r.attempts)
             out[key] = ["failed", {
                 "t": "err", "name": "StepFailedError", "step": r.name, "error_name": r.error_name,
