@@ -235,7 +235,8 @@ def _health(journal: Journal) -> int:
 
 def _step_doc(s: StepRecord) -> dict:
     return {
-        "name": s.name, "count": abs(s.seq), "kind": s.kind,  # a rollback's count is negated "status": s.status, "attempts": s.attempts,
+        # a rollback's record holds its step's count negated
+        "name": s.name, "count": abs(s.seq), "kind": s.kind, "status": s.status, "attempts": s.attempts,
         "error": f"{s.error_name}: {s.error_message}" if s.error_name else None,
     }
 

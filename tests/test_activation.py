@@ -21,6 +21,7 @@ from dynwf_ray import (
     WorkflowTimeoutError,
 )
 from dynwf_ray.activation import activate
+from dynwf_ray.cli import main
 from dynwf_ray.journal import LeaseLostError, StepRecord
 from dynwf_ray.types import LogLine
 
@@ -395,7 +396,7 @@ def test_restart_from_a_step_keeps_what_came_before_and_runs_the_rest_again(jour
     assert h.status()["output"] == [2, "carol", 3]
 
 
-def test_a_failed_run_rolls_back_completed_steps_newest_first(journal, tenant, tmp_path):
+def test_a_failed_run_rolls_back_completed_steps_newest_first(journal, tenant, tmp_path, capsys):
     d = ticking(Driver(journal, tenant, Saga))
     h = d.binding.create(id="s", params={"dir": str(tmp_path)})
     assert d.tick() == ["errored"]
@@ -406,6 +407,10 @@ def test_a_failed_run_rolls_back_completed_steps_newest_first(journal, tenant, t
         ("charge", 1, "complete"), ("book", 1, "complete")]
     kinds = {(s.name, s.seq): s.kind for s in journal.list_steps(d.info("s").pk)}
     assert kinds[("charge", -1)] == kinds[("book", -1)] == "rollback" and kinds[("ship", 1)] == "do"
+    assert main(["status", "s", "--tenant", tenant, "--database-url", journal.url]) == 0
+    steps = json.loads(capsys.readouterr().out)["steps"]
+    assert {"name": "charge", "count": 1, "kind": "rollback", "status": "complete", "attempts": 1,
+            "error": None} in steps
 
 
 def test_a_compensation_is_retried_durably_and_never_run_twice(journal, tenant, tmp_path):
