@@ -19,6 +19,8 @@ the journal under the activation's lease (a lost lease writes nothing):
   activation meanwhile; this activation stopped without writing.
 - `crashed`: the sandbox died for no reason that can be recorded as the
   tenant's; the instance is released to be activated again at once.
+- `terminated`: `terminate(rollback=True)` was asked; the compensations of its
+  completed steps have run (`rollback.py`), and it ended terminated.
 - `journal_unavailable`: a journal write failed because the journal cannot be
   used now (disk full, unreachable, read-only); nothing more is written and the
   caller releases the instance once the journal works (`host.py`). A platform
@@ -47,6 +49,7 @@ from .types import WorkflowEvent, timestamp_to_datetime, to_json
 
 Outcome = Literal[
     "complete", "errored", "suspended", "paused", "lease_lost", "crashed", "journal_unavailable",
+    "terminated",
 ]
 
 
@@ -154,7 +157,7 @@ async def activate(
             LogCapture.end(log_token)
         if trace is not None:
             trace.end(outcome, error)
-            if outcome in ("complete", "errored"):
+            if outcome in ("complete", "errored", "terminated"):
                 trace.end_instance(outcome, error)
 
 
@@ -164,7 +167,20 @@ async def _run(
 ) -> tuple[Outcome, tuple[str, str] | None, tuple | None]:
     """Replay and run `run()`. Returns the outcome, the error, and the journal write that
     records it (see `Journal._end_activation`); raises LeaseLostError when a step found
-    the lease lost."""
+    the lease lost. An instance being terminated with rollback ends terminated once
+    `run()` has ended, however it did (unless its rollback failed)."""
+    outcome, error, write = await _run_once(state, token, runner, clock, step, trace)
+    if state.terminating and outcome in ("complete", "errored") and (
+        error is None or error[0] != "RollbackFailedError"
+    ):
+        return "terminated", None, ("terminate", token, clock())
+    return outcome, error, write
+
+
+async def _run_once(
+    state: ActivationState, token: int, runner: Runner, clock: Callable[[], float], step: Step,
+    trace: InstanceTrace | None,
+) -> tuple[Outcome, tuple[str, str] | None, tuple | None]:
     info = state.info
     where = f"tenant {info.tenant_id!r} instance {info.instance_id!r}: "
     event = WorkflowEvent(

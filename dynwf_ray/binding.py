@@ -97,10 +97,17 @@ class InstanceHandle:
         self._binding._journal.resume(self._binding.tenant_id, self.id, self._binding._clock())
         self._binding._notify(self._binding.tenant_id, None)
 
-    def terminate(self) -> None:
+    def terminate(self, rollback: bool = False) -> None:
+        """End the instance now; a running activation is fenced. With `rollback`, its next
+        activation (at once) first runs the compensations of its completed steps
+        (`step.do(..., rollback=...)`), newest first, then ends it terminated; its status
+        stays what it was until then."""
         now = self._binding._clock()
-        info = self._binding._journal.terminate(self._binding.tenant_id, self.id, now)
-        self._binding._end_trace(info, "terminated", now)
+        info = self._binding._journal.terminate(self._binding.tenant_id, self.id, now, rollback)
+        if rollback:
+            self._binding._notify(self._binding.tenant_id, info.code_version)
+        else:
+            self._binding._end_trace(info, "terminated", now)
 
     def restart(self, from_step: tuple[str, int] | list | None = None) -> None:
         """Run again, in a new trace (the old one's root span ends): from the beginning, or

@@ -98,6 +98,12 @@ class StepFailedError(DynwfError):
         )
 
 
+class InstanceTerminatingError(DynwfError):
+    """Raised at a step of an instance that `terminate(rollback=True)` ends: let it
+    through `run()`; the compensations of the completed steps run, then the instance
+    ends terminated."""
+
+
 class RollbackFailedError(DynwfError):
     """`run()` failed, and then the compensation of a completed step (`step.do(...,
     rollback=...)`) failed for good too; the message names both errors and the step."""

@@ -342,6 +342,12 @@ class ActivationState:
     info: InstanceInfo
     steps: list[StepRecord]
     crashes: int = 0  # consecutive crashed activations before this one
+    terminating: bool = False  # terminate(rollback=True) asked: roll back, then end
+
+
+#: The inbox entry `terminate(rollback=True)` leaves for the instance's next activation
+#: (a type tenants cannot send: event types have no dots).
+TERMINATE_EVENT = "dynwf.terminate"
 
 
 _INFO_COLS = [getattr(I.c, f) for f in InstanceInfo.__dataclass_fields__]
@@ -410,6 +416,7 @@ _FAIL = update(I).where(_FENCED).values(
     error_message=bindparam("b_error_message"), **_FINISHED
 )
 _PAUSE = update(I).where(_FENCED).values(status="paused", **_FINISHED)
+_TERMINATE = update(I).where(_FENCED).values(status="terminated", **_FINISHED)
 
 
 def _claim_statement(by_tenant: bool, by_version: bool, skip_locked: bool):
@@ -812,7 +819,11 @@ class Journal:
             steps[row[0]].append(StepRecord(*row[1:]))
         crashes = dict(conn.execute(
             select(X.c.instance_pk, X.c.crashes).where(X.c.instance_pk.in_(pks))).all())
-        return [ActivationState(infos[pk], steps[pk], crashes.get(pk, 0)) for pk in pks]
+        terminating = set(conn.execute(
+            select(E.c.instance_pk).where(E.c.instance_pk.in_(pks), E.c.type == TERMINATE_EVENT)
+        ).scalars())
+        return [ActivationState(infos[pk], steps[pk], crashes.get(pk, 0), pk in terminating)
+                for pk in pks]
 
     def demand(self, now: float) -> dict[tuple[str, str], tuple[int, int]]:
         """Per (tenant, code version) with work: (instances due and not leased, instances
@@ -983,7 +994,11 @@ class Journal:
                 raise LeaseLostError(f"instance pk={pk}: lease token {token} is not current")
             steps = conn.execute(_LOAD_STEPS, {"b_pk": pk}).all()
             crashes = conn.execute(_LOAD_CRASHES, {"b_pk": pk}).scalar() or 0
-        return ActivationState(InstanceInfo(*row), [StepRecord(*s) for s in steps], crashes)
+            terminating = conn.execute(
+                select(E.c.pk).where(E.c.instance_pk == pk, E.c.type == TERMINATE_EVENT).limit(1)
+            ).first() is not None
+        return ActivationState(InstanceInfo(*row), [StepRecord(*s) for s in steps], crashes,
+                               terminating)
 
     def renew_leases(self, leases: Sequence[tuple[int, int]], now: float, lease_ttl: float) -> None:
         """Extend several held leases at once (those lost or given up are left alone)."""
@@ -1160,7 +1175,8 @@ class Journal:
     ) -> None:
         """What ends an activation, in one commit: its outcome (("complete", token, output,
         now), ("fail", token, name, message, now), ("suspend", token, wake_at, waiting_for,
-        now), ("pause", token, now) or ("release", token, wake_at, now)), its last log
+        now), ("pause", token, now), ("release", token, wake_at, now) or ("terminate", token,
+        now)), its last log
         lines, and its count of crashes in a row (one more, or none after one that did
         not crash)."""
         kind, token, *args = outcome
@@ -1174,6 +1190,9 @@ class Journal:
             self._finish(conn, _PAUSE, pk, token, args[0])
         elif kind == "release":
             self._release(conn, pk, token, args[0], args[1])
+        elif kind == "terminate":  # its rollback is done
+            self._finish(conn, _TERMINATE, pk, token, args[0])
+            conn.execute(delete(E).where(E.c.instance_pk == pk, E.c.type == TERMINATE_EVENT))
         self._insert_logs(conn, pk, logs, keep_logs)
         if crashed:
             self._count_crash(conn, pk)
@@ -1254,13 +1273,28 @@ class Journal:
                 raise InvalidStateError(f"instance {instance_id!r} is {info.status}; cannot resume")
             return info.status
 
-    def terminate(self, tenant_id: str, instance_id: str, now: float) -> InstanceInfo:
+    def terminate(
+        self, tenant_id: str, instance_id: str, now: float, rollback: bool = False
+    ) -> InstanceInfo:
+        """End the instance now, a running activation fenced. With `rollback`, it is
+        instead due at once with a `TERMINATE_EVENT` in its inbox: its next activation
+        runs the compensations of its completed steps, then ends it terminated."""
         with self._write() as conn:
             info = self._lock_instance(conn, tenant_id, instance_id)
             if info.status in TERMINAL:
                 raise InvalidStateError(
                     f"instance {instance_id!r} is already {info.status}; cannot terminate"
                 )
+            if rollback:
+                conn.execute(delete(E).where(E.c.instance_pk == info.pk, E.c.type == TERMINATE_EVENT))
+                conn.execute(insert(E).values(instance_pk=info.pk, type=TERMINATE_EVENT,
+                                              payload_json="null", created_at=now))
+                conn.execute(update(I).where(I.c.pk == info.pk).values(
+                    wake_at=now, waiting_for=None, pause_requested=False,
+                    lease_token=I.c.lease_token + 1, lease_expires_at=None, lease_owner=None,
+                    updated_at=now,
+                ))
+                return info
             conn.execute(
                 update(I).where(I.c.pk == info.pk).values(
                     status="terminated", wake_at=None, waiting_for=None,

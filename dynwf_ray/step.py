@@ -45,6 +45,7 @@ from tenacity import (
 )
 
 from .errors import (
+    InstanceTerminatingError,
     InvalidInputError,
     JournalUnavailableError,
     NonRetryableError,
@@ -180,6 +181,7 @@ class Step:
         self._pause_requested = state.info.pause_requested
         self.instance_id = state.info.instance_id
         self.compensations = Compensations()
+        self.terminating = state.terminating
 
     def now(self) -> float:
         """The activation's clock (a fake one in tests)."""
@@ -232,10 +234,12 @@ class Step:
             if record.status == STEP_RETRYING:
                 attempts_done = record.attempts
                 if record.next_attempt_at is not None and self._clock() < record.next_attempt_at:
+                    if kind != "rollback":
+                        self._terminating()
                     raise Suspend(record.next_attempt_at)
         if not callable(fn):
             raise InvalidInputError(f"step {name!r}: step.do needs a callable, got {fn!r}")
-        self._boundary()
+        self._boundary(kind)
         config = self._config(name, retries, timeout)
         attempt = attempts_done + 1
         started = self._clock() if record is None else record.started_at
@@ -375,6 +379,7 @@ class Step:
             await self._write(record)
         now = self._clock()
         if now < wake_at:
+            self._terminating()
             raise Suspend(wake_at)
         if record.finished_at is None:  # the first activation past its end: record it once
             await self._write(replace(record, finished_at=now))
@@ -434,6 +439,7 @@ class Step:
             if self._trace is not None:
                 self._trace.wait(name, seq, type, started, now, exc)
             raise exc
+        self._terminating()
         raise Suspend(deadline, waiting_for=type)
 
     @staticmethod
@@ -451,9 +457,20 @@ class Step:
         self._counts[name] = max(seq, self._counts.get(name, 0))
         return seq
 
-    def _boundary(self) -> None:
+    def _boundary(self, kind: str = "do") -> None:
         if self._pause_requested:
             raise PauseAtBoundary()
+        if kind != "rollback":
+            self._terminating()
+
+    def _terminating(self) -> None:
+        """`terminate(rollback=True)` was asked: no step goes on or waits any more (but
+        compensations run); `run()` gets the error, its rollback runs, and it ends."""
+        if self.terminating:
+            raise InstanceTerminatingError(
+                f"instance {self.instance_id!r} is being terminated: its completed steps are "
+                "rolled back"
+            )
 
     def _make_record(
         self, name: str, seq: int, status: str, started: float, attempts: int, *,

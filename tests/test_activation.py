@@ -26,7 +26,7 @@ from dynwf_ray.journal import LeaseLostError, StepRecord
 from dynwf_ray.types import LogLine
 
 from .driver import Driver
-from .workflows import Saga
+from .workflows import Booked, Saga
 
 
 CALLS: dict[str, int] = {}
@@ -434,3 +434,35 @@ def test_a_compensation_that_keeps_failing_names_both_errors(journal, tenant, tm
     assert "no courier today" in error["message"] and "the bank is down" in error["message"]
     assert "rollback of step 'charge'" in error["message"]
     assert (tmp_path / "undo.log").read_text().splitlines() == ["refund 30"]  # stopped there
+
+
+def test_terminate_with_rollback_unwinds_the_completed_steps_then_ends(journal, tenant, tmp_path):
+    d = ticking(Driver(journal, tenant, Booked))
+    h = d.binding.create(id="b", params={"dir": str(tmp_path)})
+    assert d.tick() == ["suspended"]
+    h.terminate(rollback=True)
+    h.terminate(rollback=True)  # asking twice is asking once
+    assert h.status()["status"] == "waiting"  # until its next activation, at once
+    assert d.tick() == ["terminated"]
+    status = h.status()
+    assert status["status"] == "terminated" and status["error"] is None
+    assert [(r["step"], r["status"]) for r in status["rollback"]] == [
+        ("charge", "complete"), ("book", "complete")]
+    assert (tmp_path / "undo.log").read_text().splitlines() == ["refund 30", "release 7"]
+    assert not (tmp_path / "ship.log").exists()  # catching the error got it nowhere
+    assert journal.count_by_status(tenant) == {"terminated": 1}
+    with pytest.raises(InvalidStateError, match="already terminated"):
+        h.terminate(rollback=True)
+    h.restart()  # the termination request went with the instance's end
+    assert d.tick() == ["suspended"] and h.status()["status"] == "waiting"
+
+
+def test_terminate_with_rollback_fences_a_running_activation(journal, tenant, tmp_path):
+    d = ticking(Driver(journal, tenant, Booked))
+    h = d.binding.create(id="b", params={"dir": str(tmp_path)})
+    (claim,) = journal.claim_due(d.now, 1, "t", 30, tenant)
+    h.terminate(rollback=True)
+    outcome = asyncio.run(activate(journal, claim.pk, claim.token, Booked, clock=d.clock))
+    assert outcome == "lease_lost"  # the old activation stops at its first write
+    assert d.tick() == ["terminated"]
+    assert h.status()["rollback"] == []  # nothing had completed: nothing to undo

@@ -25,6 +25,7 @@ from .conftest import ENGINE_DEFAULTS, wait_status, wait_until
 from .workflows import (
     Approval,
     BlockingStep,
+    Booked,
     Flaky,
     Hello,
     NotAWorkflow,
@@ -96,6 +97,17 @@ def test_a_failed_run_rolls_back_in_its_sandbox_across_activations(engine, tenan
     assert [(r["step"], r["status"], r["attempts"]) for r in status["rollback"]] == [
         ("charge", "complete", 2), ("book", "complete", 1)]
     assert len(lines(tmp_path / "ship.log")) == 1
+
+
+def test_terminate_with_rollback_unwinds_a_waiting_instance_in_its_sandbox(engine, tenant, tmp_path):
+    engine.register(tenant, Booked)
+    lend(engine, tenant, tmp_path)
+    h = engine.binding(tenant).create(params={"dir": str(tmp_path)})
+    wait_status(h, "waiting")
+    h.terminate(rollback=True)
+    assert wait_status(h, "terminated")["error"] is None
+    assert lines(tmp_path / "undo.log") == ["refund 30", "release 7"]
+    assert not lines(tmp_path / "ship.log")
 
 
 def test_binding_errors_are_clear(engine, tenant):

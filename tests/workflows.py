@@ -195,6 +195,23 @@ class Saga(WorkflowEntrypoint):
         return [booking, receipt]
 
 
+class Booked(WorkflowEntrypoint):
+    """Books and charges (each with a compensation that logs to `<dir>/undo.log`), then
+    waits for an approval before it ships: what `terminate(rollback=True)` unwinds."""
+
+    async def run(self, event, step):
+        d = event.payload["dir"]
+        await step.do("book", lambda: {"seat": 7},
+                      rollback=lambda b: append(d, "undo.log", f"release {b['seat']}"))
+        await step.do("charge", lambda: 30, rollback=lambda c: append(d, "undo.log", f"refund {c}"))
+        try:
+            await step.wait_for_event("approval", type="approval", timeout="1 hour")
+        except Exception:  # noqa: BLE001 - a careless tenant: it cannot keep the instance
+            await step.do("ship anyway", lambda: append(d, "ship.log"))
+        await step.do("ship", lambda: append(d, "ship.log"))
+        return "shipped"
+
+
 class StepOptions(WorkflowEntrypoint):
     """Returns what its step's context says of the step's options (seen in the sandbox)."""
 
