@@ -67,9 +67,13 @@ def _start(engine, tenant, work: Path):
     lend(engine, tenant, work)
     wf = engine.binding(tenant)
     handles = [wf.create(id=f"h{i}", params={"dir": str(work), "steps": STEPS}) for i in range(INSTANCES)]
-    # Most of them are in step s1 (waiting for "go"), s0 recorded.
-    wait_until(lambda: sum(bool(lines(work / f"h{i}.log")) for i in range(INSTANCES)) >= 8,
-               what="instances to record their first step")
+    # All of them in step s1 (waiting for "go"), s0 recorded: the fault hits them there.
+    def recorded() -> bool:
+        infos = [engine.journal.get_instance(tenant, h.id) for h in handles]
+        return all(("s0", 1) in {(s.name, s.seq) for s in engine.journal.list_steps(i.pk)}
+                   for i in infos)
+
+    wait_until(recorded, what="every instance to record its first step")
     return wf, handles
 
 
