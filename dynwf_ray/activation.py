@@ -39,7 +39,7 @@ from typing import Any, Callable, Literal, Mapping, Protocol
 
 from .entrypoint import WorkflowEntrypoint
 from .errors import InvalidInputError, JournalUnavailableError, StepFailedError
-from .journal import ActivationState, Journal, LeaseLostError
+from .journal import ActivationState, InstanceInfo, Journal, LeaseLostError
 from .logs import LogCapture
 from .metrics import ActivityCounts
 from .rollback import run_with_rollback
@@ -177,18 +177,23 @@ async def _run(
     return outcome, error, write
 
 
+def event_of(info: InstanceInfo) -> WorkflowEvent:
+    """What `run(event, step)` receives for this instance."""
+    return WorkflowEvent(
+        payload=json.loads(info.params_json),
+        timestamp=timestamp_to_datetime(info.created_at),
+        instance_id=info.instance_id,
+        metadata=json.loads(info.metadata_json or "{}"),
+    )
+
+
 async def _run_once(
     state: ActivationState, token: int, runner: Runner, clock: Callable[[], float], step: Step,
     trace: InstanceTrace | None,
 ) -> tuple[Outcome, tuple[str, str] | None, tuple | None]:
     info = state.info
     where = f"tenant {info.tenant_id!r} instance {info.instance_id!r}: "
-    event = WorkflowEvent(
-        payload=json.loads(info.params_json),
-        timestamp=timestamp_to_datetime(info.created_at),
-        instance_id=info.instance_id,
-        metadata=json.loads(info.metadata_json or "{}"),
-    )
+    event = event_of(info)
     try:
         output = await runner.run(state, event, step, trace)
     except JournalFault:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from pydantic import ValidationError
 
-from .errors import InvalidInputError, UnknownTenantError
+from .errors import InvalidInputError, InvalidStateError, UnknownTenantError
 from .journal import Journal
 from .tracing import end_instance_trace, new_trace_context
 from .types import (
@@ -145,13 +145,23 @@ class InstanceHandle:
         info = self._binding._journal.require_instance(self._binding.tenant_id, self.id)
         return self._binding._journal.read_logs(info.pk, after, limit)
 
-    def move_to_version(self, version: str) -> None:
+    def move_to_version(self, version: str, check: bool = True) -> None:
         """Run this instance on another stored code version of its tenant from its next
         activation on. Replay then runs the new code against the recorded steps, so the
-        new version must reach the same steps under the same names."""
-        self._binding._journal.set_version(
-            self._binding.tenant_id, self.id, version, self._binding._clock()
-        )
+        new version must reach the same steps under the same names: with `check` (the
+        default) its history is first replayed on `version` in a sandbox, running no
+        step, and a history that would not replay is refused with ReplayDivergenceError
+        naming where (`replay_check.py`; needs an engine's binding)."""
+        binding = self._binding
+        if check:
+            binding._journal.check_movable(binding.tenant_id, self.id, version)
+            if binding._replay_check is None:
+                raise InvalidStateError(
+                    "a replay check runs tenant code in a sandbox, which needs an engine "
+                    "(engine.binding(...)); move with check=False to skip it"
+                )
+            binding._replay_check(binding.tenant_id, self.id, version)
+        binding._journal.set_version(binding.tenant_id, self.id, version, binding._clock())
 
     def send_event(self, type: str, payload: Any = None) -> None:
         """Deliver an event; buffered until a `wait_for_event` of that type takes it."""
@@ -176,8 +186,10 @@ class WorkflowBinding:
         metadata: Mapping[str, Any] | None = None,
         otel_env: Mapping[str, str] | None = None,
         condition: Callable[[], str | None] | None = None,
+        replay_check: Callable[[str, str, str], None] | None = None,
     ):
         self._journal = journal
+        self._replay_check = replay_check  # (tenant, instance, version): raises on divergence
         # What blocks instances now (`status()["condition"]`): the engine's view when
         # the engine gives one, else what this process's journal writes have seen.
         self._condition = condition or journal.health.condition

@@ -20,7 +20,14 @@ from pydantic import ValidationError
 
 from .binding import WorkflowBinding
 from .config import EngineConfig
-from .errors import InvalidInputError, JournalUnavailableError, SandboxUnavailableError
+from .errors import (
+    InstanceNotFoundError,
+    InvalidInputError,
+    InvalidStateError,
+    JournalUnavailableError,
+    ReplayDivergenceError,
+    SandboxUnavailableError,
+)
 from .health import merge
 from .journal import Journal
 from .loader import Loader
@@ -120,6 +127,7 @@ class Engine:
         return WorkflowBinding(
             self.journal, tenant_id, notify=self._notify, clock=self._clock, metadata=metadata,
             otel_env=self.config.telemetry_env, condition=self._condition,
+            replay_check=self._replay_check,
         )
 
     def set_tenant_telemetry(
@@ -228,6 +236,36 @@ class Engine:
             **ray.get(self._scheduler.stats.remote()),
             "instances": self.journal.count_by_status(),
         }
+
+    def migrate(self, tenant_id: str, to: str, dry_run: bool = True) -> dict:
+        """Replay-check every in-flight instance of the tenant that runs another version
+        against version `to` (in a sandbox of `to`, running no step), and report
+        {"version", "dry_run", "checked", "clean": [ids], "diverged": {id: why},
+        "moved": [ids]}; without `dry_run`, move the clean ones (`moved`: those still
+        in flight when moved)."""
+        validate_id(tenant_id, "tenant id")
+        if to not in {v for v, _, _ in self.journal.list_versions(tenant_id)}:
+            raise InvalidStateError(f"tenant {tenant_id!r} has no code version {to!r}")
+        infos = [i for i in self.journal.in_flight(tenant_id) if i.code_version != to]
+        states = [self.journal.history(tenant_id, i.instance_id) for i in infos]
+        results = ray.get(self._loader.check_replay.remote(tenant_id, to, states)) if states else []
+        clean = [i.instance_id for i, why in zip(infos, results) if why is None]
+        moved = []
+        for instance_id in [] if dry_run else clean:
+            try:
+                self.journal.set_version(tenant_id, instance_id, to, self._clock())
+                moved.append(instance_id)
+            except (InvalidStateError, InstanceNotFoundError):
+                pass  # it ended (or was deleted) since the check
+        return {"version": to, "dry_run": dry_run, "checked": len(infos), "clean": clean,
+                "diverged": {i.instance_id: why for i, why in zip(infos, results) if why},
+                "moved": moved}
+
+    def _replay_check(self, tenant_id: str, instance_id: str, version: str) -> None:
+        state = self.journal.history(tenant_id, instance_id)
+        (why,) = ray.get(self._loader.check_replay.remote(tenant_id, version, [state]))
+        if why is not None:
+            raise ReplayDivergenceError(why)
 
     def health(self) -> dict:
         """Whether the engine can make progress: {"ready": bool, "journal": {"ok", "cause",

@@ -98,6 +98,19 @@ class StepFailedError(DynwfError):
         )
 
 
+class ReplayDivergenceError(DynwfError):
+    """An instance's recorded history would not replay on another code version
+    (`move_to_version(v, check=True)`, `Engine.migrate`): the message names the first
+    step where the new code asks for something the journal does not hold, or the
+    recorded steps it never asks for. `step` and `count` name that step (None when
+    the run ended first)."""
+
+    def __init__(self, message: str, step: str | None = None, count: int | None = None):
+        super().__init__(message)
+        self.step = step
+        self.count = count
+
+
 class InstanceTerminatingError(DynwfError):
     """Raised at a step of an instance that `terminate(rollback=True)` ends: let it
     through `run()`; the compensations of the completed steps run, then the instance

@@ -63,8 +63,9 @@ from .journal import ActivationState, Journal
 from .metrics import ActivityCounts
 from .package import CODE_ROOT, PACKAGE, Manifest, unpack
 from .sandbox.policy import JailSpec, SandboxLimits, TenantPolicy
-from .errors import InvalidInputError, JournalUnavailableError
+from .errors import InvalidInputError, JournalUnavailableError, ReplayDivergenceError
 from .health import backoff
+from .replay_check import check_replay
 from .sessions import running, this_process
 from .sandbox.supervisor import BOOT_TIMEOUT, SandboxSession, TenantError
 from .sandbox.template import Template
@@ -465,6 +466,10 @@ class HostProcess:
     async def sandboxes(self) -> list[dict[str, Any]]:
         return [await h.sandboxes() for h in list(self._hosts.values())]
 
+    async def check(self, host_id: int, states: list[ActivationState]) -> list[str | None]:
+        """Replay-check instances on this host's code (`replay_check.py`)."""
+        return await self._hosts[host_id].check(states)
+
 
 class InstanceHost:
     """One (tenant, code version) in a host process: see the module docstring. The
@@ -627,6 +632,18 @@ class InstanceHost:
         for pk, token in list(self._blocked.items()):
             await self._journal.grouped.release(pk, token, now, now)
             self._blocked.pop(pk, None)
+
+    async def check(self, states: list[ActivationState]) -> list[str | None]:
+        """Whether each instance's history replays on this host's code: None, or why not
+        (a `ReplayDivergenceError`'s message). One at a time, each in a sandbox."""
+        results: list[str | None] = []
+        for state in states:
+            try:
+                await check_replay(state, self._code[1], self._sandboxes)
+                results.append(None)
+            except ReplayDivergenceError as exc:
+                results.append(str(exc))
+        return results
 
     async def drain(self, timeout_s: float = 5.0) -> None:
         """End the sandboxes and export pending spans (before the host is deactivated)."""

@@ -987,6 +987,41 @@ class Journal:
             raise LeaseLostError(f"instance pk={pk}: lease token {token} is no longer current")
         return bool(row[0])
 
+    def check_movable(self, tenant_id: str, instance_id: str, version: str) -> InstanceInfo:
+        """Raise InvalidStateError unless the instance could move to `version` now."""
+        info = self.require_instance(tenant_id, instance_id)
+        with self._read() as conn:
+            self._movable(conn, info, version)
+        return info
+
+    @staticmethod
+    def _movable(conn: Connection, info: InstanceInfo, version: str) -> None:
+        if info.status in TERMINAL:
+            raise InvalidStateError(
+                f"instance {info.instance_id!r} is {info.status}; restart it before moving it"
+            )
+        known = conn.execute(
+            select(C.c.version).where(C.c.tenant_id == info.tenant_id, C.c.version == version)
+        ).first()
+        if known is None:
+            raise InvalidStateError(f"tenant {info.tenant_id!r} has no code version {version!r}")
+
+    def history(self, tenant_id: str, instance_id: str) -> ActivationState:
+        """An instance as an activation would start from it, without a lease: what a
+        replay check replays (`replay_check.py`)."""
+        info = self.require_instance(tenant_id, instance_id)
+        with self._read() as conn:
+            steps = conn.execute(_LOAD_STEPS, {"b_pk": info.pk}).all()
+        return ActivationState(info, [StepRecord(*s) for s in steps])
+
+    def in_flight(self, tenant_id: str) -> list[InstanceInfo]:
+        """The tenant's instances that have not ended, oldest first."""
+        with self._read() as conn:
+            return [InstanceInfo(*r) for r in conn.execute(
+                select(*_INFO_COLS).where(I.c.tenant_id == tenant_id, I.c.status.not_in(TERMINAL))
+                .order_by(I.c.pk)
+            ).all()]
+
     def load_activation(self, pk: int, token: int) -> ActivationState:
         with self._read() as conn:
             row = conn.execute(_LOAD_INSTANCE, {"b_pk": pk}).first()
@@ -1016,15 +1051,7 @@ class Journal:
         """Move an instance to another stored code version (used from its next activation)."""
         with self._write() as conn:
             info = self._lock_instance(conn, tenant_id, instance_id)
-            if info.status in TERMINAL:
-                raise InvalidStateError(
-                    f"instance {instance_id!r} is {info.status}; restart it before moving it"
-                )
-            known = conn.execute(
-                select(C.c.version).where(C.c.tenant_id == tenant_id, C.c.version == version)
-            ).first()
-            if known is None:
-                raise InvalidStateError(f"tenant {tenant_id!r} has no code version {version!r}")
+            self._movable(conn, info, version)
             metadata = {**json.loads(info.metadata_json), "code_version": version}
             conn.execute(
                 update(I).where(I.c.pk == info.pk).values(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -153,11 +154,14 @@ class Loader:
         return {"actor_id": ray.get_runtime_context().get_actor_id(), "machine": machine,
                 "pid": pid, "started": started}
 
-    def start(self, host_id: int, tenant_id: str, version: str, owner: str) -> Any:
+    def start(
+        self, host_id: int, tenant_id: str, version: str, owner: str, bindings: bool = True
+    ) -> Any:
         """Start an instance host for this code (a cold start) in a host process, and
         return that process's handle (the scheduler calls it with `host_id`).
 
-        The host leases as `owner`. Raises LookupError when the
+        The host leases as `owner`; without `bindings` its sandboxes get none (a replay
+        check's host: `check_replay`). Raises LookupError when the
         code cannot be run (none stored, or pip packages its tenant may no longer use).
         """
         if self._closed:
@@ -176,12 +180,13 @@ class Loader:
             owner=owner, poll_interval=cfg.poll_interval,
             binding_factory=HostBindingFactory(
                 tenant_id, cfg.scheduler_name, cfg.namespace, cfg.telemetry_env
-            ),
+            ) if bindings else None,
             otel_env=tenant_env(self.journal, cfg.telemetry_env, tenant_id, version),
             keep_logs=cfg.log_lines_per_instance,
             sandbox={
                 "mode": cfg.sandbox, "limits": cfg.sandbox_limits.model_dump(), "policy": policy,
-                "max_crashes": cfg.max_activation_failures, "bindings": self._bindings,
+                "max_crashes": cfg.max_activation_failures,
+                "bindings": self._bindings if bindings else {},
             },
         )
         for _ in range(3):  # a process on a node that is gone: place the host elsewhere
@@ -202,6 +207,17 @@ class Loader:
             self._counters["cold_starts"] += 1
         log.info("started a host for tenant %s version %s", tenant_id, version)
         return process.actor
+
+    def check_replay(self, tenant_id: str, version: str, states: list) -> list[str | None]:
+        """Whether each instance's history (`ActivationState`) replays on this code version
+        (`replay_check.py`): None, or why not. In a host started for it, without
+        bindings, ended afterwards."""
+        host_id = -time.time_ns()  # never the id of a pool's host
+        actor = self.start(host_id, tenant_id, version, "replay-check", bindings=False)
+        try:
+            return ray.get(actor.check.remote(host_id, states))
+        finally:
+            self.end(host_id)
 
     def end(self, host_id: int) -> None:
         """Deactivate a host: end its sandboxes, flush its spans (bounded wait). A

@@ -11,6 +11,7 @@ import pytest
 
 from dynwf_ray import InstanceNotFoundError, InvalidInputError, InvalidStateError
 from dynwf_ray.activation import activate
+from dynwf_ray.journal import Journal
 from dynwf_ray.pool import PoolConfig
 from dynwf_ray.scheduler import SchedulerCore
 from dynwf_ray.types import Retention
@@ -56,7 +57,16 @@ def test_delete_removes_everything_and_refuses_a_running_instance(journal, tenan
     assert journal.list_steps(claim.pk) == []
 
 
-def test_sweep_deletes_what_expired_by_status_and_tenant_in_bounded_batches(journal, tenant):
+@pytest.fixture
+def own_journal(make_database_url):
+    """A journal of its own: a sweep deletes every tenant's expired instances."""
+    journal = Journal(make_database_url())
+    yield journal
+    journal.close()
+
+
+def test_sweep_deletes_what_expired_by_status_and_tenant_in_bounded_batches(own_journal, tenant):
+    journal = own_journal
     d = Driver(journal, tenant, Hello)
     own = Driver(journal, f"{tenant}o", Hello)
     t0 = 1_000_000.0
@@ -80,7 +90,8 @@ def test_sweep_deletes_what_expired_by_status_and_tenant_in_bounded_batches(jour
     assert waiting.status()["status"] == "queued"
 
 
-def test_the_scheduler_core_applies_tenant_rules_over_the_engines(journal, tenant):
+def test_the_scheduler_core_applies_tenant_rules_over_the_engines(own_journal, tenant):
+    journal = own_journal
     d = Driver(journal, tenant, Hello)
     other = Driver(journal, f"{tenant}b", Hello)
     t0 = 2_000_000.0

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from dynwf_ray import InstanceNotFoundError, InvalidInputError, InvalidStateError, UnknownTenantError
+from dynwf_ray import (
+    InstanceNotFoundError, InvalidInputError, InvalidStateError, ReplayDivergenceError,
+    UnknownTenantError,
+)
 
 from .conftest import wait_status
 
@@ -119,6 +122,30 @@ def test_instances_stay_on_their_version_and_can_be_moved(engine, tenant, tmp_pa
         wf.create(id="another").move_to_version("v-nope")
     with pytest.raises(InvalidStateError, match="complete"):
         fresh.move_to_version(v1)
+
+
+def test_a_move_is_refused_when_the_history_would_not_replay(engine, tenant, tmp_path):
+    v1 = engine.push_tenant(tenant, str(identify(tmp_path, tenant, "v1")))
+    wf = engine.binding(tenant)
+    waiters = [wf.create(id=f"w{i}", params={"wait": True}) for i in range(2)]
+    for w in waiters:
+        wait_status(w, "waiting")
+    renamed = IDENTIFY.replace('step.do("who",', 'step.do("whom",').format(tenant=tenant, mark="v3")
+    v3 = engine.push_tenant(tenant, str(write_tenant(tmp_path / "v3", tenant, renamed)))
+    with pytest.raises(ReplayDivergenceError, match="at step 'whom'.*never asked for: 'who'"):
+        waiters[0].move_to_version(v3)
+    assert waiters[0].status()["version"] == v1  # refused: not moved
+    report = engine.migrate(tenant, to=v3)
+    assert (report["dry_run"], report["checked"], report["clean"], report["moved"]) == (True, 2, [], [])
+    assert set(report["diverged"]) == {"w0", "w1"}
+    v2 = engine.push_tenant(tenant, str(identify(tmp_path, tenant, "v2")))
+    report = engine.migrate(tenant, to=v2, dry_run=False)
+    assert sorted(report["clean"]) == sorted(report["moved"]) == ["w0", "w1"]
+    waiters[0].send_event("go", {})
+    out = wait_status(waiters[0], "complete")["output"]
+    assert out["first"][1] == "v1" and out["second"] == [tenant, "v2"]
+    waiters[1].move_to_version(v3, check=False)  # the platform may still insist
+    assert waiters[1].status()["version"] == v3
 
 
 FAILING = '''
