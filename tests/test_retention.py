@@ -44,6 +44,7 @@ def test_delete_removes_everything_and_refuses_a_running_instance(journal, tenan
     with pytest.raises(InstanceNotFoundError):
         done.status()
     assert d.binding.create(id="done").id == "done"  # the id is free again
+    assert d.tick() == ["complete"]
 
     busy = d.binding.create(id="busy")
     (claim,) = journal.claim_due(d.now, 1, "t", 30, tenant)
