@@ -9,6 +9,8 @@
     dynwf logs <id> [--tenant T] [-f]   what an instance's code printed; -f follows it
     dynwf delete <id> [--tenant T] [--force]  delete an instance with its steps, events, logs
     dynwf health                       can the journal be written; which engines heartbeat
+    dynwf db upgrade                   upgrade the journal's schema to this version's
+    dynwf db current                   the journal's schema revision
 
 Every command takes --database-url (default: $DYNWF_DATABASE_URL, else the
 embedded SQLite file under ~/.dynwf/). `demo` starts an engine and `push`
@@ -31,7 +33,8 @@ from .binding import WorkflowBinding
 from .config import default_database_url
 from .package import push
 from .errors import DynwfError
-from .journal import InstanceInfo, Journal, StepRecord
+from . import migrations
+from .journal import InstanceInfo, Journal, StepRecord, unavailable
 from .types import LogLine
 
 
@@ -90,11 +93,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     command("health", "whether the journal can be written, and the engines using it (exit 1: not)")
 
+    db = command("db", "the journal's schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("upgrade", parents=[common],
+                      help="upgrade the journal's schema to this version's (engines do it when they start)")
+    db_sub.add_parser("current", parents=[common], help="print the journal's schema revision")
+
     args = parser.parse_args(argv)
     url = getattr(args, "database_url", None) or default_database_url()
     try:
         if args.command == "demo":
             return _demo(url, Path(args.tenants))
+        if args.command == "db":
+            return _db(url, args.db_command)
         journal = Journal(url)
         if args.command == "push":
             return _push(journal, args.tenant, args.dir)
@@ -139,6 +150,43 @@ def _push(journal: Journal, tenant: str, directory: str) -> int:
         ray.shutdown()
     print(f"pushed {tenant} {version} ({time.monotonic() - started:.1f} s)")
     return 0
+
+
+def _db(url: str, what: str) -> int:
+    """`db current` reads the schema revision; `db upgrade` upgrades to this code's."""
+    journal = Journal(url, create_tables=False)  # no DDL
+    try:
+        with journal.engine.connect() as conn:
+            before = migrations.read_state(conn)
+    except Exception as exc:  # noqa: BLE001 - a journal that cannot be read says why
+        error = unavailable(exc)
+        if error is None:
+            raise
+        raise error from exc
+    finally:
+        journal.close()
+    where = _safe_url(url)
+    if what == "current":
+        print(before.describe())
+        return 0
+    if before.at_head:
+        print(f"{where}: at {migrations.HEAD} (head), nothing to do")
+        return 0
+    Journal(url).close()  # upgrades, or says why it cannot
+    found = before.revision or before.detected
+    if found is None:
+        print(f"{where}: created the journal's tables at {migrations.HEAD}")
+    elif before.revision is None and found == migrations.HEAD:
+        print(f"{where}: recorded schema revision {migrations.HEAD} (head)")
+    else:
+        print(f"{where}: upgraded from {found} to {migrations.HEAD}")
+    return 0
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _versions(journal: Journal, tenant: str) -> int:

@@ -67,7 +67,6 @@ from sqlalchemy import (
     event,
     func,
     insert,
-    inspect,
     or_,
     select,
     update,
@@ -85,6 +84,7 @@ from .errors import (
     JournalSchemaError,
     JournalUnavailableError,
 )
+from . import migrations
 from .health import JournalHealth
 from .types import LogLine
 
@@ -489,36 +489,38 @@ class Journal:
                 f: ins.excluded[f] for f in _STEP_FIELDS if f not in ("name", "seq", "started_at")
             },
         )
-        if create_tables:
+        if create_tables:  # upgrade the schema to this code's (migrations/); hosts do not
+            where = self.engine.url.render_as_string(hide_password=True)
             try:
                 with _TABLE_LOCK:
-                    SQLModel.metadata.create_all(self.engine)
-                    self._check_schema()
-                    for index in I.indexes:  # indexes added since a journal's tables were made
-                        index.create(self.engine, checkfirst=True)
+                    with self._read() as conn:
+                        state = migrations.read_state(conn)
+                    if not state.at_head:
+                        migrations.refuse_unknown(state, where)
+                        with self._write() as conn:  # one transaction; writers take turns
+                            migrations.upgrade(conn, where)
             except Exception as exc:
+                self.engine.dispose()
                 error = unavailable(exc)
                 if error is None:
                     raise
-                self.engine.dispose()
                 raise error from exc
 
-    def _check_schema(self) -> None:
-        """Tables are created when missing, never altered: refuse a journal whose tables
-        lack columns this code writes, naming them, instead of failing on first use."""
-        inspector = inspect(self.engine)
-        missing = []
-        for table in SQLModel.metadata.sorted_tables:
-            have = {c["name"] for c in inspector.get_columns(table.name)}
-            lacking = [c.name for c in table.columns if c.name not in have]
-            if lacking:
-                missing.append(f"table {table.name!r} lacks {', '.join(lacking)}")
-        if missing:
+    def check_schema(self) -> str:
+        """The journal's schema revision; JournalSchemaError unless it is this code's
+        (`migrations.HEAD`). Reads only: for a process that must not upgrade the journal."""
+        where = self.engine.url.render_as_string(hide_password=True)
+        with self._read() as conn:
+            state = migrations.read_state(conn)
+        migrations.refuse_unknown(state, where)
+        if not state.at_head:
             raise JournalSchemaError(
-                f"the journal at {self.engine.url.render_as_string(hide_password=True)} was "
-                f"created by an older dynwf-ray: {'; '.join(missing)}. There are no schema "
-                "migrations yet: start on a new journal, or add the columns by hand"
+                f"the journal at {where} is at schema revision "
+                f"{state.revision or state.detected or 'none (no tables)'}, and this dynwf-ray "
+                f"needs {migrations.HEAD}: run `dynwf db upgrade`, or start an engine that "
+                "upgrades it"
             )
+        return migrations.HEAD
 
     def close(self) -> None:
         if self._group is not None:
