@@ -34,6 +34,10 @@ class EngineConfig(BaseModel):
 
     #: SQLAlchemy URL of the journal: sqlite:///path or postgresql+psycopg://...
     database_url: str = Field(default_factory=default_database_url)
+    #: Upgrade the journal's schema at start (Alembic revisions, `dynwf_ray/migrations/`)
+    #: when it is older than this code's. False: the platform runs `dynwf db upgrade`
+    #: itself, and an engine refuses (JournalSchemaError) a journal not at this code's.
+    migrate: bool = True
     #: Ray address to join ("auto", "ray://..."); None starts or reuses a local Ray.
     ray_address: str | None = None
     #: Name of this engine; its actors are "dynwf-scheduler-<name>" and "dynwf-loader-<name>".

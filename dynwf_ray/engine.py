@@ -68,7 +68,14 @@ class Engine:
         except ValidationError as exc:
             raise InvalidInputError(f"invalid engine configuration: {exc}") from None
         _check_sandbox(config.sandbox)
-        journal = Journal(config.database_url)  # JournalUnavailableError before Ray starts
+        # JournalUnavailableError / JournalSchemaError before Ray starts
+        journal = Journal(config.database_url, create_tables=config.migrate)
+        if not config.migrate:
+            try:
+                journal.check_schema()
+            except Exception:
+                journal.close()
+                raise
         owns_ray = False
         if not ray.is_initialized():
             ray.init(

@@ -257,7 +257,7 @@ class Scheduler:
 class _RayScheduler:
     def __init__(self, config: dict):
         self.config = cfg = EngineConfig(**config)
-        self.journal = Journal(cfg.database_url)
+        self.journal = Journal(cfg.database_url, create_tables=cfg.migrate)
         self._loader = ray.get_actor(cfg.loader_name, namespace=cfg.namespace)
         # Hosts of a previous incarnation of this scheduler are unaccounted for: end
         # them; opening the session then gives up what they held, so it runs again now.

@@ -602,6 +602,23 @@ def test_a_journal_from_a_newer_dynwf_is_refused_naming_both_revisions(make_data
     assert schema(url) == before
 
 
+def test_an_engine_told_not_to_migrate_refuses_an_old_journal_until_it_is_upgraded(
+    make_database_url, make_engine, backend, capsys
+):
+    from dynwf_ray import Engine
+    from dynwf_ray.cli import main
+
+    url = make_database_url()
+    first_schema_journal(url, backend)
+    with pytest.raises(JournalSchemaError, match="dynwf db upgrade"):
+        Engine.start(database_url=url, migrate=False, name="e-no-migrate")
+    assert state(url) == migrations.SchemaState(None, "0001_baseline")  # untouched
+    assert main(["db", "upgrade", "--database-url", url]) == 0
+    capsys.readouterr()
+    engine = make_engine(database_url=url, migrate=False)
+    assert engine.health()["journal"]["ok"]
+
+
 def test_a_journal_no_schema_matches_is_refused_and_a_failed_upgrade_changes_nothing(
     make_database_url, backend
 ):
