@@ -117,6 +117,18 @@ class SleepUntilThenStamp(WorkflowEntrypoint):
         await step.sleep_until("timer", event.payload["until"])
         return {{"resumed_at": await step.do("resumed at", time.time)}}
 ''',
+    "long": '''
+from dynwf_ray import WorkflowEntrypoint
+
+SALT = {salt!r}
+
+class LongReplay(WorkflowEntrypoint):
+    async def run(self, event, step):
+        for i in range(event.payload["steps"]):
+            await step.do("s", lambda: i)
+        await step.wait_for_event("end", type="end", timeout="1 hour")
+        return "done"
+''',
     "stamp": '''
 import time
 from dynwf_ray import WorkflowEntrypoint
