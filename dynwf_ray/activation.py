@@ -40,12 +40,12 @@ from typing import Any, Callable, Literal, Mapping, Protocol
 from .entrypoint import WorkflowEntrypoint
 from .errors import InvalidInputError, JournalUnavailableError, StepFailedError
 from .journal import ActivationState, InstanceInfo, Journal, LeaseLostError
-from .logs import LogCapture
+from .logs import PLATFORM_STREAM, LogCapture
 from .metrics import ActivityCounts
 from .rollback import run_with_rollback
 from .step import Abandon, JournalFault, PauseAtBoundary, Step, Suspend, error_name_of
 from .tracing import InstanceTrace, Tracing, trace_id_of
-from .types import WorkflowEvent, timestamp_to_datetime, to_json
+from .types import LogLine, WorkflowEvent, timestamp_to_datetime, to_json
 
 Outcome = Literal[
     "complete", "errored", "suspended", "paused", "lease_lost", "crashed", "journal_unavailable",
@@ -138,11 +138,15 @@ async def activate(
             LogCapture.end(log_token)
             log_token = None
         if write is not None:
+            lines = list(log.take(final=True)) if log is not None else []
+            warning = step.determinism_warning()
+            if warning is not None:  # in the instance's logs, for the platform to see
+                lines.append(LogLine(at=clock(), stream=PLATFORM_STREAM, message=warning,
+                                     trace_id=trace_id_of(info.trace_context)))
             try:
                 # The outcome, the last lines printed and the crash count: one commit.
                 await journal.grouped.end_activation(
-                    write, pk, log.take(final=True) if log is not None else (), keep_logs,
-                    outcome == "crashed", state.crashes > 0,
+                    write, pk, lines, keep_logs, outcome == "crashed", state.crashes > 0,
                 )
             except LeaseLostError:
                 outcome, error = "lease_lost", None

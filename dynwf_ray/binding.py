@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from .errors import InvalidInputError, InvalidStateError, UnknownTenantError
 from .journal import Journal
+from .logs import PLATFORM_STREAM
 from .tracing import end_instance_trace, new_trace_context
 from .types import (
     MAX_BATCH,
@@ -70,9 +71,11 @@ class InstanceHandle:
         plus "version": the code version the instance runs, "condition": what of
         the platform keeps it from going on, if anything (None; or, say,
         "journal unavailable: disk full (...)" while the journal cannot be written),
-        and "rollback": the compensations run so far after `run()` failed
+        "rollback": the compensations run so far after `run()` failed
         (`step.do(..., rollback=...)`), in the order they ran (the newest step's
-        first): {"step", "count", "status", "attempts", "error"}."""
+        first): {"step", "count", "status", "attempts", "error"}, and "warning": the
+        newest line the platform added to its log, e.g. a determinism warning (a
+        replay that went on to a new step without asking for recorded ones)."""
         info = self._binding._journal.require_instance(self._binding.tenant_id, self.id)
         error = (
             InstanceError(name=info.error_name, message=info.error_message or "")
@@ -88,7 +91,8 @@ class InstanceHandle:
             for s in self._binding._journal.rollback_steps(info.pk)
         ] if info.status != "queued" else []
         return {**status, "version": info.code_version, "condition": blocked or None,
-                "rollback": rollback}
+                "rollback": rollback,
+                "warning": self._binding._journal.last_line(info.pk, PLATFORM_STREAM)}
 
     def pause(self) -> None:
         self._binding._journal.pause(self._binding.tenant_id, self.id, self._binding._clock())

@@ -336,6 +336,14 @@ class StepRecord:
     started_at: float
     finished_at: float | None
 
+    @property
+    def settled(self) -> bool:
+        """Replay answers it without waiting: a step's outcome, a sleep that has ended, an
+        event received or a wait that timed out."""
+        if self.kind == "sleep":
+            return self.finished_at is not None
+        return self.status in (STEP_COMPLETE, STEP_FAILED)
+
 
 @dataclass(frozen=True)
 class ActivationState:
@@ -745,6 +753,14 @@ class Journal:
             stmt = stmt.where(I.c.status == status)
         with self._read() as conn:
             return [InstanceInfo(*r) for r in conn.execute(stmt).all()]
+
+    def last_line(self, pk: int, stream: str) -> str | None:
+        """The newest log line of the instance in `stream`, if any."""
+        with self._read() as conn:
+            return conn.execute(
+                select(L.c.message).where(L.c.instance_pk == pk, L.c.stream == stream)
+                .order_by(L.c.pk.desc()).limit(1)
+            ).scalar()
 
     def rollback_steps(self, pk: int) -> list[StepRecord]:
         """The instance's compensations recorded so far (steps of kind "rollback")."""

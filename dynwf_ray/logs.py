@@ -11,6 +11,9 @@ commit when a step printed nothing); lines printed by `run()` after its last
 step are stored when the activation ends. The journal keeps the newest
 `log_lines_per_instance` lines of each instance, each cut to `MAX_LINE_CHARS`.
 
+The platform adds its own lines under the stream `PLATFORM_STREAM` ("dynwf"),
+such as a determinism warning (`Step.determinism_warning`).
+
 Only the activation's own task is captured (a context variable marks it):
 threads the tenant starts itself, and the engine's and Ray's loggers, are not.
 """
@@ -28,6 +31,8 @@ from .types import LogLine
 
 #: A longer line is cut to this many characters (and marked so).
 MAX_LINE_CHARS = 4096
+#: The stream of lines the platform adds to an instance's log (a determinism warning).
+PLATFORM_STREAM = "dynwf"
 #: Lines an activation holds before it drops the oldest (the journal keeps fewer anyway).
 MAX_PENDING = 10_000
 

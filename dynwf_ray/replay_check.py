@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from .activation import event_of
 from .errors import ReplayDivergenceError, StepFailedError, WorkflowTimeoutError
-from .journal import STEP_COMPLETE, STEP_FAILED, ActivationState, StepRecord
+from .journal import STEP_FAILED, ActivationState, StepRecord
 from .rollback import Compensations
 from .step import Suspend
 from .types import ReceivedEvent, timestamp_to_datetime, validate_step_name
@@ -39,12 +39,6 @@ class _Stop(Suspend):
     def __init__(self, name: str, count: int, kind: str, diverged: str | None = None):
         super().__init__(0.0)
         self.name, self.count, self.kind, self.diverged = name, count, kind, diverged
-
-
-def _finished(record: StepRecord) -> bool:
-    if record.kind == "sleep":
-        return record.finished_at is not None
-    return record.status in (STEP_COMPLETE, STEP_FAILED)
 
 
 class CheckStep:
@@ -70,7 +64,7 @@ class CheckStep:
         if record is not None and record.kind != kind:
             raise _Stop(name, seq, kind, f"the code asks for a {kind} step where the journal "
                                          f"holds a {record.kind} step")
-        if record is None or not _finished(record):
+        if record is None or not record.settled:
             raise _Stop(name, seq, kind)
         self.used.add((name, seq))
         return record
@@ -130,7 +124,7 @@ async def check_replay(
         )
     unused = sorted(
         (r.started_at, r.name, r.seq) for r in state.steps
-        if _finished(r) and (r.name, r.seq) not in step.used and r.kind != "rollback"
+        if r.settled and (r.name, r.seq) not in step.used and r.kind != "rollback"
     )
     if unused:
         at = (f"at step {stop.name!r} (count {stop.count}), which the journal does not hold"

@@ -182,6 +182,8 @@ class Step:
         self.instance_id = state.info.instance_id
         self.compensations = Compensations()
         self.terminating = state.terminating
+        self._used: set[tuple[str, int]] = set()
+        self._frontier: tuple[str, int] | None = None
 
     def now(self) -> float:
         """The activation's clock (a fake one in tests)."""
@@ -224,7 +226,7 @@ class Step:
         self, name: str, fn: Callable[..., Any] | None, retries: Any, timeout: Any,
         seq: int, kind: str,
     ) -> Any:
-        record = self._records.get((name, seq))
+        record = self._seen(name, seq, kind)
         attempts_done = 0
         if record is not None:
             if record.status == STEP_COMPLETE:
@@ -364,7 +366,7 @@ class Step:
         self, name: str, target: Callable[[], float], count: int | None = None
     ) -> None:
         seq = self._next_seq(name, count)
-        record = self._records.get((name, seq))
+        record = self._seen(name, seq, "sleep")
         if record is not None:
             wake_at = json.loads(record.result_json)
             started = record.started_at
@@ -400,7 +402,7 @@ class Step:
         if seconds > MAX_SLEEP.total_seconds():
             raise InvalidInputError(f"wait_for_event {name!r}: timeout longer than 365 days")
         seq = self._next_seq(name, count)
-        record = self._records.get((name, seq))
+        record = self._seen(name, seq, "wait")
         if record is not None and record.status == STEP_COMPLETE:
             return self._received(json.loads(record.result_json))
         if record is not None and record.status == STEP_FAILED:
@@ -456,6 +458,42 @@ class Step:
         seq = self._counts.get(name, 0) + 1 if count is None else count
         self._counts[name] = max(seq, self._counts.get(name, 0))
         return seq
+
+    # -- what replay used (a determinism warning) ---------------------------
+
+    def _seen(self, name: str, seq: int, kind: str) -> StepRecord | None:
+        """The record of step (name, seq), noting that the run asked for it: a settled
+        one is used; the first unsettled one (or none) is where the run goes on."""
+        record = self._records.get((name, seq))
+        if kind != "rollback":
+            if record is not None and record.settled:
+                self._used.add((name, seq))
+            elif self._frontier is None:
+                self._frontier = (name, seq)
+        return record
+
+    def replayed_locally(self, keys: Any) -> None:
+        """Steps the run got from its sandbox's local replay, without asking here."""
+        self._used.update(keys)
+
+    def determinism_warning(self) -> str | None:
+        """If the run went on to a step the journal does not hold as settled while settled
+        steps of the journal were never asked for: a warning naming them (the code
+        changed, or is not deterministic). None otherwise."""
+        if self._frontier is None:
+            return None
+        unused = sorted(
+            (r.started_at, name, seq) for (name, seq), r in self._records.items()
+            if r.settled and r.kind != "rollback" and (name, seq) not in self._used
+        )
+        if not unused:
+            return None
+        names = ", ".join(f"{n!r} (count {s})" for _, n, s in unused[:10])
+        more = f" and {len(unused) - 10} more" if len(unused) > 10 else ""
+        name, seq = self._frontier
+        return (f"determinism warning: run() went on to step {name!r} (count {seq}) without "
+                f"asking for recorded steps {names}{more}: the code changed since they ran, or "
+                "it does not take the same path on replay")
 
     def _boundary(self, kind: str = "do") -> None:
         if self._pause_requested:

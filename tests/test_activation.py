@@ -26,7 +26,7 @@ from dynwf_ray.journal import LeaseLostError, StepRecord
 from dynwf_ray.types import LogLine
 
 from .driver import Driver
-from .workflows import Booked, Saga
+from .workflows import Booked, Drifting, Saga
 
 
 CALLS: dict[str, int] = {}
@@ -280,7 +280,7 @@ def test_pause_resume_terminate_restart(journal, tenant):
     h.resume()
     assert d.tick() == ["complete"]
     assert h.status() == {"status": "complete", "error": None, "output": 2, "version": "v1",
-                          "condition": None, "rollback": []}
+                          "condition": None, "rollback": [], "warning": None}
     with pytest.raises(InvalidStateError, match="complete"):
         h.terminate()
     h.restart()
@@ -466,3 +466,17 @@ def test_terminate_with_rollback_fences_a_running_activation(journal, tenant, tm
     assert outcome == "lease_lost"  # the old activation stops at its first write
     assert d.tick() == ["terminated"]
     assert h.status()["rollback"] == []  # nothing had completed: nothing to undo
+
+
+def test_a_replay_that_skips_recorded_steps_leaves_a_determinism_warning(journal, tenant, tmp_path):
+    d = Driver(journal, tenant, Drifting)
+    h = d.binding.create(id="w", params={"dir": str(tmp_path)})
+    assert d.tick() == ["suspended"]
+    assert h.status()["warning"] is None  # the first run: nothing to replay
+    (tmp_path / "skip-a").touch()  # the code takes another path from now on
+    h.send_event("go")
+    assert d.tick() == ["complete"]
+    warning = h.status()["warning"]
+    assert warning.startswith("determinism warning: run() went on to step 'go' (count 1) "
+                              "without asking for recorded steps 'a' (count 1)")
+    assert [(line.stream, line.message) for line in h.logs()][-1] == ("dynwf", warning)

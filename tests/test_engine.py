@@ -26,6 +26,7 @@ from .workflows import (
     Approval,
     BlockingStep,
     Booked,
+    Drifting,
     Flaky,
     Hello,
     NotAWorkflow,
@@ -74,7 +75,7 @@ def test_create_run_and_status(engine, tenant):
     assert status == {
         "status": "complete", "error": None,
         "output": {"hello": "Hello, Ray!", "instance": "hello-1"}, "version": version,
-        "condition": None, "rollback": [],
+        "condition": None, "rollback": [], "warning": None,
     }
     assert wf.get("hello-1").status() == status
 
@@ -108,6 +109,17 @@ def test_terminate_with_rollback_unwinds_a_waiting_instance_in_its_sandbox(engin
     assert wait_status(h, "terminated")["error"] is None
     assert lines(tmp_path / "undo.log") == ["refund 30", "release 7"]
     assert not lines(tmp_path / "ship.log")
+
+
+def test_a_sandboxed_replay_that_skips_recorded_steps_warns(engine, tenant, tmp_path):
+    engine.register(tenant, Drifting)
+    lend(engine, tenant, tmp_path)
+    h = engine.binding(tenant).create(params={"dir": str(tmp_path)})
+    wait_status(h, "waiting")
+    (tmp_path / "skip-a").touch()
+    h.send_event("go")
+    status = wait_status(h, "complete")
+    assert "without asking for recorded steps 'a' (count 1)" in status["warning"]
 
 
 def test_binding_errors_are_clear(engine, tenant):

@@ -212,6 +212,18 @@ class Booked(WorkflowEntrypoint):
         return "shipped"
 
 
+class Drifting(WorkflowEntrypoint):
+    """Runs step "a" unless `<dir>/skip-a` exists: a run that takes another path on
+    replay once the file appears (what a determinism warning is about)."""
+
+    async def run(self, event, step):
+        d = Path(event.payload["dir"])
+        if not (d / "skip-a").exists():
+            await step.do("a", lambda: 1)
+        await step.wait_for_event("go", type="go", timeout="1 hour")
+        return await step.do("b", lambda: 2)
+
+
 class StepOptions(WorkflowEntrypoint):
     """Returns what its step's context says of the step's options (seen in the sandbox)."""
 

@@ -560,7 +560,7 @@ class _Runtime:
             self.ended = True
             self.channel.fail_pending()
             if self.task is None or self.task.done():
-                self.channel.send({"op": "idle"})
+                self.channel.send({"op": "idle", "unused": self._unused()})
 
     async def _activation(self, message: dict[str, Any]) -> None:
         event = WorkflowEvent(
@@ -572,7 +572,7 @@ class _Runtime:
         env: dict[str, Any] = dict(message.get("env") or {})
         for name in message.get("bindings") or ():
             env[name] = _Workflows(self.channel, name) if name == "WORKFLOWS" else _Binding(self.channel, name)
-        step = _Step(self.channel, message.get("replay") or {})
+        step = self.step = _Step(self.channel, message.get("replay") or {})
         token = _attach_span(message.get("trace"))
         reply: dict[str, Any] | None
         try:
@@ -603,9 +603,14 @@ class _Runtime:
                     task.cancel()  # what the tenant left running dies with the activation
         if self.ended or reply is None:
             if self.ended:
-                self.channel.send({"op": "idle"})
+                self.channel.send({"op": "idle", "unused": self._unused()})
         else:
-            self.channel.send(reply)
+            self.channel.send({**reply, "unused": self._unused()})
+
+    def _unused(self) -> list[str]:
+        """The replayed steps this activation never asked for (a determinism warning)."""
+        step = getattr(self, "step", None)
+        return list(step._replay)[:1000] if step is not None else []
 
 
 def validate(sock: socket.socket, boot: dict[str, Any], extra: list[socket.socket] | None = None) -> int:

@@ -100,6 +100,7 @@ class _Activation:
     cpu_mark: float = 0.0
     cpu_stale: bool = True  # the sandbox did something: take a new CPU baseline
     wall_mark: float = 0.0
+    replayed: dict[str, Any] = field(default_factory=dict)  # what the sandbox may answer itself
 
 
 class SandboxSession:
@@ -225,6 +226,7 @@ class SandboxSession:
         if not self.healthy:
             raise Abandon(self._closed_reason or "the sandbox is gone")
         act = _Activation(step)
+        act.replayed = _replay(state)
         if trace is not None:
             ctx = trace.activation.context
             act.ids = (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}")
@@ -240,7 +242,7 @@ class SandboxSession:
                 "metadata": event.metadata,
                 "env": self.values,
                 "bindings": sorted(self.bindings),
-                "replay": _replay(state),
+                "replay": act.replayed,
                 "trace": _traceparent_of(trace.activation.context) if trace is not None else None,
             })
             return await self._serve(act)
@@ -293,6 +295,7 @@ class SandboxSession:
         elif op == "spans":
             self._spans(act, message["spans"])
         elif op in ("return", "fail"):
+            self._replayed_locally(act, message)
             if act.calls:
                 raise protocol.ProtocolError(f"run() ended while step call {next(iter(act.calls))} ran")
             if op == "fail":
@@ -479,6 +482,7 @@ class SandboxSession:
             except asyncio.TimeoutError:
                 break
             if kind == "message" and isinstance(item, dict) and item.get("op") == "idle":
+                self._replayed_locally(act, item)
                 return
             if kind == "message" and isinstance(item, dict) and item.get("op") == "log":
                 continue  # the last lines of an ending activation are not kept
@@ -492,6 +496,18 @@ class SandboxSession:
         for secret in self._secrets:
             text = text.replace(secret, "[secret]")
         return text
+
+    @staticmethod
+    def _replayed_locally(act: _Activation, message: dict) -> None:
+        """Tell the step which replayed steps the sandbox answered itself: those sent
+        but not reported unused (the sandbox says, at the end of the activation)."""
+        unused = message.get("unused")
+        unused = {k for k in unused[:10_000] if isinstance(k, str)} if isinstance(unused, list) else set()
+        keys = []
+        for key in act.replayed.keys() - unused:
+            name, _, count = key.rpartition("\x00")
+            keys.append((name, int(count)))
+        act.step.replayed_locally(keys)
 
     def _log(self, act: _Activation, lines: list) -> None:
         log_ = act.step._log
