@@ -17,8 +17,9 @@ Sandbox -> supervisor (`op`), every request carries a fresh `id`:
     result {id, value} | raise {id, name, message, retryable}   answer to a `call`
     log {lines: [[stream, message, call_id|None], ...]}
     spans {spans: [...]}                   the tenant's own OpenTelemetry spans
-    return {value} | fail {name, message}  how run() ended
-    idle {}                                the activation wound down after `end`
+    return {value, unused} | fail {name, message, unused}  how run() ended; `unused`:
+                                           the replayed steps it never asked for
+    idle {unused}                          the activation wound down after `end`
 
 Supervisor -> sandbox (`t`):
     activate {event, metadata, env, bindings, replay, trace}
