@@ -59,9 +59,15 @@ def _no_notify(tenant_id: str, version: str | None) -> None:
 class InstanceHandle:
     """One workflow instance, addressed by id within its tenant."""
 
-    def __init__(self, binding: "WorkflowBinding", instance_id: str):
+    def __init__(self, binding: "WorkflowBinding", instance_id: str, outcome: str | None = None,
+                 error: str | None = None):
         self._binding = binding
         self.id = instance_id
+        #: What the `create` / `create_batch` that returned it did: "created", "existed"
+        #: (create_batch: the id was taken; its params were ignored) or "invalid"
+        #: (create_batch: the item was refused, `error` says why; nothing was stored).
+        self.outcome = outcome
+        self.error = error
 
     def __repr__(self) -> str:
         return f"InstanceHandle(tenant={self._binding.tenant_id!r}, id={self.id!r})"
@@ -214,22 +220,43 @@ class WorkflowBinding:
             self.tenant_id, version, [item], self._clock(), skip_existing=False
         )
         self._notify(self.tenant_id, version)
-        return InstanceHandle(self, item[0])
+        return InstanceHandle(self, item[0], "created")
 
     def create_batch(self, items: Iterable[Mapping[str, Any]]) -> list[InstanceHandle]:
-        """Create up to 100 instances at once; ids that already exist are skipped."""
+        """Create up to 100 instances at once, in one transaction. Each item gets a
+        handle, in order, whose `outcome` says what became of it: "created";
+        "existed" (the tenant has that id, or an earlier item of the batch had it: its
+        params are ignored); or "invalid" (`error` names what was wrong; nothing was
+        stored for it, and the other items are not held back)."""
         items = list(items)
         if len(items) > MAX_BATCH:
             raise InvalidInputError(
                 f"create_batch takes at most {MAX_BATCH} instances, got {len(items)}"
             )
         version = self._version()
-        rows = [self._item(_options(**dict(it)), version) for it in items]
-        self._journal.create_instances(
+        rows, handles = [], []
+        for i, item in enumerate(items):
+            try:
+                if not isinstance(item, Mapping):
+                    raise InvalidInputError(f"item {i}: expected a mapping, got {type(item).__name__}")
+                row = self._item(_options(**dict(item)), version)
+            except InvalidInputError as exc:
+                given = item.get("id") if isinstance(item, Mapping) else None
+                handles.append(InstanceHandle(
+                    self, given if isinstance(given, str) else None, "invalid", str(exc)))
+                continue
+            rows.append(row)
+            handles.append(InstanceHandle(self, row[0]))
+        created = set(self._journal.create_instances(
             self.tenant_id, version, rows, self._clock(), skip_existing=True
-        )
-        self._notify(self.tenant_id, version)
-        return [InstanceHandle(self, row[0]) for row in rows]
+        )) if rows else set()
+        for handle in handles:
+            if handle.outcome is None:
+                handle.outcome = "created" if handle.id in created else "existed"
+                created.discard(handle.id)  # a repeated id: its first item created it
+        if any(h.outcome == "created" for h in handles):
+            self._notify(self.tenant_id, version)
+        return handles
 
     def get(self, id: str) -> InstanceHandle:
         """The handle of an existing instance; unknown ids raise InstanceNotFoundError."""
@@ -248,7 +275,8 @@ class WorkflowBinding:
             if method == "create":
                 return self.create(*args, **kwargs).id
             if method == "create_batch":
-                return [h.id for h in self.create_batch(*args, **kwargs)]
+                return [{"id": h.id, "outcome": h.outcome, "error": h.error}
+                        for h in self.create_batch(*args, **kwargs)]
             if method == "get":
                 return self.get(*args, **kwargs).id
             name = method.removeprefix("instance.")

@@ -32,6 +32,7 @@ from .workflows import (
     NotAWorkflow,
     Saga,
     SleepThenPid,
+    SpawnsChildren,
     StepOptions,
     Steered,
     ThreeSteps,
@@ -122,6 +123,14 @@ def test_a_sandboxed_replay_that_skips_recorded_steps_warns(engine, tenant, tmp_
     assert "without asking for recorded steps 'a' (count 1)" in status["warning"]
 
 
+def test_a_tenant_sees_each_item_of_its_batch(engine, tenant):
+    engine.register(tenant, SpawnsChildren)
+    h = engine.binding(tenant).create(id="parent", params={"spawn": True})
+    output = wait_status(h, "complete")["output"]
+    assert output == [["parent-child", "created", False], ["not an id", "invalid", True]]
+    assert wait_status(engine.binding(tenant).get("parent-child"), "complete")["output"] == []
+
+
 def test_binding_errors_are_clear(engine, tenant):
     with pytest.raises(UnknownTenantError, match=f"tenant '{tenant}' has no workflow code"):
         engine.binding(tenant).create()
@@ -154,15 +163,21 @@ def test_create_batch_is_idempotent_and_bounded(engine, tenant):
     assert [h.id for h in handles] == [f"b{i}" for i in range(5)]
     for h in handles:
         assert wait_status(h, "complete")["output"] == 3
-    again = wf.create_batch([{"id": "b1"}, {"id": "b9"}])
-    assert [h.id for h in again] == ["b1", "b9"]
+    assert {h.outcome for h in handles} == {"created", "existed"}  # b0 existed already
+    again = wf.create_batch([{"id": "b1"}, {"id": "b9"}, {"id": "b9", "params": 2}])
+    assert [(h.id, h.outcome) for h in again] == [("b1", "existed"), ("b9", "created"),
+                                                  ("b9", "existed")]
     assert wait_status(wf.get("b9"), "complete")["output"] == 3
     with pytest.raises(InvalidInputError, match="at most 100"):
         wf.create_batch([{} for _ in range(101)])
-    with pytest.raises(InvalidInputError, match="instance id"):
-        wf.create_batch([{"id": "ok"}, {"id": "not ok"}])
+    mixed = wf.create_batch([{"id": "ok"}, {"id": "not ok"}, {"params": float("nan")},
+                             {"id": "x", "color": "red"}, "not a mapping"])
+    assert [h.outcome for h in mixed] == ["created", "invalid", "invalid", "invalid", "invalid"]
+    assert "instance id" in mixed[1].error and mixed[1].id == "not ok"
+    assert "params" in mixed[2].error and "color" in mixed[3].error and "mapping" in mixed[4].error
+    assert wait_status(wf.get("ok"), "complete")["output"] == 3  # bad items held nothing back
     with pytest.raises(InstanceNotFoundError):
-        wf.get("ok")  # a bad item rejects the whole batch before anything is stored
+        wf.get("x")
 
 
 def test_sigkill_mid_step_resumes_without_repeating_completed_steps(engine, tenant, tmp_path):

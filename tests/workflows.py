@@ -224,6 +224,22 @@ class Drifting(WorkflowEntrypoint):
         return await step.do("b", lambda: 2)
 
 
+class SpawnsChildren(WorkflowEntrypoint):
+    """Creates child instances of its own tenant in a batch, one of them invalid (the
+    children, created without params, create none)."""
+
+    async def run(self, event, step):
+        if not event.payload:
+            return []
+
+        def spawn():
+            made = self.env["WORKFLOWS"].create_batch(
+                [{"id": f"{event.instance_id}-child"}, {"id": "not an id"}])
+            return [[h.id, h.outcome, h.error is not None] for h in made]
+
+        return await step.do("spawn", spawn)
+
+
 class StepOptions(WorkflowEntrypoint):
     """Returns what its step's context says of the step's options (seen in the sandbox)."""
 

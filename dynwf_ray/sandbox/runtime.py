@@ -342,16 +342,20 @@ class _Workflows(_Binding):
         return _Instance(self, self._call("create", id=id, params=params))
 
     def create_batch(self, items: list[dict[str, Any]]) -> list["_Instance"]:
-        return [_Instance(self, i) for i in self._call("create_batch", items=list(items))]
+        return [_Instance(self, r["id"], r["outcome"], r["error"])
+                for r in self._call("create_batch", items=list(items))]
 
     def get(self, id: str) -> "_Instance":
         return _Instance(self, self._call("get", id=id))
 
 
 class _Instance:
-    def __init__(self, binding: _Workflows, instance_id: str):
+    def __init__(self, binding: _Workflows, instance_id: str, outcome: str = "created",
+                 error: str | None = None):
         self._binding = binding
         self.id = instance_id
+        self.outcome = outcome
+        self.error = error
 
     def __repr__(self) -> str:
         return f"InstanceHandle(id={self.id!r})"
