@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from pydantic import ValidationError
 
-from .errors import InvalidInputError, InvalidStateError, UnknownTenantError
+from .errors import InvalidInputError, InvalidStateError, JournalUnavailableError, UnknownTenantError
 from .journal import Journal
 from .logs import PLATFORM_STREAM
 from .tracing import end_instance_trace, new_trace_context
@@ -81,8 +81,16 @@ class InstanceHandle:
         (`step.do(..., rollback=...)`), in the order they ran (the newest step's
         first): {"step", "count", "status", "attempts", "error"}, and "warning": the
         newest line the platform added to its log, e.g. a determinism warning (a
-        replay that went on to a new step without asking for recorded ones)."""
-        info = self._binding._journal.require_instance(self._binding.tenant_id, self.id)
+        replay that went on to a new step without asking for recorded ones).
+
+        "unknown" is the status when the journal cannot be read now (unreachable, say):
+        "condition" then says why, and the other fields are empty."""
+        try:
+            info = self._binding._journal.require_instance(self._binding.tenant_id, self.id)
+        except JournalUnavailableError as exc:
+            return {"status": "unknown", "error": None, "output": None, "version": None,
+                    "condition": f"journal unavailable: {exc.cause} ({exc.detail})",
+                    "rollback": [], "warning": None}
         error = (
             InstanceError(name=info.error_name, message=info.error_message or "")
             if info.error_name

@@ -209,8 +209,8 @@ class InstanceError(BaseModel):
 
 
 class InstanceStatus(BaseModel):
-    """`instance.status()`: Cloudflare's status shape ("unknown" is in the vocabulary
-    for compatibility; the engine always knows an existing instance's status)."""
+    """`instance.status()`: Cloudflare's status shape ("unknown": the journal could not be
+    read, e.g. the database is unreachable; the status's "condition" says why)."""
 
     status: InstanceStatusName
     error: InstanceError | None = None

@@ -273,3 +273,20 @@ def test_the_cli_says_whether_the_journal_can_be_written(own_journal, tenant, mo
         assert "the journal is unavailable: read-only" in capsys.readouterr().err
     assert cli.main(["status", "waits", "--tenant", tenant, *args]) == 0
     assert json.loads(capsys.readouterr().out)["condition"] is None
+
+
+def test_status_is_unknown_while_the_journal_cannot_be_read(tmp_path, tenant):
+    home = tmp_path / "journal"
+    journal = Journal(f"sqlite:///{home / 'journal.db'}")
+    try:
+        d = Driver(journal, tenant, Careful)
+        handle = d.binding.create(id="u")
+        journal.engine.dispose()
+        home.rename(tmp_path / "gone")  # the file is not where the journal looks any more
+        status = handle.status()
+        assert status["status"] == "unknown" and status["version"] is None
+        assert status["condition"].startswith("journal unavailable: unreachable (unable to open")
+        (tmp_path / "gone").rename(home)
+        assert handle.status()["status"] == "queued"
+    finally:
+        journal.close()
