@@ -131,6 +131,23 @@ def test_a_tenant_sees_each_item_of_its_batch(engine, tenant):
     assert wait_status(engine.binding(tenant).get("parent-child"), "complete")["output"] == []
 
 
+def test_a_rollback_cut_short_by_a_host_killed_mid_way_finishes(engine, tenant, tmp_path):
+    engine.register(tenant, Saga)
+    lend(engine, tenant, tmp_path)
+    h = engine.binding(tenant).create(id="r", params={"dir": str(tmp_path), "refund_waits": True})
+    wait_until(lambda: lines(tmp_path / "undo.log"), what="the refund to start")
+    host = wait_until(lambda: sandbox_of(engine, "r"), what="its sandbox")["host_pid"]
+    os.kill(host, signal.SIGKILL)  # the trusted host process, mid-compensation
+    wait_until(lambda: len(lines(tmp_path / "undo.log")) == 2, what="the refund to run again")
+    (tmp_path / "refund-go").touch()
+    status = wait_status(h, "errored")
+    assert status["error"]["name"] == "NonRetryableError"
+    assert lines(tmp_path / "undo.log") == ["refund 30", "refund 30", "release 7"]
+    assert len(lines(tmp_path / "ship.log")) == 1  # the failure was replayed, not run again
+    assert [(r["step"], r["status"]) for r in status["rollback"]] == [
+        ("charge", "complete"), ("book", "complete")]
+
+
 def test_binding_errors_are_clear(engine, tenant):
     with pytest.raises(UnknownTenantError, match=f"tenant '{tenant}' has no workflow code"):
         engine.binding(tenant).create()

@@ -169,15 +169,18 @@ class Heavy(WorkflowEntrypoint):
 class Saga(WorkflowEntrypoint):
     """Books, charges and ships an order; shipping fails for good, so the charge is
     refunded and the booking released (each compensation logs to `<dir>/undo.log`).
-    `refund_fails`: how many refund attempts fail (with `refund_retries` retries)."""
+    `refund_fails`: how many refund attempts fail (with `refund_retries` retries);
+    `refund_waits`: each refund waits for `<dir>/refund-go` before it returns."""
 
     async def run(self, event, step):
         d, p = event.payload["dir"], event.payload
 
-        def refund(receipt):
+        async def refund(receipt):
             append(d, "undo.log", f"refund {receipt['charged']}")
             if len(Path(d, "undo.log").read_text().splitlines()) <= p.get("refund_fails", 0):
                 raise RuntimeError("the bank is down")
+            if p.get("refund_waits"):
+                await wait_for_file(Path(d) / "refund-go")
             return "refunded"
 
         booking = await step.do("book", lambda: {"seat": 7},
