@@ -56,6 +56,10 @@ class CheckStep:
     def now(self) -> float:
         return self._clock()
 
+    def replayed_locally(self, keys: Any) -> None:
+        """What the sandbox answered itself (nothing: it gets no local replay here)."""
+        self.used.update(keys)
+
     def _record(self, name: str, count: int | None, kind: str) -> StepRecord:
         validate_step_name(name)
         seq = self._counts.get(name, 0) + 1 if count is None else count
