@@ -290,3 +290,41 @@ def test_status_is_unknown_while_the_journal_cannot_be_read(tmp_path, tenant):
         assert handle.status()["status"] == "queued"
     finally:
         journal.close()
+
+
+def test_transient_faults_are_tried_again_and_others_are_not():
+    from dynwf_ray.journal.faults import retried
+
+    calls = {"locked": 0, "full": 0}
+
+    @retried
+    def locked_twice():
+        calls["locked"] += 1
+        if calls["locked"] <= 2:
+            raise JournalUnavailableError("locked", "database is locked")
+        return "written"
+
+    @retried
+    def full():
+        calls["full"] += 1
+        raise JournalUnavailableError("disk full", "database or disk is full")
+
+    assert locked_twice() == "written" and calls["locked"] == 3
+    with pytest.raises(JournalUnavailableError, match="disk full"):
+        full()
+    assert calls["full"] == 1  # not transient: the caller hears at once
+
+
+def test_a_group_commit_that_meets_a_transient_fault_commits_on_the_next_try(journal, tenant):
+    tries = []
+
+    def flaky(conn):
+        tries.append(1)
+        if len(tries) == 1:
+            raise JournalUnavailableError("serialization failure", "could not serialize access")
+        return "ok"
+
+    async def submit():
+        return await journal.grouped._submit(flaky, ())
+
+    assert asyncio.run(submit()) == "ok" and len(tries) == 2

@@ -1,6 +1,6 @@
 """Schema migrations of the journal, with Alembic.
 
-The models in `journal.py` are the schema; the revisions in `versions/` take a
+The models in `journal/schema.py` are the schema; the revisions in `versions/` take a
 journal from the first schema dynwf-ray shipped to the one those models
 describe, one revision per change, named by what it adds (`REVISIONS`).
 

@@ -1,4 +1,4 @@
-"""Alembic's environment for the journal: the models in `journal.py` are the target.
+"""Alembic's environment for the journal: the models in `journal/schema.py` are the target.
 
 `dynwf_ray.migrations.upgrade` runs the revisions on a connection it passes in
 `config.attributes["connection"]`, inside the journal's own write transaction,

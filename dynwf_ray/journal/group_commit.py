@@ -1,0 +1,142 @@
+"""Group commit: the writes of concurrent activations of one process share one transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import TYPE_CHECKING, Any
+
+from ..errors import JournalUnavailableError
+from .faults import retried
+from .schema import ActivationState, Claim, LeaseLostError
+
+if TYPE_CHECKING:
+    from . import Journal
+
+
+class GroupCommit:
+    """Group commit: the writes of concurrent activations in one process share commits.
+
+    Each awaitable method queues its write and returns when the transaction that holds
+    it has committed, so a step is durable before `step.do` returns, as with the
+    journal's plain methods. One writer thread takes every write queued meanwhile, runs
+    them in one transaction and commits them together: while it commits, the next
+    writes queue up. A write that fails raises to its own caller only (`_commit`). Its
+    numbers (`stats`) say how well it groups.
+    """
+
+    def __init__(self, journal: "Journal"):
+        self._journal = journal
+        self._queue: list[tuple[Any, tuple, asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._stats = {"group_commits": 0, "group_writes": 0, "group_max": 0}
+        threading.Thread(target=self._run, name="dynwf-group-commit", daemon=True).start()
+
+    # The writes: each is the journal's method of the same name, awaitable.
+
+    async def claim_due(self, *args: Any) -> list[Claim]:
+        return await self._submit(self._journal._claim_due, args)
+
+    async def claim_and_load(self, *args: Any) -> list[ActivationState]:
+        return await self._submit(self._journal._claim_and_load, args)
+
+    async def renew_leases(self, *args: Any) -> None:
+        return await self._submit(self._journal._renew_leases, args)
+
+    async def record_step(self, *args: Any) -> bool:
+        return await self._submit(self._journal._record_step, args)
+
+    async def take_event(self, *args: Any) -> tuple[str, str, float] | None:
+        return await self._submit(self._journal._take_event, args)
+
+    async def count_crash(self, pk: int) -> int:
+        return await self._submit(self._journal._count_crash, (pk,))
+
+    async def end_activation(self, *args: Any) -> None:
+        return await self._submit(self._journal._end_activation, args)
+
+    async def release(self, *args: Any) -> bool:
+        return await self._submit(self._journal._release, args)
+
+    def stats(self) -> dict[str, int]:
+        return dict(self._stats)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _submit(self, fn: Any, args: tuple) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the journal is closed")
+            self._queue.append((fn, args, loop, future))
+            self._cond.notify()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+            results = self._commit(batch)
+            for (_, _, loop, future), result in zip(batch, results):
+                try:
+                    loop.call_soon_threadsafe(_settle, future, result)
+                except RuntimeError:  # that caller's loop is closed: nobody waits
+                    pass
+
+    def _commit(self, batch: list) -> list[tuple[bool, Any]]:
+        """Run a batch in one transaction. A write that finds its lease lost raises before
+        it writes anything (the fence is its first statement), so it fails alone; any
+        other error rolls the whole batch back and runs each write in a transaction of
+        its own, so that one bad write cannot fail the others; an unavailable journal
+        fails them all (it is nothing one write did)."""
+        try:
+            results = self._together(batch)
+        except JournalUnavailableError as exc:
+            return [(False, exc)] * len(batch)
+        except Exception:  # noqa: BLE001 - one by one, below
+            if len(batch) == 1:
+                return self._alone(batch[0])
+            return [self._alone(item) for item in batch]
+        self._stats["group_commits"] += 1
+        self._stats["group_writes"] += len(batch)
+        self._stats["group_max"] = max(self._stats["group_max"], len(batch))
+        return results
+
+    @retried
+    def _together(self, batch: list) -> list[tuple[bool, Any]]:
+        """The batch's writes in one transaction (tried again on a transient fault)."""
+        results: list[tuple[bool, Any]] = []
+        with self._journal._write() as conn:
+            for fn, args, _, _ in batch:
+                try:
+                    results.append((True, fn(conn, *args)))
+                except LeaseLostError as exc:
+                    results.append((False, exc))
+        return results
+
+    def _alone(self, item: tuple) -> tuple[bool, Any]:
+        fn, args, _, _ = item
+        try:
+            with self._journal._write() as conn:
+                return True, fn(conn, *args)
+        except Exception as exc:  # noqa: BLE001 - raised to its own caller
+            return False, exc
+
+
+def _settle(future: asyncio.Future, result: tuple[bool, Any]) -> None:
+    if future.done():
+        return
+    ok, value = result
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)

@@ -1,0 +1,115 @@
+"""SQL statements the hot paths run, built once (bind parameters are prefixed with b_)."""
+
+from __future__ import annotations
+
+
+from sqlalchemy import (
+    Integer,
+    bindparam,
+    and_,
+    case,
+    or_,
+    select,
+    update,
+)
+
+
+from .schema import (I, S, E, X, InstanceInfo, StepRecord)
+
+_INFO_COLS = [getattr(I.c, f) for f in InstanceInfo.__dataclass_fields__]
+_STEP_COLS = [getattr(S.c, f) for f in StepRecord.__dataclass_fields__ if f != "instance_pk"]
+_STEP_FIELDS = tuple(StepRecord.__dataclass_fields__)
+
+# The step path runs these once per step: build them once (bind parameters are
+# prefixed with b_ because UPDATE reserves the column names for its SET clause).
+_FENCE = (
+    update(I)
+    .where(
+        I.c.pk == bindparam("b_pk"), I.c.lease_token == bindparam("b_token"),
+        I.c.lease_expires_at.is_not(None),  # held: not given up by a suspend or finish
+    )
+    .values(lease_expires_at=bindparam("b_until"), updated_at=bindparam("b_now"))
+    .returning(I.c.pause_requested)
+)
+_NEXT_TIMER = (
+    select(I.c.wake_at)
+    .where(I.c.wake_at.is_not(None), I.c.lease_expires_at.is_(None))
+    .order_by(I.c.wake_at)
+    .limit(1)
+)
+_NEXT_LEASE_EXPIRY = (
+    select(I.c.lease_expires_at)
+    .where(I.c.lease_expires_at.is_not(None))
+    .order_by(I.c.lease_expires_at)
+    .limit(1)
+)
+_FENCED = and_(I.c.pk == bindparam("b_pk"), I.c.lease_token == bindparam("b_token"))
+_LOAD_INSTANCE = select(*_INFO_COLS).where(I.c.pk == bindparam("b_pk"))
+_LOAD_STEPS = select(*_STEP_COLS).where(S.c.instance_pk == bindparam("b_pk"))
+_LOAD_CRASHES = select(X.c.crashes).where(X.c.instance_pk == bindparam("b_pk"))
+_SUSPEND = (
+    update(I)
+    .where(_FENCED)
+    .values(
+        status=case((I.c.pause_requested, "paused"), else_="waiting"),
+        wake_at=case((I.c.pause_requested, None), else_=bindparam("b_wake_at")),
+        waiting_for=bindparam("b_waiting_for"),
+        lease_expires_at=None, lease_owner=None, updated_at=bindparam("b_now"),
+    )
+)
+_BUFFERED = (
+    select(E.c.pk)
+    .where(
+        E.c.instance_pk == bindparam("b_pk"), E.c.type == bindparam("b_type"),
+        E.c.consumed.is_(False),
+    )
+    .limit(1)
+)
+_WAKE_NOW = (
+    update(I)
+    .where(I.c.pk == bindparam("b_pk"), I.c.status == "waiting")
+    .values(wake_at=bindparam("b_now"))
+)
+_FINISHED = dict(
+    wake_at=None, waiting_for=None, lease_expires_at=None, lease_owner=None,
+    pause_requested=False, updated_at=bindparam("b_now"),
+)
+_COMPLETE = update(I).where(_FENCED).values(
+    status="complete", output_json=bindparam("b_output"), **_FINISHED
+)
+_FAIL = update(I).where(_FENCED).values(
+    status="errored", error_name=bindparam("b_error_name"),
+    error_message=bindparam("b_error_message"), **_FINISHED
+)
+_PAUSE = update(I).where(_FENCED).values(status="paused", **_FINISHED)
+_TERMINATE = update(I).where(_FENCED).values(status="terminated", **_FINISHED)
+
+
+def _claim_statement(by_tenant: bool, by_version: bool, skip_locked: bool):
+    now = bindparam("b_now")
+    due = (
+        select(I.c.pk)
+        .where(I.c.wake_at <= now, or_(I.c.lease_expires_at.is_(None), I.c.lease_expires_at < now))
+        .order_by(I.c.wake_at)
+        .limit(bindparam("b_limit", type_=Integer))
+    )
+    if by_tenant:
+        due = due.where(I.c.tenant_id == bindparam("b_tenant"))
+    if by_version:
+        due = due.where(I.c.code_version == bindparam("b_version"))
+    if skip_locked:
+        due = due.with_for_update(skip_locked=True)
+    return (
+        update(I)
+        .where(I.c.pk.in_(due.scalar_subquery()))
+        .values(
+            lease_token=I.c.lease_token + 1,
+            lease_owner=bindparam("b_owner"),
+            lease_expires_at=bindparam("b_until"),
+            status=case((I.c.pause_requested, "waitingForPause"), else_="running"),
+            waiting_for=None,
+            activations=I.c.activations + 1,
+            updated_at=now,
+        )
+        .returning(I.c.pk, I.c.lease_token, I.c.tenant_id, I.c.instance_id, I.c.code_version)
+    )

@@ -1,0 +1,194 @@
+"""What an activation writes, every write fenced by its lease token: steps, events taken, its end.
+
+A part of `Journal` (see the package docstring): its methods use the journal's
+connection (`self._write()`, `self._read()`) and each other."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from sqlalchemy import (
+    delete,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection
+
+from ..types import LogLine
+
+from .schema import (STEP_COMPLETE, S, E, LeaseLostError, InstanceInfo, StepRecord, ActivationState, TERMINATE_EVENT)
+from .statements import (_STEP_FIELDS, _FENCE, _LOAD_INSTANCE, _LOAD_STEPS, _LOAD_CRASHES, _SUSPEND, _BUFFERED, _WAKE_NOW, _COMPLETE, _FAIL, _PAUSE, _TERMINATE)
+
+
+class ActivationWrites:
+    # -- what an activation writes (all fenced by the lease token) ---------
+
+    def _fence(self, conn: Connection, pk: int, token: int, now: float, lease_ttl: float) -> bool:
+        """Renew the lease if the token is still ours; returns pause_requested."""
+        row = conn.execute(
+            _FENCE, {"b_pk": pk, "b_token": token, "b_until": now + lease_ttl, "b_now": now}
+        ).first()
+        if row is None:
+            raise LeaseLostError(f"instance pk={pk}: lease token {token} is no longer current")
+        return bool(row[0])
+
+    def load_activation(self, pk: int, token: int) -> ActivationState:
+        with self._read() as conn:
+            row = conn.execute(_LOAD_INSTANCE, {"b_pk": pk}).first()
+            if row is None or row.lease_token != token:
+                raise LeaseLostError(f"instance pk={pk}: lease token {token} is not current")
+            steps = conn.execute(_LOAD_STEPS, {"b_pk": pk}).all()
+            crashes = conn.execute(_LOAD_CRASHES, {"b_pk": pk}).scalar() or 0
+            terminating = conn.execute(
+                select(E.c.pk).where(E.c.instance_pk == pk, E.c.type == TERMINATE_EVENT).limit(1)
+            ).first() is not None
+        return ActivationState(InstanceInfo(*row), [StepRecord(*s) for s in steps], crashes,
+                               terminating)
+
+    def renew_leases(self, leases: Sequence[tuple[int, int]], now: float, lease_ttl: float) -> None:
+        """Extend several held leases at once (those lost or given up are left alone)."""
+        with self._write() as conn:
+            self._renew_leases(conn, leases, now, lease_ttl)
+
+    @staticmethod
+    def _renew_leases(
+        conn: Connection, leases: Sequence[tuple[int, int]], now: float, lease_ttl: float
+    ) -> None:
+        for pk, token in leases:
+            conn.execute(_FENCE, {"b_pk": pk, "b_token": token, "b_until": now + lease_ttl, "b_now": now})
+
+    def renew_lease(self, pk: int, token: int, now: float, lease_ttl: float) -> bool:
+        """Heartbeat for long steps. Returns pause_requested; raises LeaseLostError."""
+        with self._write() as conn:
+            return self._fence(conn, pk, token, now, lease_ttl)
+
+    def record_step(
+        self, pk: int, token: int, step: StepRecord, now: float, lease_ttl: float,
+        logs: Sequence[LogLine] = (), keep_logs: int = 0,
+    ) -> bool:
+        """Durably record a step's state (fenced), with the log lines printed since the
+        last write, in the same commit. Returns pause_requested."""
+        with self._write() as conn:
+            return self._record_step(conn, pk, token, step, now, lease_ttl, logs, keep_logs)
+
+    def _record_step(
+        self, conn: Connection, pk: int, token: int, step: StepRecord, now: float,
+        lease_ttl: float, logs: Sequence[LogLine] = (), keep_logs: int = 0,
+    ) -> bool:
+        values = {f: getattr(step, f) for f in _STEP_FIELDS}
+        values["instance_pk"] = pk
+        pause = self._fence(conn, pk, token, now, lease_ttl)
+        conn.execute(self._upsert_step, values)
+        if logs:
+            self._insert_logs(conn, pk, logs, keep_logs)
+        return pause
+
+    def take_event(
+        self, pk: int, token: int, step: StepRecord, event_type: str, now: float, lease_ttl: float
+    ) -> tuple[str, str, float] | None:
+        """Consume the oldest buffered event of this type into the waiting step.
+
+        Returns (type, payload_json, created_at), or None when nothing is buffered.
+        """
+        with self._write() as conn:
+            return self._take_event(conn, pk, token, step, event_type, now, lease_ttl)
+
+    def _take_event(
+        self, conn: Connection, pk: int, token: int, step: StepRecord, event_type: str,
+        now: float, lease_ttl: float,
+    ) -> tuple[str, str, float] | None:
+        self._fence(conn, pk, token, now, lease_ttl)
+        row = conn.execute(
+            select(E.c.pk, E.c.payload_json, E.c.created_at)
+            .where(E.c.instance_pk == pk, E.c.type == event_type, E.c.consumed.is_(False))
+            .order_by(E.c.pk)
+            .limit(1)
+        ).first()
+        if row is None:
+            return None
+        conn.execute(update(E).where(E.c.pk == row.pk).values(consumed=True))
+        result = (
+            f'{{"type":{json.dumps(event_type)},"payload":{row.payload_json},'
+            f'"timestamp":{json.dumps(row.created_at)}}}'
+        )
+        conn.execute(
+            update(S)
+            .where(S.c.instance_pk == pk, S.c.name == step.name, S.c.seq == step.seq)
+            .values(status=STEP_COMPLETE, result_json=result, finished_at=now)
+        )
+        return event_type, row.payload_json, row.created_at
+
+    def suspend(
+        self, pk: int, token: int, wake_at: float | None, waiting_for: str | None, now: float
+    ) -> None:
+        """Release the lease with a timer (sleep end / wait deadline / retry time).
+
+        If a pause was requested the instance becomes `paused` instead. If it waits
+        for an event that is already buffered, it is due at once (no lost wake-up).
+        """
+        with self._write() as conn:
+            self._suspend(conn, pk, token, wake_at, waiting_for, now)
+
+    @staticmethod
+    def _suspend(
+        conn: Connection, pk: int, token: int, wake_at: float | None, waiting_for: str | None,
+        now: float,
+    ) -> None:
+        params = {
+            "b_pk": pk, "b_token": token, "b_wake_at": wake_at,
+            "b_waiting_for": waiting_for, "b_now": now,
+        }
+        if not conn.execute(_SUSPEND, params).rowcount:
+            raise LeaseLostError(f"instance pk={pk}: lease lost before suspending")
+        if waiting_for is not None:
+            if conn.execute(_BUFFERED, {"b_pk": pk, "b_type": waiting_for}).first():
+                conn.execute(_WAKE_NOW, {"b_pk": pk, "b_now": now})
+
+    def pause_now(self, pk: int, token: int, now: float) -> None:
+        """The activation stopped at a step boundary because a pause was requested."""
+        with self._write() as conn:
+            self._finish(conn, _PAUSE, pk, token, now)
+
+    def complete(self, pk: int, token: int, output_json: str, now: float) -> None:
+        with self._write() as conn:
+            self._finish(conn, _COMPLETE, pk, token, now, b_output=output_json)
+
+    def fail(self, pk: int, token: int, error_name: str, message: str, now: float) -> None:
+        with self._write() as conn:
+            self._finish(conn, _FAIL, pk, token, now, b_error_name=error_name, b_error_message=message)
+
+    @staticmethod
+    def _finish(conn: Connection, stmt: Any, pk: int, token: int, now: float, **params: Any) -> None:
+        if not conn.execute(stmt, {"b_pk": pk, "b_token": token, "b_now": now, **params}).rowcount:
+            raise LeaseLostError(f"instance pk={pk}: lease lost before finishing")
+
+    def _end_activation(
+        self, conn: Connection, outcome: tuple, pk: int, logs: Sequence[LogLine], keep_logs: int,
+        crashed: bool, had_crashes: bool,
+    ) -> None:
+        """What ends an activation, in one commit: its outcome (("complete", token, output,
+        now), ("fail", token, name, message, now), ("suspend", token, wake_at, waiting_for,
+        now), ("pause", token, now), ("release", token, wake_at, now) or ("terminate", token,
+        now)), its last log
+        lines, and its count of crashes in a row (one more, or none after one that did
+        not crash)."""
+        kind, token, *args = outcome
+        if kind == "complete":
+            self._finish(conn, _COMPLETE, pk, token, args[1], b_output=args[0])
+        elif kind == "fail":
+            self._finish(conn, _FAIL, pk, token, args[2], b_error_name=args[0], b_error_message=args[1])
+        elif kind == "suspend":
+            self._suspend(conn, pk, token, args[0], args[1], args[2])
+        elif kind == "pause":
+            self._finish(conn, _PAUSE, pk, token, args[0])
+        elif kind == "release":
+            self._release(conn, pk, token, args[0], args[1])
+        elif kind == "terminate":  # its rollback is done
+            self._finish(conn, _TERMINATE, pk, token, args[0])
+            conn.execute(delete(E).where(E.c.instance_pk == pk, E.c.type == TERMINATE_EVENT))
+        self._insert_logs(conn, pk, logs, keep_logs)
+        if crashed:
+            self._count_crash(conn, pk)
+        elif had_crashes:
+            self._clear_crashes(conn, pk)
