@@ -32,7 +32,7 @@ from .errors import (
     UnknownTenantError,
     WorkflowTimeoutError,
 )
-from .types import LogLine, ReceivedEvent, StepContext, WorkflowEvent
+from .types import InstanceStatus, LogLine, ReceivedEvent, StepContext, WorkflowEvent
 
 if TYPE_CHECKING:
     from .binding import InstanceHandle, WorkflowBinding
@@ -60,6 +60,7 @@ __all__ = [
     "EngineConfig",
     "InstanceHandle",
     "InstanceNotFoundError",
+    "InstanceStatus",
     "InstanceTerminatingError",
     "InvalidInputError",
     "InvalidStateError",

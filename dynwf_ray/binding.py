@@ -33,7 +33,9 @@ from .types import (
     MAX_BATCH,
     CreateOptions,
     InstanceError,
+    TERMINAL,
     InstanceStatus,
+    StatusReport,
     LogLine,
     to_json,
     validate_event_type,
@@ -49,7 +51,8 @@ _SANDBOX_INSTANCE_METHODS = {
 
 
 #: Statuses of instances a platform condition can keep from going on.
-_BLOCKABLE = {"queued", "running", "waiting", "waitingForPause"}
+_BLOCKABLE = {InstanceStatus.queued, InstanceStatus.running, InstanceStatus.waiting,
+              InstanceStatus.waitingForPause}
 
 
 def _no_notify(tenant_id: str, version: str | None) -> None:
@@ -97,13 +100,13 @@ class InstanceHandle:
             else None
         )
         output = json.loads(info.output_json) if info.output_json is not None else None
-        status = InstanceStatus(status=info.status, error=error, output=output).model_dump()
+        status = StatusReport(status=info.status, error=error, output=output).model_dump()
         blocked = info.status in _BLOCKABLE and self._binding._condition()
         rollback = [
             {"step": s.name, "count": -s.seq, "status": s.status, "attempts": s.attempts,
              "error": f"{s.error_name}: {s.error_message}" if s.error_name else None}
             for s in self._binding._journal.rollback_steps(info.pk)
-        ] if info.status != "queued" else []
+        ] if info.status != InstanceStatus.queued else []
         return {**status, "version": info.code_version, "condition": blocked or None,
                 "rollback": rollback,
                 "warning": self._binding._journal.last_line(info.pk, PLATFORM_STREAM)}
@@ -125,7 +128,7 @@ class InstanceHandle:
         if rollback:
             self._binding._notify(self._binding.tenant_id, info.code_version)
         else:
-            self._binding._end_trace(info, "terminated", now)
+            self._binding._end_trace(info, InstanceStatus.terminated, now)
 
     def restart(self, from_step: tuple[str, int] | list | None = None) -> None:
         """Run again, in a new trace (the old one's root span ends): from the beginning, or
@@ -144,7 +147,7 @@ class InstanceHandle:
         info = self._binding._journal.restart(
             self._binding.tenant_id, self.id, now, new_trace_context(), from_step
         )
-        if info.status not in ("complete", "errored", "terminated"):
+        if info.status not in TERMINAL:
             self._binding._end_trace(info, "restarted", now)
         self._binding._notify(self._binding.tenant_id, info.code_version)
 
@@ -154,7 +157,7 @@ class InstanceHandle:
         activation is then fenced out and stops at its next step."""
         now = self._binding._clock()
         info = self._binding._journal.delete_instance(self._binding.tenant_id, self.id, now, force)
-        if info.status not in ("complete", "errored", "terminated"):
+        if info.status not in TERMINAL:
             self._binding._end_trace(info, "deleted", now)
 
     def logs(self, after: int = 0, limit: int = 1000) -> list[LogLine]:

@@ -35,6 +35,7 @@ from .package import push
 from .errors import DynwfError
 from . import migrations
 from .journal import InstanceInfo, Journal, StepRecord, unavailable
+from .types import TERMINAL, InstanceStatus
 from .types import LogLine
 
 
@@ -359,17 +360,17 @@ def _demo(url: str, tenants: Path) -> int:
                     shown[key] = state
                     print("  " + _progress_line(s), flush=True)
             status = order.status()
-            if status["status"] == "waiting" and not approved and ("manager approval", 1) in shown:
+            if status["status"] == InstanceStatus.waiting and not approved and ("manager approval", 1) in shown:
                 print("  -> sending the 'approval' event the workflow waits for", flush=True)
                 order.send_event("approval", {"by": "the demo"})
                 approved = True
-            if status["status"] in ("complete", "errored", "terminated"):
+            if status["status"] in TERMINAL:
                 break
             time.sleep(0.1)
         else:
             print("the demo did not finish within 5 minutes", file=sys.stderr)
             return 1
-        while report.status()["status"] not in ("complete", "errored", "terminated"):
+        while report.status()["status"] not in TERMINAL:
             if time.monotonic() > deadline:
                 print("the globex report did not finish within 5 minutes", file=sys.stderr)
                 return 1
@@ -380,7 +381,7 @@ def _demo(url: str, tenants: Path) -> int:
         ok = True
         for tenant, inst in (("acme", order), ("globex", report)):
             status = inst.status()
-            ok = ok and status["status"] == "complete"
+            ok = ok and status["status"] == InstanceStatus.complete
             print(f"{tenant}/{inst.id}: {status['status']} on {status['version']}")
             print(json.dumps(status["output"] or status["error"], indent=2))
         stats = engine.stats()

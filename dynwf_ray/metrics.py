@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
 from .errors import JournalUnavailableError
+from .types import InstanceStatus
 
 log = logging.getLogger("dynwf_ray.metrics")
 
@@ -132,7 +133,10 @@ class EngineMetrics:
             [lambda _o: [self._observation(1 if journal_available() else 0)]],
             "1", "1 while journal writes work, 0 while they fail",
         )
-        for status, name in (("queued", "queued"), ("waiting", "hibernated"), ("paused", "paused")):
+        for status, name in (
+            (InstanceStatus.queued, "queued"), (InstanceStatus.waiting, "hibernated"),
+            (InstanceStatus.paused, "paused"),
+        ):
             meter.create_observable_gauge(
                 f"dynwf.instances.{name}", [self._instances(status)], "{instance}",
                 f"Instances {name} (status {status!r})",

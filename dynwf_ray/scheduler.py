@@ -62,6 +62,7 @@ from .pool import CodeKey, Decision, HostPool, PoolConfig, Quota, Start, Stop, W
 from .sandbox.policy import TenantPolicy
 from .sessions import SessionKeeper, this_process
 from .tracing import end_instance_trace
+from .types import InstanceStatus
 from .types import Retention
 
 log = logging.getLogger("dynwf_ray.scheduler")
@@ -215,7 +216,7 @@ class SchedulerCore:
         info = self.journal.get_instance(claim.tenant_id, claim.instance_id)
         if info is not None:
             end_instance_trace(
-                self.journal, self._telemetry_env, info, "errored", now, (name, message[:4000])
+                self.journal, self._telemetry_env, info, InstanceStatus.errored, now, (name, message[:4000])
             )
 
 

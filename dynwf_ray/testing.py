@@ -49,6 +49,7 @@ from .binding import InstanceHandle, WorkflowBinding
 from .entrypoint import WorkflowEntrypoint
 from .errors import InvalidInputError
 from .journal import STEP_COMPLETE, STEP_FAILED, TERMINAL, ActivationState, Journal, StepRecord
+from .types import InstanceStatus
 from .logs import LogCapture, _Tee
 from .step import Step
 from .types import LogLine, parse_duration, takes_context, validate_id, validate_step_name
@@ -312,7 +313,7 @@ class WorkflowTest:
                 continue
             if until is None:
                 info = self._journal.require_instance(self.tenant, target)
-                if info.status in TERMINAL or info.status == "paused":
+                if info.status in TERMINAL or info.status == InstanceStatus.paused:
                     return
             timer = self._next_timer(with_waits=until is not None)
             if until is not None and (timer is None or timer > until):
@@ -362,7 +363,7 @@ class WorkflowTest:
         """The earliest timer of the tenant's instances that the clock may skip to."""
         timers = []
         for info in self._journal.list_instances(self.tenant, limit=1_000_000):
-            if info.wake_at is None or info.status in TERMINAL or info.status == "paused":
+            if info.wake_at is None or info.status in TERMINAL or info.status == InstanceStatus.paused:
                 continue
             if info.waiting_for is not None and not with_waits and not self._forced(info.pk):
                 continue
@@ -424,7 +425,7 @@ class WorkflowRun:
     def __repr__(self) -> str:
         info = self._load()
         parts = [f"WorkflowRun {self.id!r}: {info.status}", f"elapsed {self.elapsed:g} s"]
-        if info.status == "waiting" and info.waiting_for:
+        if info.status == InstanceStatus.waiting and info.waiting_for:
             parts.append(f"waiting for {info.waiting_for!r}")
         if info.error_name:
             parts.append(f"error {info.error_name}: {info.error_message}")
@@ -483,7 +484,7 @@ class WorkflowRun:
     def waiting_for(self) -> str | None:
         """The event type the instance waits for, if it does."""
         info = self._load()
-        return info.waiting_for if info.status == "waiting" else None
+        return info.waiting_for if info.status == InstanceStatus.waiting else None
 
     @property
     def now(self) -> datetime:

@@ -13,9 +13,9 @@ import inspect
 import json
 import re
 from datetime import datetime, timedelta, timezone
-from enum import Enum
+from enum import Enum, StrEnum
 from functools import lru_cache
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -197,10 +197,24 @@ class StepContext(BaseModel):
     config: StepConfig = DEFAULT_STEP_CONFIG
 
 
-InstanceStatusName = Literal[
-    "queued", "running", "paused", "errored", "terminated", "complete",
-    "waiting", "waitingForPause", "unknown",
-]
+class InstanceStatus(StrEnum):
+    """An instance's status: Cloudflare's vocabulary. Each member is its own string
+    ("waitingForPause" included), so it compares equal to, and is stored as, the plain
+    value. "unknown": the journal could not be read (`status()` then says why)."""
+
+    queued = "queued"
+    running = "running"
+    waiting = "waiting"
+    paused = "paused"
+    waitingForPause = "waitingForPause"
+    complete = "complete"
+    errored = "errored"
+    terminated = "terminated"
+    unknown = "unknown"
+
+
+#: The statuses an instance never leaves on its own (restart() aside).
+TERMINAL = (InstanceStatus.complete, InstanceStatus.errored, InstanceStatus.terminated)
 
 
 class InstanceError(BaseModel):
@@ -208,11 +222,11 @@ class InstanceError(BaseModel):
     message: str
 
 
-class InstanceStatus(BaseModel):
-    """`instance.status()`: Cloudflare's status shape ("unknown": the journal could not be
-    read, e.g. the database is unreachable; the status's "condition" says why)."""
+class StatusReport(BaseModel):
+    """`instance.status()`: Cloudflare's status shape."""
 
-    status: InstanceStatusName
+    model_config = ConfigDict(use_enum_values=True)
+    status: InstanceStatus
     error: InstanceError | None = None
     output: Any = None
 

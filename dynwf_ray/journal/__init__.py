@@ -64,6 +64,7 @@ from typing import Any
 from .. import migrations
 from ..errors import JournalSchemaError
 from ..health import JournalHealth
+from ..types import TERMINAL
 from .code import CodeStore
 from .dialect import _LOCK_STATS, connect, sqlite_url_path
 from .faults import _Tx, unavailable
@@ -71,7 +72,7 @@ from .group_commit import GroupCommit
 from .instances import Instances
 from .log_lines import LogLines
 from .schema import (
-    KEEP_ENDED_SESSIONS, STEP_COMPLETE, STEP_FAILED, STEP_RETRYING, STEP_WAITING, TERMINAL,
+    KEEP_ENDED_SESSIONS, STEP_COMPLETE, STEP_FAILED, STEP_RETRYING, STEP_WAITING,
     TERMINATE_EVENT, ActivationState, Claim, InstanceInfo, LeaseLostError, SessionInfo,
     StepRecord, lease_owner_prefix,
 )

@@ -4,6 +4,7 @@ A part of `Journal` (see the package docstring): its methods use the journal's
 connection (`self._write()`, `self._read()`) and each other."""
 
 from __future__ import annotations
+from ..types import TERMINAL, InstanceStatus
 
 import json
 from typing import Any, Sequence
@@ -27,7 +28,7 @@ from ..errors import (
     InvalidStateError,
 )
 
-from .schema import (TERMINAL, STEP_COMPLETE, I, S, E, C, L, X, InstanceInfo, StepRecord, ActivationState, TERMINATE_EVENT)
+from .schema import (STEP_COMPLETE, I, S, E, C, L, X, InstanceInfo, StepRecord, ActivationState, TERMINATE_EVENT)
 from .statements import (_INFO_COLS, _STEP_COLS, _LOAD_STEPS)
 
 from .faults import retried
@@ -55,7 +56,7 @@ class Instances:
         rows = [
             dict(
                 tenant_id=tenant_id, instance_id=iid, code_version=code_version,
-                params_json=params, metadata_json=meta, status="queued",
+                params_json=params, metadata_json=meta, status=InstanceStatus.queued,
                 created_at=now, updated_at=now, wake_at=now, pause_requested=False,
                 lease_token=0, activations=0, trace_context=trace_context,
                 trace_caller=trace_caller,
@@ -222,7 +223,7 @@ class Instances:
                     created_at=now, consumed=False,
                 )
             )
-            if info.waiting_for == event_type and info.status == "waiting":
+            if info.waiting_for == event_type and info.status == InstanceStatus.waiting:
                 conn.execute(update(I).where(I.c.pk == info.pk).values(wake_at=now))
             return info
 
@@ -232,10 +233,10 @@ class Instances:
             info = self._lock_instance(conn, tenant_id, instance_id)
             if info.status in TERMINAL:
                 raise InvalidStateError(f"instance {instance_id!r} is {info.status}; cannot pause")
-            if info.status == "paused":
-                return "paused"
+            if info.status == InstanceStatus.paused:
+                return InstanceStatus.paused
             leased = info.lease_expires_at is not None and info.lease_expires_at >= now
-            status = "waitingForPause" if leased else "paused"
+            status = InstanceStatus.waitingForPause if leased else InstanceStatus.paused
             values: dict[str, Any] = dict(pause_requested=True, status=status, updated_at=now)
             if not leased:
                 values.update(wake_at=None, lease_expires_at=None)
@@ -246,20 +247,20 @@ class Instances:
     def resume(self, tenant_id: str, instance_id: str, now: float) -> str:
         with self._write() as conn:
             info = self._lock_instance(conn, tenant_id, instance_id)
-            if info.status == "paused":
+            if info.status == InstanceStatus.paused:
                 conn.execute(
                     update(I).where(I.c.pk == info.pk).values(
-                        pause_requested=False, status="queued", wake_at=now, updated_at=now
+                        pause_requested=False, status=InstanceStatus.queued, wake_at=now, updated_at=now
                     )
                 )
-                return "queued"
-            if info.status == "waitingForPause":
+                return InstanceStatus.queued
+            if info.status == InstanceStatus.waitingForPause:
                 conn.execute(
                     update(I).where(I.c.pk == info.pk).values(
-                        pause_requested=False, status="running", updated_at=now
+                        pause_requested=False, status=InstanceStatus.running, updated_at=now
                     )
                 )
-                return "running"
+                return InstanceStatus.running
             if info.status in TERMINAL:
                 raise InvalidStateError(f"instance {instance_id!r} is {info.status}; cannot resume")
             return info.status
@@ -289,7 +290,7 @@ class Instances:
                 return info
             conn.execute(
                 update(I).where(I.c.pk == info.pk).values(
-                    status="terminated", wake_at=None, waiting_for=None,
+                    status=InstanceStatus.terminated, wake_at=None, waiting_for=None,
                     lease_token=I.c.lease_token + 1, lease_expires_at=None, lease_owner=None,
                     pause_requested=False, updated_at=now,
                 )
@@ -318,7 +319,7 @@ class Instances:
             self._clear_crashes(conn, info.pk)
             conn.execute(
                 update(I).where(I.c.pk == info.pk).values(
-                    status="queued", wake_at=now, waiting_for=None, output_json=None,
+                    status=InstanceStatus.queued, wake_at=now, waiting_for=None, output_json=None,
                     error_name=None, error_message=None, pause_requested=False,
                     lease_token=I.c.lease_token + 1, lease_expires_at=None, lease_owner=None,
                     updated_at=now, trace_context=trace[0], trace_caller=trace[1],

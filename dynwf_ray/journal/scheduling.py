@@ -4,6 +4,7 @@ A part of `Journal` (see the package docstring): its methods use the journal's
 connection (`self._write()`, `self._read()`) and each other."""
 
 from __future__ import annotations
+from ..types import TERMINAL, InstanceStatus
 
 import json
 from typing import Any, Sequence
@@ -21,7 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 
 
-from .schema import (TERMINAL, I, S, E, X, N, KEEP_ENDED_SESSIONS, lease_owner_prefix, Claim, SessionInfo, InstanceInfo, StepRecord, ActivationState, TERMINATE_EVENT)
+from .schema import (I, S, E, X, N, KEEP_ENDED_SESSIONS, lease_owner_prefix, Claim, SessionInfo, InstanceInfo, StepRecord, ActivationState, TERMINATE_EVENT)
 from .statements import (_INFO_COLS, _STEP_COLS, _NEXT_TIMER, _NEXT_LEASE_EXPIRY, _claim_statement)
 
 from .faults import retried
@@ -139,7 +140,7 @@ class Scheduling:
             .where(which, I.c.lease_expires_at.is_not(None), I.c.status.not_in(TERMINAL))
             .values(
                 lease_expires_at=None, lease_owner=None, updated_at=now,
-                status=case((I.c.pause_requested, "paused"), else_="queued"),
+                status=case((I.c.pause_requested, InstanceStatus.paused), else_=InstanceStatus.queued),
                 wake_at=case((I.c.pause_requested, None), else_=wake_at),
             )
             .returning(I.c.pk)

@@ -12,7 +12,6 @@ from sqlalchemy import (
 from sqlmodel import Column, Field, SQLModel
 
 
-TERMINAL = ("complete", "errored", "terminated")
 
 # Step row statuses.
 STEP_COMPLETE = "complete"  # result_json holds the result (a sleep stores its wake time)

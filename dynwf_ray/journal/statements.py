@@ -1,6 +1,7 @@
 """SQL statements the hot paths run, built once (bind parameters are prefixed with b_)."""
 
 from __future__ import annotations
+from ..types import InstanceStatus
 
 
 from sqlalchemy import (
@@ -51,7 +52,7 @@ _SUSPEND = (
     update(I)
     .where(_FENCED)
     .values(
-        status=case((I.c.pause_requested, "paused"), else_="waiting"),
+        status=case((I.c.pause_requested, InstanceStatus.paused), else_=InstanceStatus.waiting),
         wake_at=case((I.c.pause_requested, None), else_=bindparam("b_wake_at")),
         waiting_for=bindparam("b_waiting_for"),
         lease_expires_at=None, lease_owner=None, updated_at=bindparam("b_now"),
@@ -67,7 +68,7 @@ _BUFFERED = (
 )
 _WAKE_NOW = (
     update(I)
-    .where(I.c.pk == bindparam("b_pk"), I.c.status == "waiting")
+    .where(I.c.pk == bindparam("b_pk"), I.c.status == InstanceStatus.waiting)
     .values(wake_at=bindparam("b_now"))
 )
 _FINISHED = dict(
@@ -75,14 +76,14 @@ _FINISHED = dict(
     pause_requested=False, updated_at=bindparam("b_now"),
 )
 _COMPLETE = update(I).where(_FENCED).values(
-    status="complete", output_json=bindparam("b_output"), **_FINISHED
+    status=InstanceStatus.complete, output_json=bindparam("b_output"), **_FINISHED
 )
 _FAIL = update(I).where(_FENCED).values(
-    status="errored", error_name=bindparam("b_error_name"),
+    status=InstanceStatus.errored, error_name=bindparam("b_error_name"),
     error_message=bindparam("b_error_message"), **_FINISHED
 )
-_PAUSE = update(I).where(_FENCED).values(status="paused", **_FINISHED)
-_TERMINATE = update(I).where(_FENCED).values(status="terminated", **_FINISHED)
+_PAUSE = update(I).where(_FENCED).values(status=InstanceStatus.paused, **_FINISHED)
+_TERMINATE = update(I).where(_FENCED).values(status=InstanceStatus.terminated, **_FINISHED)
 
 
 def _claim_statement(by_tenant: bool, by_version: bool, skip_locked: bool):
@@ -106,7 +107,7 @@ def _claim_statement(by_tenant: bool, by_version: bool, skip_locked: bool):
             lease_token=I.c.lease_token + 1,
             lease_owner=bindparam("b_owner"),
             lease_expires_at=bindparam("b_until"),
-            status=case((I.c.pause_requested, "waitingForPause"), else_="running"),
+            status=case((I.c.pause_requested, InstanceStatus.waitingForPause), else_=InstanceStatus.running),
             waiting_for=None,
             activations=I.c.activations + 1,
             updated_at=now,
