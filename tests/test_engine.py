@@ -148,6 +148,27 @@ def test_a_rollback_cut_short_by_a_host_killed_mid_way_finishes(engine, tenant, 
         ("charge", "complete"), ("book", "complete")]
 
 
+def test_a_restart_from_a_step_survives_its_host_killed_mid_way(engine, tenant, tmp_path):
+    engine.register(tenant, Steered)
+    lend(engine, tenant, tmp_path)
+    h = engine.binding(tenant).create(id="s", params={"dir": str(tmp_path)})
+    wait_until(lambda: lines(tmp_path / "b.log"), what="step b")
+    (tmp_path / "release").touch()
+    wait_status(h, "complete")
+    (tmp_path / "release").unlink()
+    h.restart(from_step=("b", 1))
+    wait_until(lambda: len(lines(tmp_path / "b.log")) == 2, what="step b to run again")
+    host = wait_until(lambda: sandbox_of(engine, "s"), what="its sandbox")["host_pid"]
+    os.kill(host, signal.SIGKILL)
+    wait_until(lambda: len(lines(tmp_path / "b.log")) == 3, what="step b to run once more")
+    (tmp_path / "release").touch()
+    assert wait_status(h, "complete")["output"] == ["a", "b", "c"]
+    assert len(lines(tmp_path / "a.log")) == 1  # kept by the restart: never run again
+    steps = engine.journal.list_steps(engine.journal.get_instance(tenant, "s").pk)
+    assert sorted((s.name, s.seq, s.status) for s in steps) == [
+        ("a", 1, "complete"), ("b", 1, "complete"), ("c", 1, "complete")]
+
+
 def test_binding_errors_are_clear(engine, tenant):
     with pytest.raises(UnknownTenantError, match=f"tenant '{tenant}' has no workflow code"):
         engine.binding(tenant).create()

@@ -122,3 +122,16 @@ def test_sqlite_writers_of_two_journals_take_turns_and_the_wait_is_counted(tmp_p
     finally:
         first.close()
         second.close()
+
+
+def test_a_write_that_fails_alone_in_its_batch_reaches_its_caller(journal):
+    """A batch of one write that raises: its caller gets the error (a batch of one used
+    to be settled with the wrong shape, leaving its caller waiting for ever)."""
+    def broken(conn):
+        raise ValueError("a bug in the only write")
+
+    async def alone():
+        return await asyncio.wait_for(journal.grouped._submit(broken, ()), 10)
+
+    with pytest.raises(ValueError, match="the only write"):
+        asyncio.run(alone())

@@ -148,6 +148,55 @@ def test_a_move_is_refused_when_the_history_would_not_replay(engine, tenant, tmp
     assert waiters[1].status()["version"] == v3
 
 
+SLOW_AFTER_EVENT = '''
+import os, time
+from pathlib import Path
+from dynwf_ray import WorkflowEntrypoint
+
+MARK = {mark!r}
+
+class SlowAfterEvent(WorkflowEntrypoint):
+    async def run(self, event, step):
+        d = Path(event.payload["dir"])
+        first = await step.do("who", lambda: MARK)
+        await step.wait_for_event("go", type="go", timeout="1 hour")
+
+        def slow():
+            with open(d / "slow.log", "a") as f:
+                f.write(MARK + "\\n")
+            while not (d / "release").exists():
+                time.sleep(0.02)
+            return MARK
+
+        return [first, await step.do("slow", slow)]
+'''
+
+
+def test_a_migrated_instance_survives_its_host_killed_mid_step_on_the_new_version(
+    engine, tenant, tmp_path
+):
+    from .test_engine import lend, lines, process_gone, sandbox_of
+    from .conftest import wait_until
+    import signal
+
+    lend(engine, tenant, tmp_path)
+    code = lambda mark: write_tenant(tmp_path / mark, tenant, SLOW_AFTER_EVENT.format(mark=mark))
+    engine.push_tenant(tenant, str(code("v1")))
+    h = engine.binding(tenant).create(id="m", params={"dir": str(tmp_path)})
+    wait_status(h, "waiting")
+    v2 = engine.push_tenant(tenant, str(code("v2")))
+    assert engine.migrate(tenant, to=v2, dry_run=False)["moved"] == ["m"]
+    h.send_event("go")
+    wait_until(lambda: lines(tmp_path / "slow.log"), what="the new version's step to start")
+    host = wait_until(lambda: sandbox_of(engine, "m"), what="its sandbox")["host_pid"]
+    os.kill(host, signal.SIGKILL)
+    wait_until(lambda: process_gone(host), what="the host to die")
+    wait_until(lambda: len(lines(tmp_path / "slow.log")) == 2, what="the step to run again")
+    (tmp_path / "release").touch()
+    assert wait_status(h, "complete")["output"] == ["v1", "v2"]  # replayed v1's, ran v2's
+    assert lines(tmp_path / "slow.log") == ["v2", "v2"]
+
+
 FAILING = '''
 import time
 from dynwf_ray import WorkflowEntrypoint

@@ -103,8 +103,6 @@ class GroupCommit:
         except JournalUnavailableError as exc:
             return [(False, exc)] * len(batch)
         except Exception:  # noqa: BLE001 - one by one, below
-            if len(batch) == 1:
-                return self._alone(batch[0])
             return [self._alone(item) for item in batch]
         self._stats["group_commits"] += 1
         self._stats["group_writes"] += len(batch)
