@@ -432,7 +432,10 @@ class _RayScheduler:
             except RayActorError:
                 raise
             except Exception as exc:  # noqa: BLE001 - its code cannot be loaded (now)
-                await self._code_unavailable(key, getattr(exc, "cause", None) or exc)
+                cause = getattr(exc, "cause", None) or exc
+                if isinstance(cause, JournalUnavailableError):
+                    return  # the journal's fault, not the code's: the next tick tries again
+                await self._code_unavailable(key, cause)
                 return
             self._hosts[host_id].actor = actor
             self.metrics.host_change("started", key.tenant_id, reason)
