@@ -30,7 +30,9 @@ MAX_SLEEP = timedelta(days=365)
 MAX_BATCH = 100
 DEFAULT_WAIT_TIMEOUT = timedelta(hours=24)
 
-_ID_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9\-_]*$")
+#: Ids of tenants and instances, and event types (the whole string must match).
+ID_PATTERN = r"^[a-zA-Z0-9_][a-zA-Z0-9\-_]*$"
+_ID_RE = re.compile(ID_PATTERN)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _UNITS = {
     "ms": 0.001, "millisecond": 0.001, "milliseconds": 0.001,
@@ -70,7 +72,7 @@ def parse_duration(value: Any, what: str = "duration") -> float:
 def validate_id(value: Any, what: str = "instance id") -> str:
     if not isinstance(value, str):
         raise InvalidInputError(f"{what} must be a string, got {type(value).__name__}")
-    if not value or len(value) > MAX_ID_LENGTH or not _ID_RE.match(value):
+    if not value or len(value) > MAX_ID_LENGTH or not _ID_RE.fullmatch(value):
         raise InvalidInputError(
             f"{what} {value[:120]!r} is invalid: 1-{MAX_ID_LENGTH} characters of "
             "letters, digits, '-' and '_', not starting with '-'"
@@ -96,7 +98,7 @@ def validate_event_type(value: Any) -> str:
         not isinstance(value, str)
         or not value
         or len(value) > MAX_EVENT_TYPE_LENGTH
-        or not _ID_RE.match(value)
+        or not _ID_RE.fullmatch(value)
     ):
         raise InvalidInputError(
             f"event type {value!r} is invalid: 1-{MAX_EVENT_TYPE_LENGTH} characters "

@@ -35,7 +35,7 @@ def test_bad_durations_are_rejected_naming_the_argument(bad):
 def test_instance_ids():
     assert validate_id("order-1") == "order-1"
     assert validate_id("a" * 100)
-    for bad in ["", "a" * 101, "-leading-dash", "has space", "slash/y", "ünï"]:
+    for bad in ["", "a" * 101, "-leading-dash", "has space", "slash/y", "ünï", "trailing-newline\n"]:
         with pytest.raises(InvalidInputError, match="instance id"):
             validate_id(bad)
     with pytest.raises(InvalidInputError, match="must be a string"):
