@@ -36,7 +36,7 @@ import tempfile
 import tomllib
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ray import cloudpickle
@@ -258,18 +258,21 @@ def check_pip_allowed(tenant_id: str, manifest: Manifest, policy: dict[str, Any]
 
 
 def push(
-    journal: Any, tenant_id: str, path: str | os.PathLike, now: float, sandbox_mode: str = "strict"
+    journal: Any, tenant_id: str, path: str | os.PathLike, now: float, sandbox_mode: str = "strict",
+    progress: Callable[[str], None] | None = None,
 ) -> str:
     """Build, validate (inside its own runtime env) and store a tenant's code; returns its version.
 
     Needs Ray to be initialized. Nothing is stored unless the code imports and
     its entrypoint is a WorkflowEntrypoint. Pushing the same content again (by
     any tenant) returns the same version without validating it again, and
-    makes it that tenant's latest.
+    makes it that tenant's latest. `progress` is told each stage as it begins.
     """
     import ray
     from ray.exceptions import GetTimeoutError, RayTaskError, RuntimeEnvSetupError
 
+    stage = progress or (lambda _: None)
+    stage("packaging")
     package = build_package(path)
     check_pip_allowed(tenant_id, package.manifest, json.loads(journal.tenant_policy(tenant_id) or "{}"))
     stored = journal.find_code(package.version)  # this content was validated before
@@ -278,6 +281,8 @@ def push(
 
         check = ray.remote(num_cpus=0, max_retries=0)(check_entrypoint)
         env = runtime_env_for(package.manifest)
+        pip = f" (installing {', '.join(package.manifest.pip)})" if package.manifest.pip else ""
+        stage(f"validating in its runtime env{pip}")
         try:
             entrypoint = ray.get(
                 check.options(**({"runtime_env": env} if env else {})).remote(
@@ -301,5 +306,6 @@ def push(
         manifest_json = package.manifest.model_dump_json()
     else:
         manifest_json = stored[2]
+    stage("storing")
     journal.save_code(tenant_id, package.version, PACKAGE, package.blob, now, manifest_json)
     return package.version

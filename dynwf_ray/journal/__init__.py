@@ -8,6 +8,8 @@ per concern, each a module of its own:
 - `scheduling.py`: claims, demand, timers, released leases, engine sessions, crashes;
 - `writes.py`: what an activation writes, fenced by its lease;
 - `log_lines.py`: what tenant code printed;
+- `access.py`: who may use the HTTP API (tokens, stored as hashes) and tenants'
+  webhook secrets;
 - `group_commit.py`: concurrent activations' writes sharing commits;
 - `schema.py` (the tables and the records handed out), `statements.py` (SQL built
   once), `dialect.py` (the seam where SQLite and PostgreSQL differ), `faults.py`
@@ -37,6 +39,9 @@ Tables (SQLModel):
   with its heartbeat and the processes it ran in. Leases are owned by
   `e<epoch>/<holder>`, so a session found gone (`sessions.py`) gives up its
   leases at once (`end_session`) instead of letting them expire.
+- `api_tokens`: the HTTP API's bearer tokens: the SHA-256 of each secret (never
+  the secret), its public id, name, tenant (NULL: admin) and when it was revoked.
+- `webhook_secrets`: per tenant, the secret its webhooks are signed with.
 
 Each instance also carries its trace identity (`trace_context`: its root
 span's W3C traceparent; `trace_caller`: the span that created it), and each
@@ -65,6 +70,7 @@ from .. import migrations
 from ..errors import JournalSchemaError
 from ..health import JournalHealth
 from ..types import TERMINAL
+from .access import Access, UnknownTokenError
 from .code import CodeStore
 from .dialect import _LOCK_STATS, connect, sqlite_url_path
 from .faults import _Tx, unavailable
@@ -74,7 +80,7 @@ from .log_lines import LogLines
 from .schema import (
     KEEP_ENDED_SESSIONS, STEP_COMPLETE, STEP_FAILED, STEP_RETRYING, STEP_WAITING,
     TERMINATE_EVENT, ActivationState, Claim, InstanceInfo, LeaseLostError, SessionInfo,
-    StepRecord, lease_owner_prefix,
+    StepRecord, TokenInfo, lease_owner_prefix,
 )
 from .schema import S
 from .scheduling import Scheduling
@@ -84,14 +90,15 @@ from .writes import ActivationWrites
 __all__ = [
     "KEEP_ENDED_SESSIONS", "STEP_COMPLETE", "STEP_FAILED", "STEP_RETRYING", "STEP_WAITING",
     "TERMINAL", "TERMINATE_EVENT", "ActivationState", "Claim", "GroupCommit", "InstanceInfo",
-    "Journal", "LeaseLostError", "SessionInfo", "StepRecord", "lease_owner_prefix",
+    "Journal", "LeaseLostError", "SessionInfo", "StepRecord", "TokenInfo", "UnknownTokenError",
+    "lease_owner_prefix",
     "sqlite_url_path", "unavailable",
 ]
 
 _TABLE_LOCK = threading.Lock()
 
 
-class Journal(CodeStore, Instances, Scheduling, ActivationWrites, LogLines):
+class Journal(CodeStore, Instances, Scheduling, ActivationWrites, LogLines, Access):
     """Connection to the journal database plus every query the engine runs."""
 
     def __init__(self, url: str, *, create_tables: bool = True, synchronous: str = "FULL"):

@@ -131,6 +131,15 @@ class CodeStore:
             ).first()
         return (row.kind, bytes(row.blob), row.manifest_json) if row else None
 
+    def list_tenants(self) -> list[tuple[str, str, float]]:
+        """(tenant_id, latest_version, updated_at) of every tenant with code, by tenant id."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(T.c.tenant_id, T.c.latest_version, T.c.updated_at)
+                .where(T.c.latest_version.is_not(None)).order_by(T.c.tenant_id)
+            ).all()
+        return [tuple(r) for r in rows]
+
     def list_versions(self, tenant_id: str) -> list[tuple[str, str, float]]:
         """(version, kind, created_at) of every code version of a tenant, oldest first."""
         with self._read() as conn:

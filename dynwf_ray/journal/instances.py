@@ -118,13 +118,24 @@ class Instances:
         return [InstanceInfo(*r) for r in rows]
 
     def list_instances(
-        self, tenant_id: str | None = None, status: str | None = None, limit: int = 100
+        self, tenant_id: str | None = None, status: str | None = None, limit: int = 100, *,
+        created_after: float | None = None, created_before: float | None = None,
+        before_pk: int | None = None,
     ) -> list[InstanceInfo]:
+        """Up to `limit` instances, newest first (by pk), of a tenant (None: every tenant's),
+        with a status, created at or after `created_after` and before `created_before`.
+        Paging: pass the last row's pk as `before_pk` for the rows after it."""
         stmt = select(*_INFO_COLS).order_by(I.c.pk.desc()).limit(limit)
         if tenant_id is not None:
             stmt = stmt.where(I.c.tenant_id == tenant_id)
         if status is not None:
             stmt = stmt.where(I.c.status == status)
+        if created_after is not None:
+            stmt = stmt.where(I.c.created_at >= created_after)
+        if created_before is not None:
+            stmt = stmt.where(I.c.created_at < created_before)
+        if before_pk is not None:
+            stmt = stmt.where(I.c.pk < before_pk)
         with self._read() as conn:
             return [InstanceInfo(*r) for r in conn.execute(stmt).all()]
 

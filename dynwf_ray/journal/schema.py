@@ -76,6 +76,7 @@ class InstanceRow(SQLModel, table=True):
         Index("ix_instances_status_updated", "status", "updated_at"),  # counts; the sweeper
         # a host claims only its own code's due instances (claim_due by tenant and version)
         Index("ix_instances_code_wake", "tenant_id", "code_version", "wake_at"),
+        Index("ix_instances_tenant_pk", "tenant_id", "pk"),  # a tenant's newest, paged
     )
     pk: int | None = Field(default=None, primary_key=True)
     tenant_id: str = Field(max_length=100)
@@ -154,6 +155,30 @@ class LogRow(SQLModel, table=True):
     message: str
 
 
+class ApiTokenRow(SQLModel, table=True):
+    """A bearer token of the HTTP API (`access.py`): only the SHA-256 of its secret is
+    stored. `tenant_id` NULL: an admin token."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (Index("ix_api_tokens_hash", "token_hash", unique=True),)
+    token_id: str = Field(primary_key=True, max_length=12)  # public, short
+    token_hash: str = Field(max_length=64)  # hex SHA-256 of the secret
+    tenant_id: str | None = Field(default=None, max_length=100)
+    name: str = Field(max_length=100)
+    created_at: float
+    revoked_at: float | None = None
+
+
+class WebhookSecretRow(SQLModel, table=True):
+    """The secret a tenant's webhooks are signed with (HMAC-SHA256): stored as it is,
+    since checking a signature needs it."""
+
+    __tablename__ = "webhook_secrets"
+    tenant_id: str = Field(primary_key=True, max_length=100)
+    secret: str
+    updated_at: float = 0.0
+
+
 class EngineSessionRow(SQLModel, table=True):
     """One engine session: a scheduler incarnation, numbered by `epoch` (see sessions.py).
     A table of its own, so journals from before it existed need no new column."""
@@ -182,6 +207,8 @@ P = TenantPolicyRow.__table__
 X = CrashRow.__table__
 N = EngineSessionRow.__table__
 R = RetentionRow.__table__
+A = ApiTokenRow.__table__
+W = WebhookSecretRow.__table__
 
 #: Ended sessions are kept this long (seconds) for people to read, then deleted.
 KEEP_ENDED_SESSIONS = 7 * 86400
@@ -219,6 +246,18 @@ class SessionInfo:
     loader_id: str | None
     started_at: float
     heartbeat_at: float
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """An API token as the journal hands it out: never its secret nor the secret's hash.
+    `tenant_id` None: an admin token."""
+
+    token_id: str
+    tenant_id: str | None
+    name: str
+    created_at: float
+    revoked_at: float | None
 
 
 @dataclass(frozen=True)

@@ -76,12 +76,13 @@ BASELINE = {
 #: Every table any revision made (a database with none of them has no journal yet).
 JOURNAL_TABLES = {
     *BASELINE, "code_blobs", "logs", "tenant_policies", "activation_crashes",
-    "engine_sessions", "tenant_retention",
+    "engine_sessions", "tenant_retention", "api_tokens", "webhook_secrets",
 }
 
 #: Every revision, oldest first, with the test that says a journal made before
 #: revisions existed has everything it does (None: a data revision, which such a
-#: journal always runs; it changes only rows that need it).
+#: journal runs unless it has the tables of a later revision: only code that had run
+#: it made those; it changes only rows that need it).
 REVISIONS: tuple[tuple[str, Callable[[_Tables], bool] | None], ...] = (
     ("0001_baseline", lambda t: all(t.has(name, *cols) for name, cols in BASELINE.items())),
     ("0002_step_kind", lambda t: t.has("steps", "kind")),
@@ -98,6 +99,8 @@ REVISIONS: tuple[tuple[str, Callable[[_Tables], bool] | None], ...] = (
     ("0010_retention", lambda t: t.has("tenant_retention")
      and "ix_instances_status_updated" in t.indexes and "ix_instances_status" not in t.indexes),
     ("0011_class_modules", None),
+    ("0012_api_access", lambda t: t.has("api_tokens") and t.has("webhook_secrets")
+     and "ix_instances_tenant_pk" in t.indexes),
 )
 KNOWN = tuple(rev for rev, _ in REVISIONS)
 HEAD = KNOWN[-1]
@@ -163,7 +166,9 @@ def read_state(conn: Connection) -> SchemaState:
     )
     detected = None
     for rev, present in REVISIONS:  # the longest run of revisions the tables have entirely
-        if present is None or not present(tables):
+        if present is None:  # data: done if a later revision's tables are here (see REVISIONS)
+            continue
+        if not present(tables):
             break
         detected = rev
     if detected is None:
