@@ -28,7 +28,7 @@ from ..errors import (
     InvalidStateError,
 )
 
-from .schema import (STEP_COMPLETE, I, S, E, C, L, X, InstanceInfo, StepRecord, ActivationState, TERMINATE_EVENT)
+from .schema import (STEP_COMPLETE, MAX_ROW_ID, I, S, E, C, L, X, InstanceInfo, StepRecord, ActivationState, TERMINATE_EVENT)
 from .statements import (_INFO_COLS, _STEP_COLS, _LOAD_STEPS)
 
 from .faults import retried
@@ -135,7 +135,7 @@ class Instances:
         if created_before is not None:
             stmt = stmt.where(I.c.created_at < created_before)
         if before_pk is not None:
-            stmt = stmt.where(I.c.pk < before_pk)
+            stmt = stmt.where(I.c.pk < min(before_pk, MAX_ROW_ID))
         with self._read() as conn:
             return [InstanceInfo(*r) for r in conn.execute(stmt).all()]
 

@@ -16,7 +16,7 @@ from sqlalchemy.engine import Connection
 
 from ..types import LogLine
 
-from .schema import L
+from .schema import MAX_ROW_ID, L
 
 
 class LogLines:
@@ -47,7 +47,7 @@ class LogLines:
         cols = [L.c.pk.label("id")] + [getattr(L.c, f) for f in LogLine.model_fields if f != "id"]
         with self._read() as conn:
             rows = conn.execute(
-                select(*cols).where(L.c.instance_pk == pk, L.c.pk > after)
+                select(*cols).where(L.c.instance_pk == pk, L.c.pk > min(after, MAX_ROW_ID))
                 .order_by(L.c.pk).limit(limit)
             ).all()
         return [LogLine(**row._mapping) for row in rows]

@@ -20,6 +20,10 @@ STEP_RETRYING = "retrying"  # attempts failed so far; next attempt at next_attem
 STEP_WAITING = "waiting"  # wait_for_event reached; result_json holds the deadline
 
 
+#: Row ids (`instances.pk`, `logs.pk`) are 32-bit on PostgreSQL: a cursor beyond them
+#: (`before_pk`, `after`) is clamped, meaning "beyond every row", instead of failing.
+MAX_ROW_ID = 2**31 - 1
+
 class TenantRow(SQLModel, table=True):
     __tablename__ = "tenants"
     tenant_id: str = Field(primary_key=True, max_length=100)
