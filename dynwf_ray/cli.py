@@ -574,10 +574,11 @@ def _token(cli: _Cli, args: argparse.Namespace) -> int:
     journal = cli.journal
     if args.token_command == "create":
         info, secret = journal.create_token(None if args.admin else args.tenant, args.name, time.time())
-        cli.note("this is the only time the token's secret is shown: store it now")
         whose = "an admin token" if info.tenant_id is None else f"a token of tenant {info.tenant_id!r}"
-        return cli.emit({**_token_doc(info), "secret": secret},
-                        [f"created {whose}, id {info.token_id} ({info.name}):", secret])
+        cli.note(f"created {whose}, id {info.token_id} ({info.name}); this is the only time "
+                 "its secret is shown: store it now")
+        # stdout: the secret alone, so that TOKEN=$(dynwf token create ...) works
+        return cli.emit({**_token_doc(info), "secret": secret}, [secret])
     if args.token_command == "revoke":
         info = journal.revoke_token(args.token_id, time.time())
         return cli.emit(_token_doc(info), [f"revoked token {info.token_id} at {_when(info.revoked_at)} UTC"])
@@ -597,9 +598,9 @@ def _webhook_secret(cli: _Cli, args: argparse.Namespace) -> int:
                         [f"cleared the webhook secret of {args.tenant}: its webhooks are refused"])
     secret = secrets.token_hex(32)
     cli.journal.set_webhook_secret(args.tenant, secret, time.time())
-    cli.note("this is the only time the webhook secret is shown: give it to the sender now")
-    return cli.emit({"tenant": args.tenant, "secret": secret},
-                    [f"webhooks of {args.tenant} must now be signed (HMAC-SHA256) with:", secret])
+    cli.note(f"webhooks of {args.tenant} must now be signed (HMAC-SHA256) with this secret; "
+             "this is the only time it is shown: give it to the sender now")
+    return cli.emit({"tenant": args.tenant, "secret": secret}, [secret])
 
 
 # -- the journal, the server ------------------------------------------------------------

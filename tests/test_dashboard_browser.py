@@ -18,15 +18,9 @@ Without the browser the test is skipped, saying why, unless DYNWF_REQUIRE_BROWSE
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -76,41 +70,10 @@ def chromium():
             browser.close()
 
 
-@contextmanager
-def serve(app) -> Iterator[str]:
-    """Serve `app` with uvicorn in a thread; yield its base URL once it answers."""
-    import uvicorn
+def serve(app):
+    from dynwf_ray.server import serving
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(
-        app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
-                              name="dashboard-uvicorn", daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if not thread.is_alive():
-                raise AssertionError("uvicorn exited during startup (see the log above)")
-            try:
-                with urllib.request.urlopen(f"{base}/v1/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the API did not answer {base}/v1/health within 30 s")
-            time.sleep(0.05)
-        yield base
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
-        assert not thread.is_alive(), "uvicorn did not shut down within 15 s"
+    return serving(app)
 
 
 SCREENSHOTS = ("dashboard-overview", "dashboard-instances", "dashboard-instance-waiting",

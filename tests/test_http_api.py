@@ -6,23 +6,20 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import contextlib
 import io
 import json
 import re
 import select
 import socket
-import threading
 import time
 import uuid
 import zipfile
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
-from dynwf_ray.server import ServerSettings, create_app
+from dynwf_ray.server import ServerSettings, create_app, serving
 from dynwf_ray.server.limits import JSON_LIMIT
 
 from .conftest import wait_until
@@ -232,7 +229,8 @@ def test_an_oversized_body_is_refused_before_it_is_read_whole(api):
     """A chunked body (no Content-Length) sent to a real server is answered 413 once the
     limit is passed, while the client still has most of it to send."""
     chunk, total = b"x" * 65536, 64
-    with serving(api.client.app) as port, socket.create_connection(("127.0.0.1", port)) as sock:
+    with serving(api.client.app) as base, socket.create_connection(
+            ("127.0.0.1", int(base.rsplit(":", 1)[1]))) as sock:
         sock.sendall(
             f"POST /v1/tenants/{api.a}/instances HTTP/1.1\r\nHost: x\r\n"
             f"Authorization: Bearer {api.tokens['admin']}\r\nContent-Type: application/json\r\n"
@@ -268,20 +266,6 @@ def _read_response(sock) -> str:
         if not part:
             return data.decode("latin-1")
         data += part
-
-
-@contextlib.contextmanager
-def serving(app):
-    """Serve `app` with uvicorn on a free local port, in a thread; the port."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, 30, "the server to start")
-    try:
-        yield server.servers[0].sockets[0].getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_batches_and_paging(api):

@@ -15,8 +15,11 @@ The API is documented in docs/http-api.md, its OpenAPI document in docs/openapi.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
+import threading
+import time
+from typing import Any, Iterator
 
 from pydantic import ValidationError
 
@@ -24,7 +27,7 @@ from ..errors import InvalidInputError
 from .app import create_app
 from .settings import ServerSettings
 
-__all__ = ["ServerSettings", "create_app", "serve"]
+__all__ = ["ServerSettings", "create_app", "serve", "serving"]
 
 log = logging.getLogger("dynwf_ray.server")
 
@@ -47,7 +50,31 @@ def serve(*, host: str = "127.0.0.1", port: int = 8750, trace_url: str | None = 
         if not engine.journal.list_tokens():
             print("dynwf serve: no API tokens yet; create one with `dynwf token create --admin`",
                   flush=True)
-        print(f"dynwf serve: the API and dashboard on http://{host}:{port}/", flush=True)
         uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning")
     finally:
         engine.stop()
+
+
+@contextlib.contextmanager
+def serving(app: Any, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
+    """Serve `app` with uvicorn in a background thread of this process (a platform that
+    embeds the API next to its own code, tests, scripts); yields the base URL
+    (`http://host:port`, port 0: a free one) once the server listens, and stops it on exit."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           access_log=False, timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, name="dynwf-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the server did not start within {timeout:g} s (see its log)")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()
+    try:
+        yield f"http://{bound[0]}:{bound[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
