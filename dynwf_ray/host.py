@@ -427,9 +427,11 @@ class HostProcess:
         self._hosts: dict[int, InstanceHost] = {}
         sweep_scratch()
 
-    async def add(self, host_id: int, spec: HostSpec) -> None:
-        """Start a host (its sandbox template) here; off the loop, which other hosts use."""
+    async def add(self, host_id: int, spec: HostSpec) -> str:
+        """Start a host (its sandbox template) here; off the loop, which other hosts use.
+        Returns the id of the node it runs on."""
         self._hosts[host_id] = await asyncio.to_thread(InstanceHost, self._journal, spec)
+        return ray.get_runtime_context().get_node_id()
 
     async def serve(self, host_id: int) -> HostReport:
         return await self._hosts[host_id].serve()

@@ -156,9 +156,10 @@ class Loader:
 
     def start(
         self, host_id: int, tenant_id: str, version: str, owner: str, bindings: bool = True
-    ) -> Any:
+    ) -> tuple[Any, str]:
         """Start an instance host for this code (a cold start) in a host process, and
-        return that process's handle (the scheduler calls it with `host_id`).
+        return that process's handle (the scheduler calls it with `host_id`) and the id
+        of the node it runs on.
 
         The host leases as `owner`; without `bindings` its sandboxes get none (a replay
         check's host: `check_replay`). Raises LookupError when the
@@ -192,7 +193,7 @@ class Loader:
         for _ in range(3):  # a process on a node that is gone: place the host elsewhere
             process = self._place(code.runtime_env)
             try:
-                ray.get(process.actor.add.remote(host_id, spec))
+                node_id = ray.get(process.actor.add.remote(host_id, spec))
             except ray.exceptions.RayActorError:
                 self._drop(process)
                 continue
@@ -206,14 +207,14 @@ class Loader:
             self._hosts[host_id] = _Host(host_id, (tenant_id, version), process)
             self._counters["cold_starts"] += 1
         log.info("started a host for tenant %s version %s", tenant_id, version)
-        return process.actor
+        return process.actor, node_id
 
     def check_replay(self, tenant_id: str, version: str, states: list) -> list[str | None]:
         """Whether each instance's history (`ActivationState`) replays on this code version
         (`replay_check.py`): None, or why not. In a host started for it, without
         bindings, ended afterwards."""
         host_id = -time.time_ns()  # never the id of a pool's host
-        actor = self.start(host_id, tenant_id, version, "replay-check", bindings=False)
+        actor, _ = self.start(host_id, tenant_id, version, "replay-check", bindings=False)
         try:
             return ray.get(actor.check.remote(host_id, states))
         finally:

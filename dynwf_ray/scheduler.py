@@ -148,7 +148,8 @@ class SchedulerCore:
         self._telemetry_env = telemetry_env or {}
         self._caps: dict[str, int | None] = {}
         self._caps_at = float("-inf")
-        self.counters = {"host_deaths": 0, "instances_given_up": 0, "instances_swept": 0}
+        self.counters = {"host_deaths": 0, "hosts_lost_with_node": 0, "instances_given_up": 0,
+                         "instances_swept": 0}
 
     def tick(self, now: float) -> list[Decision]:
         demand = {CodeKey(*k): Want(*v) for k, v in self.journal.demand(now).items()}
@@ -185,23 +186,32 @@ class SchedulerCore:
         self.counters["instances_swept"] += swept
         return swept
 
-    def host_died(self, host_id: int, now: float, why: str) -> list[int]:
-        """A host died: its instances crashed. Returns the pks given up on (errored)."""
+    def host_died(self, host_id: int, now: float, why: str, node_lost: bool = False) -> list[int]:
+        """A host died: its instances crashed. Returns the pks given up on (errored). When
+        its node was lost (`node_lost`), that is no fault of the instances: they are
+        released at their place in the queue without counting a crash."""
         self.pool.ended(host_id)
         self.counters["host_deaths"] += 1
+        if node_lost:
+            self.counters["hosts_lost_with_node"] += 1
         return self.crashed(self.journal.held_by(self._host_owner(host_id)), now, "HostDiedError",
-                            f"the instance's host process died: {why}")
+                            f"the instance's host process died: {why}", count=not node_lost)
 
-    def crashed(self, claims: list, now: float, name: str, message: str) -> list[int]:
-        """These activations crashed: count it; release or (at the limit) error them."""
+    def crashed(self, claims: list, now: float, name: str, message: str,
+                count: bool = True) -> list[int]:
+        """These activations crashed: count it (unless not `count`); release or (at the
+        limit) error them."""
         given_up = []
         for claim in claims:
+            if not count:
+                self.journal.release(claim.pk, claim.token, None, now)
+                continue
             crashes = self.journal.count_crash(claim.pk)
             if crashes >= self._max_failures:
                 self.give_up(claim, name, f"{crashes} activations in a row crashed; last: {message}", now)
                 given_up.append(claim.pk)
             else:
-                self.journal.release(claim.pk, claim.token, now, now)
+                self.journal.release(claim.pk, claim.token, None, now)  # keeps its place
         return given_up
 
     def give_up(self, claim: Any, name: str, message: str, now: float) -> None:
@@ -220,10 +230,24 @@ class SchedulerCore:
             )
 
 
+def _node_lost(host: "_LiveHost | None", exc: BaseException) -> bool:
+    """Whether a host's process died with its node: Ray says so in the actor's death
+    cause, or has marked the node it ran on dead."""
+    if "because its node has died" in str(exc):
+        return True
+    if host is None or host.node_id is None:
+        return False
+    try:
+        return not any(n["NodeID"] == host.node_id and n.get("Alive") for n in ray.nodes())
+    except Exception:  # noqa: BLE001 - the GCS cannot say now: count it as a crash
+        return False
+
+
 @dataclass
 class _LiveHost:
     key: CodeKey
     actor: Any = None  # its HostProcess (calls name the host by its id)
+    node_id: str | None = None  # the node its process runs on
     ready: bool = False
     running: int = 0
 
@@ -423,10 +447,10 @@ class _RayScheduler:
 
     async def _run_host(self, host_id: int, key: CodeKey, reason: str) -> None:
         """Start a host, serve until it stops, and clean up after it (or its death)."""
-        why = None
+        why, node_lost = None, False
         try:
             try:
-                actor = await self._loader.start.remote(
+                actor, node_id = await self._loader.start.remote(
                     host_id, key.tenant_id, key.version, self._host_owner(host_id)
                 )
             except RayActorError:
@@ -437,7 +461,7 @@ class _RayScheduler:
                     return  # the journal's fault, not the code's: the next tick tries again
                 await self._code_unavailable(key, cause)
                 return
-            self._hosts[host_id].actor = actor
+            self._hosts[host_id].actor, self._hosts[host_id].node_id = actor, node_id
             self.metrics.host_change("started", key.tenant_id, reason)
             served = actor.serve.remote(host_id)
             self.core.pool.started(host_id, time.time())
@@ -453,6 +477,8 @@ class _RayScheduler:
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if not isinstance(exc, RayActorError):
                 log.error("host %s failed: %s", host_id, exc)
+            elif _node_lost(self._hosts.get(host_id), exc):
+                node_lost = True
         finally:
             self._forget(host_id)
             self._blocked.pop(host_id, None)
@@ -465,7 +491,7 @@ class _RayScheduler:
             if pooled is None or not pooled.stopping:  # a stop already counted it
                 self.metrics.host_change("stopped", key.tenant_id, "died")
             try:
-                self.core.host_died(host_id, time.time(), why)
+                self.core.host_died(host_id, time.time(), why, node_lost=node_lost)
             except JournalUnavailableError:
                 pass  # its instances' leases expire; the journal's health says why
 

@@ -158,4 +158,6 @@ def check(facts: dict) -> None:
         if iid not in victims:
             assert len(got["b_runs"]) == 1, (iid, got)
     assert facts["stats"]["host_deaths"] >= len(victims)
+    # their hosts went down with the node: not the instances' fault, no crash counted
+    assert facts["stats"]["hosts_lost_with_node"] >= 1, facts["stats"]
     assert facts["stats"]["instances"] == {"complete": len(instances)}

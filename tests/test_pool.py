@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from dynwf_ray.journal import Journal
+from dynwf_ray.journal.schema import lease_owner_prefix
 from dynwf_ray.pool import CodeKey, HostPool, PoolConfig, Quota, Start, Stop, Want, fair_shares
 from dynwf_ray.scheduler import SchedulerCore, pool_config
 from dynwf_ray.config import EngineConfig
@@ -212,8 +213,53 @@ def test_crash_counts_live_in_the_journal_and_end_in_an_error(journal):
         given_up = core.host_died(7, now, "killed")
         info = journal.get_instance("a", "i0")
         if attempt < 3:
-            assert given_up == [] and info.status == "queued" and info.wake_at == now
+            assert given_up == [] and info.status == "queued" and info.wake_at == 100.0
         else:
             assert given_up == [claim.pk]
             assert info.status == "errored" and info.error_name == "HostDiedError"
             assert "3 activations in a row crashed" in info.error_message
+
+
+def test_instances_of_a_dead_host_keep_their_place_in_the_queue(journal):
+    """Released after their host died, instances are due at the time they were due when
+    claimed, ahead of work that came due since (not behind it, as `wake_at = now` did)."""
+    journal.save_code("a", "v1", "bench", b"", 100.0)
+    for i, at in enumerate([100.0, 101.0, 102.0]):
+        journal.create_instances("a", "v1", [(f"i{i}", "{}", "{}", *new_trace_context())], at,
+                                 skip_existing=False)
+    (first,) = journal.claim_due(110.0, 1, "host-7", 30.0)
+    assert journal.get_instance("a", "i0").pk == first.pk
+    journal.create_instances("a", "v1", [("late", "{}", "{}", *new_trace_context())], 120.0,
+                             skip_existing=False)
+    core = SchedulerCore(journal, pool_config(EngineConfig(database_url="sqlite://"), 2, 1 << 34),
+                         max_failures=3, host_owner=lambda i: f"host-{i}")
+    core.host_died(7, 130.0, "its node was lost")
+    order = [c.instance_id for c in journal.claim_due(131.0, 10, "host-8", 30.0)]
+    assert order == ["i0", "i1", "i2", "late"]
+    # the same for the leases of an engine session found gone
+    journal.end_session(0, "gone", 140.0)  # an owner of no session: nothing given up
+    assert journal.get_instance("a", "i0").lease_expires_at is not None
+    # every lease expired at 161: taken again, in session 5
+    assert len(journal.claim_due(200.0, 10, f"{lease_owner_prefix(5)}host-1", 30.0)) == 4
+    journal.create_instances("a", "v1", [("newer", "{}", "{}", *new_trace_context())], 150.0,
+                             skip_existing=False)
+    journal.end_session(5, "its machine restarted", 201.0)
+    order = [c.instance_id for c in journal.claim_due(202.0, 10, "host-9", 30.0)]
+    assert order == ["i0", "i1", "i2", "late", "newer"]
+
+
+def test_a_host_lost_with_its_node_counts_no_crash(journal):
+    """Instances whose host went down with its node are released without a crash counted:
+    losing a node is nobody's fault, however often it happens."""
+    _create(journal, "a", 1, 100.0)
+    cfg = pool_config(EngineConfig(database_url="sqlite://"), 2, 1 << 34)
+    for attempt in range(1, 6):  # more than max_failures node losses in a row
+        core = SchedulerCore(journal, cfg, max_failures=3, host_owner=lambda i: f"host-{i}")
+        now = 100.0 + attempt
+        journal.claim_due(now, 1, "host-7", 30.0)
+        assert core.host_died(7, now, "The actor is dead because its node has died.",
+                              node_lost=True) == []
+        assert core.counters["hosts_lost_with_node"] == 1
+        info = journal.get_instance("a", "i0")
+        assert info.status == "queued" and info.wake_at == 100.0
+    assert journal.history("a", "i0").crashes == 0

@@ -123,16 +123,20 @@ class Scheduling:
         return min((t for t in (timer, lease) if t is not None), default=None)
 
     @retried
-    def release(self, pk: int, token: int, wake_at: float, now: float) -> bool:
-        """Give up a lease (its holder died or is shutting down): due again at wake_at."""
+    def release(self, pk: int, token: int, wake_at: float | None, now: float) -> bool:
+        """Give up a lease (its holder died or is shutting down): due again at wake_at, or
+        with `wake_at` None at its place in the queue (the time it was due when claimed,
+        which is older than any work that came due since; at the latest now)."""
         with self._write() as conn:
             return self._release(conn, pk, token, wake_at, now)
 
-    def _release(self, conn: Connection, pk: int, token: int, wake_at: float, now: float) -> bool:
+    def _release(self, conn: Connection, pk: int, token: int, wake_at: float | None, now: float) -> bool:
         return bool(self._release_where(conn, and_(I.c.pk == pk, I.c.lease_token == token), wake_at, now))
 
     @staticmethod
-    def _release_where(conn: Connection, which: Any, wake_at: float, now: float) -> list[int]:
+    def _release_where(conn: Connection, which: Any, wake_at: float | None, now: float) -> list[int]:
+        if wake_at is None:  # its place in the queue: claims leave wake_at as it was
+            wake_at = case((I.c.wake_at < now, I.c.wake_at), else_=now)
         result = conn.execute(
             update(I)
             # Only a lease still held: an activation that already suspended or
@@ -210,14 +214,14 @@ class Scheduling:
     @retried
     def end_session(self, epoch: int, reason: str, now: float) -> list[int]:
         """End session `epoch` and give up every lease taken in it, in one transaction:
-        its instances are due again at once. Returns their pks."""
+        its instances are due again at once, at their place in the queue. Returns their pks."""
         with self._write() as conn:
             conn.execute(
                 update(N).where(N.c.epoch == epoch, N.c.ended_at.is_(None))
                 .values(ended_at=now, ended_reason=reason[:1000])
             )
             which = I.c.lease_owner.startswith(lease_owner_prefix(epoch), autoescape=True)
-            return self._release_where(conn, which, now, now)
+            return self._release_where(conn, which, None, now)
 
     # -- crashed activations --------------------------------------------------
 
