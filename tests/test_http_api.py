@@ -137,15 +137,31 @@ def test_auth_matrix(api):
         ("GET", f"/v1/tenants/{api.a}/instances", None), ("GET", f"/v1/tenants/{api.a}/versions", None),
         ("POST", f"/v1/tenants/{api.a}/instances", {"params": 1}),
     ]
-    for method, path, body in routes:
+    # the routes that change or end the instance: refused to the other tenant and to
+    # nobody here (test_lifecycle_routes runs them with the own tenant's token)
+    refused_only = [
+        ("POST", f"{a_inst}/resume", None), ("POST", f"{a_inst}/terminate", {"rollback": False}),
+        ("POST", f"{a_inst}/restart", None), ("DELETE", a_inst, None),
+        ("GET", f"{a_inst}/logs/stream", None),
+        ("POST", f"/v1/tenants/{api.a}/instances/batch", {"items": [{}]}),
+    ]
+    for method, path, body in routes + refused_only:
         kw = {"json": body} if body is not None else {}
-        assert api.call("admin", method, path, **kw).status_code < 300, (method, path)
-        assert api.call("own", method, path, **kw).status_code < 300, (method, path)
+        if (method, path, body) in routes:
+            assert api.call("admin", method, path, **kw).status_code < 300, (method, path)
+            assert api.call("own", method, path, **kw).status_code < 300, (method, path)
         r = api.call("other", method, path, **kw)
         assert r.status_code == 404, (method, path, r.text)
         r = api.call(None, method, path, **kw)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (method, path)
         assert error_of(r)["name"] == "Unauthorized"
+    assert api.call("own", "GET", a_inst).json()["status"] != "terminated"  # nothing got through
+    # tenant-independent routes need a token too, and answer every caller
+    for path in ("/v1/whoami", "/v1/tenants", "/v1/instances", "/v1/stats", "/v1/config"):
+        assert api.call(None, "GET", path).status_code == 401, path
+        assert api.call("own", "GET", path).status_code == 200, path
+    assert api.call("own", "GET", "/v1/config").json() == {
+        "trace_url": "http://traces.example/{tenant}/{trace_id}"}
 
     # another tenant's instance is exactly an unknown id of a reachable tenant
     foreign = api.call("own", "GET", b_inst)
