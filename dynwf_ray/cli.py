@@ -91,10 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--trace-url", help="link to a trace viewer: a template with {trace_id} and {tenant}")
     serve.add_argument("--code-limit", type=int, help="largest code upload, in bytes (default: 16 MiB)")
     serve.add_argument("--ray-address", help="the Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    serve.add_argument("--sandbox", choices=["strict", "process"], default="strict",
+                       help="how tenant code is isolated (EngineConfig.sandbox; docs/security.md)")
 
     push_cmd = command("push", "package, validate and store a tenant's code", _push)
     push_cmd.add_argument("tenant")
     push_cmd.add_argument("dir")
+    push_cmd.add_argument("--sandbox", choices=["strict", "process"], default="strict",
+                          help="the sandbox the code is validated in: the engine's mode")
 
     versions = command("versions", "list a tenant's code versions", _versions)
     versions.add_argument("tenant")
@@ -343,7 +347,8 @@ def _push(cli: _Cli, args: argparse.Namespace) -> int:
         progress("starting Ray")
         ray.init(logging_level="WARNING", include_dashboard=False)
         try:
-            version = push(cli.journal, args.tenant, args.dir, time.time(), progress=progress)
+            version = push(cli.journal, args.tenant, args.dir, time.time(), args.sandbox,
+                           progress=progress)
         finally:
             ray.shutdown()
     seconds = round(time.monotonic() - started, 1)
@@ -616,7 +621,7 @@ def _serve(cli: _Cli, args: argparse.Namespace) -> int:
              [f"serving the HTTP API and dashboard at {url} (journal: {_safe_url(cli.url)})"])
     sys.stdout.flush()
     serve(database_url=cli.url, host=args.host, port=args.port, trace_url=args.trace_url,
-          code_limit=args.code_limit, ray_address=args.ray_address)
+          code_limit=args.code_limit, ray_address=args.ray_address, sandbox=args.sandbox)
     return 0
 
 

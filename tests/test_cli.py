@@ -282,7 +282,10 @@ def test_every_command_answers_in_json(shared_journal_url, journal, tenant, caps
 def test_push_shows_its_stages(shared_journal_url, tenant, capsys, monkeypatch, tmp_path):
     import ray
 
-    def fake_push(journal, tenant_id, path, now, progress=None):
+    modes = []
+
+    def fake_push(journal, tenant_id, path, now, sandbox_mode, progress=None):
+        modes.append(sandbox_mode)
         progress("packaging")
         progress("validating in its runtime env")
         return "v-1234"
@@ -296,6 +299,8 @@ def test_push_shows_its_stages(shared_journal_url, tenant, capsys, monkeypatch, 
     assert rc == 0 and out.startswith(f"pushed {tenant} v-1234 (")
     assert err.splitlines() == [f"dynwf: push {tenant}: {stage}" for stage in
                                 ("starting Ray", "packaging", "validating in its runtime env")]
+    run_json(shared_journal_url, capsys, "push", tenant, str(tmp_path), "--sandbox", "process")
+    assert modes == ["strict", "strict", "process"]
 
 
 def test_push_tells_its_stages(journal, tenant, tmp_path):
@@ -329,10 +334,12 @@ def test_serve_starts_the_server_with_its_options(shared_journal_url, capsys, mo
     server = types.ModuleType("dynwf_ray.server")
     server.serve = lambda **kw: calls.append(kw)
     monkeypatch.setitem(sys.modules, "dynwf_ray.server", server)
-    args = ["serve", "--port", "9999", "--trace-url", "https://traces/{trace_id}", "--code-limit", "1024"]
+    args = ["serve", "--port", "9999", "--trace-url", "https://traces/{trace_id}", "--code-limit", "1024",
+            "--sandbox", "process"]
     doc = run_json(shared_journal_url, capsys, *args)
     assert doc["url"] == "http://127.0.0.1:9999/"
     assert calls == [dict(database_url=shared_journal_url, host="127.0.0.1", port=9999,
-                          trace_url="https://traces/{trace_id}", code_limit=1024, ray_address=None)]
+                          trace_url="https://traces/{trace_id}", code_limit=1024, ray_address=None,
+                          sandbox="process")]
     rc, _, err = run(shared_journal_url, capsys, "serve", "--code-limit", "0")
     assert rc == 2 and "--code-limit must be a positive number of bytes" in err and len(calls) == 1
