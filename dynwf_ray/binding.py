@@ -75,6 +75,10 @@ class InstanceHandle:
     def __repr__(self) -> str:
         return f"InstanceHandle(tenant={self._binding.tenant_id!r}, id={self.id!r})"
 
+    @property
+    def tenant_id(self) -> str:
+        return self._binding.tenant_id
+
     def status(self) -> dict[str, Any]:
         """{"status", "error": {name, message} | None, "output"} (Cloudflare's shape),
         plus "version": the code version the instance runs, "condition": what of

@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from ..binding import WorkflowBinding
+from ..binding import InstanceHandle, WorkflowBinding
 from ..engine import Engine
 from ..errors import DuplicateInstanceError, InvalidInputError, UnknownTenantError
 from ..types import ID_PATTERN, MAX_ID_LENGTH, TERMINAL, InstanceStatus
@@ -267,31 +267,38 @@ def _detail(request: Request, tenant: str, id: str) -> InstanceDetail:
 @router.delete("/tenants/{tenant}/instances/{id}", status_code=204, tags=["instances"])
 def delete_instance(request: Request, tenant: TenantId, id: InstanceId, who: Auth, force: bool = False) -> Response:
     """Delete an instance with its steps, events and logs (refused while it runs, unless `force`)."""
-    tenant, id = who.instance_scope(tenant, id)
-    _binding(request, tenant).get(id).delete(force=force)
+    _handle(request, tenant, id, who).delete(force=force)
     return Response(status_code=204)
 
 
-def _accepted(request: Request, tenant: str, id: str) -> Accepted:
-    info = _engine(request).journal.require_instance(tenant, id)
-    return Accepted(tenant=tenant, id=id, status=info.status)
+def _handle(request: Request, tenant: str, id: str, who: Caller) -> InstanceHandle:
+    """The instance's handle, if the caller reaches it (else the 404 of an unknown id)."""
+    tenant, id = who.instance_scope(tenant, id)
+    return _binding(request, tenant).get(id)
+
+
+def _accepted(request: Request, handle: InstanceHandle) -> Accepted:
+    """What an action answers: the instance's status right after it."""
+    tenant = handle.tenant_id
+    info = _engine(request).journal.require_instance(tenant, handle.id)
+    return Accepted(tenant=tenant, id=handle.id, status=info.status)
 
 
 @router.post("/tenants/{tenant}/instances/{id}/pause", response_model=Accepted, status_code=202,
              tags=["lifecycle"])
 def pause(request: Request, tenant: TenantId, id: InstanceId, who: Auth) -> Accepted:
     """Pause at the next step boundary."""
-    tenant, id = who.instance_scope(tenant, id)
-    _binding(request, tenant).get(id).pause()
-    return _accepted(request, tenant, id)
+    handle = _handle(request, tenant, id, who)
+    handle.pause()
+    return _accepted(request, handle)
 
 
 @router.post("/tenants/{tenant}/instances/{id}/resume", response_model=Accepted, status_code=202,
              tags=["lifecycle"])
 def resume(request: Request, tenant: TenantId, id: InstanceId, who: Auth) -> Accepted:
-    tenant, id = who.instance_scope(tenant, id)
-    _binding(request, tenant).get(id).resume()
-    return _accepted(request, tenant, id)
+    handle = _handle(request, tenant, id, who)
+    handle.resume()
+    return _accepted(request, handle)
 
 
 @router.post("/tenants/{tenant}/instances/{id}/terminate", response_model=Accepted,
@@ -299,9 +306,9 @@ def resume(request: Request, tenant: TenantId, id: InstanceId, who: Auth) -> Acc
 def terminate(request: Request, tenant: TenantId, id: InstanceId, who: Auth,
               body: TerminateRequest | None = None) -> Accepted:
     """End the instance now; with `rollback`, after its completed steps' compensations."""
-    tenant, id = who.instance_scope(tenant, id)
-    _binding(request, tenant).get(id).terminate(rollback=bool(body and body.rollback))
-    return _accepted(request, tenant, id)
+    handle = _handle(request, tenant, id, who)
+    handle.terminate(rollback=bool(body and body.rollback))
+    return _accepted(request, handle)
 
 
 @router.post("/tenants/{tenant}/instances/{id}/restart", response_model=Accepted,
@@ -309,19 +316,19 @@ def terminate(request: Request, tenant: TenantId, id: InstanceId, who: Auth,
 def restart(request: Request, tenant: TenantId, id: InstanceId, who: Auth,
             body: RestartRequest | None = None) -> Accepted:
     """Run again from the beginning, or from a step (`from_step`), keeping what came before."""
-    tenant, id = who.instance_scope(tenant, id)
+    handle = _handle(request, tenant, id, who)
     step = body.from_step if body else None
-    _binding(request, tenant).get(id).restart((step.name, step.count) if step else None)
-    return _accepted(request, tenant, id)
+    handle.restart((step.name, step.count) if step else None)
+    return _accepted(request, handle)
 
 
 @router.post("/tenants/{tenant}/instances/{id}/events", response_model=Accepted,
              status_code=202, tags=["lifecycle"])
 def send_event(request: Request, tenant: TenantId, id: InstanceId, body: EventRequest, who: Auth) -> Accepted:
     """Deliver an event; it waits in the inbox until a `wait_for_event` of its type takes it."""
-    tenant, id = who.instance_scope(tenant, id)
-    _binding(request, tenant).get(id).send_event(body.type, body.payload)
-    return _accepted(request, tenant, id)
+    handle = _handle(request, tenant, id, who)
+    handle.send_event(body.type, body.payload)
+    return _accepted(request, handle)
 
 
 @router.get("/tenants/{tenant}/instances/{id}/steps", response_model=Steps, tags=["instances"])
@@ -340,8 +347,7 @@ After = Annotated[int, Query(ge=0, description="only lines with a greater id")]
 def logs(request: Request, tenant: TenantId, id: InstanceId, who: Auth, after: After = 0,
          limit: Annotated[int, Query(ge=1, le=1000)] = 1000) -> LogPage:
     """What the instance's code printed or logged, oldest first."""
-    tenant, id = who.instance_scope(tenant, id)
-    lines = _binding(request, tenant).get(id).logs(after=after, limit=limit)
+    lines = _handle(request, tenant, id, who).logs(after=after, limit=limit)
     return LogPage(lines=lines, next_after=lines[-1].id if lines else after)
 
 
