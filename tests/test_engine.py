@@ -378,6 +378,33 @@ def test_scheduler_killed_and_restarted_loses_nothing(make_engine, tmp_path):
     assert len(lines(tmp_path / "a.log")) == 1
 
 
+def test_loader_killed_and_restarted_loses_nothing_and_lends_no_sandbox_twice(make_engine, tmp_path):
+    """The loader's process dies mid-step (Ray restarts it): the host processes it owned die
+    with it; the interrupted step runs again once, in a new sandbox, completed steps do
+    not, and afterwards no sandbox runs more than one instance."""
+    engine = make_engine(lease_ttl=2.0)
+    running, sleeping, waiting = _start_mixed_work(engine, tmp_path)
+    first = wait_until(lambda: sandbox_of(engine, "run"), what="the running sandbox")
+    loader = ray.get_actor(engine.config.loader_name, namespace=engine.config.namespace)
+    ray.kill(loader, no_restart=False)
+    wait_until(lambda: process_gone(first["host_pid"]), what="the old host process to die with the loader")
+    wait_until(lambda: len(lines(tmp_path / "b.log")) == 2, what="step b to run again")
+    second = wait_until(lambda: sandbox_of(engine, "run"), what="the new sandbox")
+    assert second["pid"] != first["pid"] and second["host_pid"] != first["host_pid"]
+    running_in = [s.get("instance") for h in engine.sandboxes() for s in h["sandboxes"]]
+    busy = [i for i in running_in if i]
+    assert len(busy) == len(set(busy)), running_in  # no instance in two sandboxes
+    (tmp_path / "release").touch()
+    waiting.send_event("approval", {"by": "dan"})
+    assert wait_status(running, "complete")["output"] == ["a", "b", "c"]
+    assert wait_status(sleeping, "complete")
+    assert wait_status(waiting, "complete")["output"]["by"] == "dan"
+    assert len(lines(tmp_path / "a.log")) == 1
+    info = engine.journal.get_instance("mix", "run")
+    assert [(s.name, s.seq, s.status) for s in engine.journal.list_steps(info.pk)] == [
+        ("a", 1, "complete"), ("b", 1, "complete"), ("c", 1, "complete")]
+
+
 def test_engine_stopped_and_started_again_on_the_same_journal(make_engine, tmp_path):
     engine = make_engine()
     url, name = engine.config.database_url, engine.config.name
