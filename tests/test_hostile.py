@@ -607,8 +607,9 @@ def test_ray_cluster_is_out_of_reach(arena):
     actors = sorted(map(str, ray.util.list_named_actors(all_namespaces=True)))
     jobs = len(ray._private.state.jobs())
     gcs_port = int(ray.get_runtime_context().gcs_address.rsplit(":", 1)[1])
-    # Ray's own native code sometimes dies (SIGSEGV) under the jail while it tries: the
-    # attack then fails by crashing its sandbox, which the trusted side checks the same way.
+    # Ray's own native code sometimes dies (SIGSEGV) under the jail while it tries, or cannot
+    # start its threads there: the attack then fails by erroring its instance, and the
+    # trusted side checks the same way.
     r = arena.run("ray_connect", "rayt", where="step", expect=("complete", "errored"),
                   ctx={"gcs_port": gcs_port, "namespace": cfg.namespace, "scheduler": cfg.scheduler_name})
     # from our side: no new driver joined, the engine's actors are the same and answer
@@ -618,7 +619,12 @@ def test_ray_cluster_is_out_of_reach(arena):
     assert ray.get(loader.stats.remote(), timeout=60) is not None
     assert ray.get_actor(cfg.scheduler_name, namespace=cfg.namespace)._actor_id == scheduler._actor_id
     if r["status"]["status"] == "errored":
-        assert r["status"]["error"]["name"] == "SandboxCrashedError", r["status"]
+        # the attack died in the jail: its sandbox crashed (Ray's native code under the
+        # jail), or Ray could not even start its threads there (the sandbox's process limit)
+        error = r["status"]["error"]
+        assert error["name"] == "SandboxCrashedError" or (
+            error["name"] == "RuntimeError" and "can't start new thread" in error["message"]
+        ), r["status"]
         return
     res = r["output"]["step"]
     assert res["initialized"] is False, res
