@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from ..binding import InstanceHandle, WorkflowBinding
 from ..engine import Engine
 from ..errors import DuplicateInstanceError, InvalidInputError, UnknownTenantError
-from ..types import ID_PATTERN, MAX_ID_LENGTH, TERMINAL, InstanceStatus
+from ..types import ID_PATTERN, MAX_ID_LENGTH, TERMINAL, InstanceStatus, validate_id
 from . import errors
 from .archive import unpack
 from .auth import HUB_DELIVERY_HEADER, HUB_SIGNATURE_HEADER, SIGNATURE_HEADER, Caller, caller, check_signature, delivery_id
@@ -252,7 +252,7 @@ def get_instance(request: Request, tenant: TenantId, id: InstanceId, who: Auth) 
 def _detail(request: Request, tenant: str, id: str) -> InstanceDetail:
     engine = _engine(request)
     info = engine.journal.require_instance(tenant, id)
-    report = engine.binding(tenant).get(id).status()
+    report = InstanceHandle(engine.binding(tenant), id).status()  # it exists: `info`
     trace_id = trace_id_of(info)
     template = request.app.state.settings.trace_url
     return InstanceDetail(
@@ -438,7 +438,7 @@ async def webhook(request: Request, tenant: str, response: Response) -> Created:
     """Start an instance from a signed POST (no token): the JSON body is its params. With
     `X-Dynwf-Delivery`, a redelivery of the same id creates nothing new (200, "existed")."""
     try:
-        tenant = Caller("", None).tenant_scope(tenant)
+        validate_id(tenant, "tenant id")
     except InvalidInputError:
         tenant = None  # answered below exactly as a bad signature
     body = await request.body()
