@@ -20,6 +20,8 @@ import sqlalchemy as sa
 from dynwf_ray import Engine
 from dynwf_ray.journal import Journal
 
+from .workflows import CALLS
+
 BACKENDS = ["sqlite", "postgresql"]
 TERMINAL = {"complete", "errored", "terminated"}
 PG_URL = os.environ.get("DYNWF_TEST_POSTGRES_URL")
@@ -104,6 +106,12 @@ def journal(shared_journal_url) -> Iterator[Journal]:
     j = Journal(shared_journal_url)
     yield j
     j.close()
+
+
+@pytest.fixture(autouse=True)
+def _reset_calls() -> None:
+    """Each test counts its step callbacks' calls (`workflows.count`) from zero."""
+    CALLS.clear()
 
 
 @pytest.fixture

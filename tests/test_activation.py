@@ -26,20 +26,9 @@ from dynwf_ray.journal import LeaseLostError, StepRecord
 from dynwf_ray.types import LogLine
 
 from .driver import Driver
-from .workflows import Booked, Drifting, Saga
+from .workflows import CALLS, Booked, Drifting, Saga, count
 
 
-CALLS: dict[str, int] = {}
-
-
-def count(name):
-    CALLS[name] = CALLS.get(name, 0) + 1
-    return CALLS[name]
-
-
-@pytest.fixture(autouse=True)
-def _reset_calls():
-    CALLS.clear()
 
 
 class Replayed(WorkflowEntrypoint):

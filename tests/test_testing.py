@@ -18,24 +18,15 @@ import pytest
 from dynwf_ray import NonRetryableError, StepFailedError, WorkflowEntrypoint, WorkflowTimeoutError
 from dynwf_ray.testing import DEFAULT_START, WorkflowTest, WorkflowTestError, load_workflow
 
-CALLS: dict[str, int] = {}
+from .workflows import CALLS, count
 
-
-def called(name: str) -> int:
-    CALLS[name] = CALLS.get(name, 0) + 1
-    return CALLS[name]
-
-
-@pytest.fixture(autouse=True)
-def _reset_calls():
-    CALLS.clear()
 
 
 class Replayed(WorkflowEntrypoint):
     async def run(self, event, step):
-        a = await step.do("a", lambda: called("a"))
+        a = await step.do("a", lambda: count("a"))
         await step.sleep("nap", "1 day")
-        b = await step.do("b", lambda: called("b"))
+        b = await step.do("b", lambda: count("b"))
         loop = [await step.do("same", lambda i=i: i) for i in range(3)]
         await step.sleep_until("until", event.timestamp + timedelta(days=2))
         return {"a": a, "b": b, "loop": loop, "params": event.payload, "at": event.timestamp.isoformat()}
@@ -237,7 +228,7 @@ class Saga(WorkflowEntrypoint):
                              rollback=lambda s: print(f"released {s['seat']}") or "released")
         await step.do("charge card", lambda: 42, rollback=lambda: "refunded",
                       rollback_retries={"limit": 1, "delay": "1 minute"})
-        await step.do("ship", lambda: called("ship") / 0, retries={"limit": 0})
+        await step.do("ship", lambda: count("ship") / 0, retries={"limit": 0})
         return seat
 
 

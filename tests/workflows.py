@@ -31,6 +31,16 @@ def process() -> str:
     return PROCESS
 
 
+#: How often each name was passed to `count` by step callbacks run in this process
+#: (in-process activations and the test harness); tests/conftest.py clears it per test.
+CALLS: dict[str, int] = {}
+
+
+def count(name: str) -> int:
+    CALLS[name] = CALLS.get(name, 0) + 1
+    return CALLS[name]
+
+
 def append(directory: str, name: str, line: str = "x") -> None:
     with open(Path(directory) / name, "a") as f:
         f.write(line + "\n")
