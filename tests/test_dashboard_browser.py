@@ -17,6 +17,7 @@ Without the browser the test is skipped, saying why, unless DYNWF_REQUIRE_BROWSE
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -160,9 +161,11 @@ def test_dashboard_signs_in_lists_own_instances_and_approves(chromium, engine):
             waiting_png = _screenshot(page, "dashboard-instance-waiting")
 
             # Send the approval from the form and watch it complete.
-            approver = f"browser-{run}"
+            # The approver's name comes back in the instance's output, which tenant code
+            # controls: markup in it must show as text, never run in the operator's browser.
+            approver = f"<img src=x onerror=window.__pwned=1>browser-{run}"
             page.fill("#event-type", "approval")
-            page.fill("#event-payload", f'{{"by": "{approver}"}}')
+            page.fill("#event-payload", json.dumps({"by": approver}))
             # A form field's value is not text content: the name must not be on the page
             # yet, so finding it there later shows the instance's output.
             expect(page.locator("#main")).not_to_contain_text(approver)
@@ -171,6 +174,8 @@ def test_dashboard_signs_in_lists_own_instances_and_approves(chromium, engine):
             expect(page.locator("#error-banner")).to_be_hidden()
             # The output is on the page: it names the approver.
             expect(page.locator("#instance-output")).to_contain_text(approver)
+            assert page.locator("#main img").count() == 0
+            assert page.evaluate("() => window.__pwned === undefined")
             complete_png = _screenshot(page, "dashboard-instance-complete")
 
             # The engine agrees, and B's instance was not touched.
