@@ -475,8 +475,9 @@ class HostProcess:
 
 class InstanceHost:
     """One (tenant, code version) in a host process: see the module docstring. The
-    scheduler calls `serve` once (it returns when the host has stopped), `set_quota`,
-    `wake`, `stop` and `report`, through its `HostProcess`."""
+    scheduler calls `serve` (it returns when the host has stopped; a restarted
+    scheduler calls it again to adopt the host), `set_quota`, `wake`, `stop` and
+    `report`, through its `HostProcess`."""
 
     def __init__(self, journal: Journal, spec: HostSpec):
         tenant_id, version = spec.tenant_id, spec.version
@@ -496,6 +497,7 @@ class InstanceHost:
         self._faults = 0  # journal faults in a row (the backoff grows with them)
         self._retry_at = 0.0  # monotonic time before which no journal work is tried again
         self._wake: asyncio.Event | None = None
+        self._serving: asyncio.Future | None = None
         self._counts = ActivityCounts()
         self._outcomes: dict[str, int] = {}
         bindings = {name: make(tenant_id) for name, make in (sandbox.get("bindings") or {}).items()}
@@ -517,7 +519,15 @@ class InstanceHost:
         Claims are batched (all free slots in one claim), leases of the activations in
         progress are renewed together every third of the lease TTL, and all of it goes
         through the journal's group commit with the activations' own writes.
+
+        Serving runs once: a later call (a restarted scheduler adopting this host, its
+        predecessor's call gone with it) waits for the same serving to end.
         """
+        if self._serving is None:
+            self._serving = asyncio.ensure_future(self._serve())
+        return await asyncio.shield(self._serving)
+
+    async def _serve(self) -> HostReport:
         self._wake = asyncio.Event()
         journal, (tenant_id, version) = self._journal.grouped, self._code
         renew_every = self._lease_ttl / 3

@@ -9,9 +9,12 @@ One per engine, named `dynwf-loader-<engine name>`. It owns:
   `start` places a host for a (tenant, code version) in a process (`_place`:
   code without pip packages shares `host_processes` per node, code with pip
   packages gets a process per runtime env) and returns that process's handle;
-  `end` deactivates a host (its sandboxes ended, its spans flushed). Which
-  hosts live, and how much each runs, is the scheduler's decision (`pool.py`);
-  the loader only carries it out.
+  `end` deactivates a host (its sandboxes ended, its spans flushed); `adopt`
+  hands a restarted scheduler the live hosts. Which hosts live, and how much
+  each runs, is the scheduler's decision (`pool.py`); the loader only carries
+  it out. Each `start` names its scheduler's incarnation, and one from an
+  incarnation older than the newest seen is refused (`StaleSchedulerError`): a
+  call a dead scheduler left in flight never starts a host nobody accounts for.
 
 A host is started with its tenant's merged telemetry settings (see
 `tracing.tenant_env`) and sandbox policy (the engine's mode and limits, the
@@ -74,6 +77,23 @@ class _Host:
     id: int
     key: CodeKey
     process: _Process
+    node_id: str
+
+
+@dataclass(frozen=True)
+class LiveHost:
+    """A host the loader has started and not ended, as a restarted scheduler adopts it."""
+
+    host_id: int
+    tenant_id: str
+    version: str
+    actor: Any  # its HostProcess
+    node_id: str
+
+
+class StaleSchedulerError(RuntimeError):
+    """A call from a scheduler incarnation a newer one has replaced (it was in flight
+    when its scheduler died): refused, so it cannot start a host nobody accounts for."""
 
 
 class HostBindingFactory:
@@ -112,6 +132,7 @@ class Loader:
         self._hosts: dict[int, _Host] = {}
         self._processes: list[_Process] = []
         self._closed = False
+        self._incarnation: int | None = None  # the scheduler incarnation it serves
         self._counters = {"cache_hits": 0, "cache_misses": 0, "cold_starts": 0}
 
     # -- the cache ----------------------------------------------------------
@@ -154,8 +175,17 @@ class Loader:
         return {"actor_id": ray.get_runtime_context().get_actor_id(), "machine": machine,
                 "pid": pid, "started": started}
 
+    def adopt(self, incarnation: int) -> list[LiveHost]:
+        """A (re)started scheduler takes over: from now on only its calls to `start`
+        (`incarnation`) are served. Returns the hosts alive now, for it to adopt."""
+        with self._lock:
+            self._incarnation = max(incarnation, self._incarnation or 0)
+            return [LiveHost(h.id, h.key[0], h.key[1], h.process.actor, h.node_id)
+                    for h in self._hosts.values()]
+
     def start(
-        self, host_id: int, tenant_id: str, version: str, owner: str, bindings: bool = True
+        self, host_id: int, tenant_id: str, version: str, owner: str, bindings: bool = True,
+        incarnation: int | None = None,
     ) -> tuple[Any, str]:
         """Start an instance host for this code (a cold start) in a host process, and
         return that process's handle (the scheduler calls it with `host_id`) and the id
@@ -163,10 +193,13 @@ class Loader:
 
         The host leases as `owner`; without `bindings` its sandboxes get none (a replay
         check's host: `check_replay`). Raises LookupError when the
-        code cannot be run (none stored, or pip packages its tenant may no longer use).
+        code cannot be run (none stored, or pip packages its tenant may no longer use),
+        and StaleSchedulerError when `incarnation` (the calling scheduler's) is no longer
+        the newest (`adopt`).
         """
         if self._closed:
             raise RuntimeError("the engine is stopping")
+        self._check_incarnation(incarnation)
         code = self.code_spec(tenant_id, version)
         policy = json.loads(self.journal.tenant_policy(tenant_id) or "{}")
         if code.kind == PACKAGE:  # the platform may have withdrawn pip since the push
@@ -201,13 +234,33 @@ class Loader:
         else:
             raise RuntimeError("no host process could take the host")
         with self._lock:
-            if self._closed:  # the engine stopped while this host was being created
-                raise RuntimeError("the engine is stopping")
-            process.hosts.add(host_id)
-            self._hosts[host_id] = _Host(host_id, (tenant_id, version), process)
-            self._counters["cold_starts"] += 1
+            stale = self._stale(incarnation)
+            if not (self._closed or stale):
+                process.hosts.add(host_id)
+                self._hosts[host_id] = _Host(host_id, (tenant_id, version), process, node_id)
+                self._counters["cold_starts"] += 1
+        if self._closed or stale:  # the engine stopped, or a new scheduler took over, meanwhile
+            ray.wait([process.actor.end.remote(host_id, DRAIN_TIMEOUT)], timeout=DRAIN_TIMEOUT + 1)
+            self._check_incarnation(incarnation)
+            raise RuntimeError("the engine is stopping")
         log.info("started a host for tenant %s version %s", tenant_id, version)
         return process.actor, node_id
+
+    def _stale(self, incarnation: int | None) -> bool:
+        """Whether a call comes from a scheduler incarnation older than the newest seen
+        (incarnations grow; a restarted loader learns the newest from its first call)."""
+        with self._lock:
+            if incarnation is None or self._incarnation is None or incarnation > self._incarnation:
+                self._incarnation = incarnation if incarnation is not None else self._incarnation
+                return False
+            return incarnation < self._incarnation
+
+    def _check_incarnation(self, incarnation: int | None) -> None:
+        if self._stale(incarnation):
+            raise StaleSchedulerError(
+                f"refused a host start from scheduler incarnation {incarnation}: "
+                f"incarnation {self._incarnation} has replaced it"
+            )
 
     def check_replay(self, tenant_id: str, version: str, states: list) -> list[str | None]:
         """Whether each instance's history (`ActivationState`) replays on this code version

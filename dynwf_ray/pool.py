@@ -3,7 +3,8 @@
 A plain object (no Ray, no journal, no clock of its own): the scheduler calls
 `tick(now, demand, caps)` with what the journal says is due and leased per code
 version, and carries out the `Start`, `Stop` and `Quota` decisions it returns;
-it reports back what happened (`started`, `ended`). Tests drive it the same way.
+it reports back what happened (`started`, `ended`, and `adopt` for a host a
+previous scheduler started). Tests drive it the same way.
 
 What it decides:
 - **Admission, fair between tenants.** `max_activations` slots are shared by
@@ -154,6 +155,13 @@ class HostPool:
             self._cold_start_s = took if self._cold_start_s is None else (
                 0.8 * self._cold_start_s + 0.2 * took
             )
+
+    def adopt(self, host_id: int, key: CodeKey, now: float) -> None:
+        """A host a previous scheduler started, alive and serving: it takes quotas now
+        (its quota is unknown, so the next tick sets one)."""
+        self.hosts[host_id] = PoolHost(host_id, key, ready=True, quota=-1, started_at=now,
+                                       ready_at=now, idle_since=now)
+        self._next_id = max(self._next_id, host_id + 1)
 
     def ended(self, host_id: int) -> PoolHost | None:
         """The host is gone (stopped, failed to start, or died)."""

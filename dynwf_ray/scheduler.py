@@ -23,10 +23,17 @@ starts or ends, at the next timer or lease expiry of any code (hosts take
 their own code's timers; the tick starts hosts for code that has none), every
 `BACKLOG_TICK` while a backlog lasts, and every `poll_interval`.
 
-On (re)start it ends the hosts of its predecessor (the loader's `reset`) and
-opens an engine session (`sessions.py`): its predecessor's session, and any
-other that is certainly gone (a crashed platform on this machine), is ended and
-its leases given up, so their instances run again at once. It heartbeats its
+When Ray restarts it (its process died; the loader and the host processes did
+not), it *adopts* what its predecessor left: the loader's live hosts
+(`Loader.adopt`, which from then on refuses host starts from the predecessor's
+calls still in flight) and its engine session (`SessionKeeper.adopt`, same epoch,
+so the hosts' leases stay valid). Running activations are not interrupted; the
+new scheduler joins each host's `serve` and sets its quota at the next tick. When
+there is no session to adopt (a new engine, or the predecessor's session was
+ended by another engine meanwhile), it ends the loader's hosts (`reset`) and
+opens a session; any other session that is certainly gone (a crashed platform on
+this machine) is ended and its leases given up, so their instances run again at
+once. It heartbeats its
 session every second; that write is also its own probe of the journal.
 
 Every `SWEEP_EVERY` seconds it deletes finished instances whose retention
@@ -47,7 +54,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import ray
 from ray.exceptions import RayActorError
@@ -64,6 +71,9 @@ from .sessions import SessionKeeper, this_process
 from .tracing import end_instance_trace
 from .types import InstanceStatus
 from .types import Retention
+
+if TYPE_CHECKING:  # the loader imports this module
+    from .loader import LiveHost
 
 log = logging.getLogger("dynwf_ray.scheduler")
 
@@ -149,7 +159,7 @@ class SchedulerCore:
         self._caps: dict[str, int | None] = {}
         self._caps_at = float("-inf")
         self.counters = {"host_deaths": 0, "hosts_lost_with_node": 0, "instances_given_up": 0,
-                         "instances_swept": 0}
+                         "instances_swept": 0, "hosts_adopted": 0}
 
     def tick(self, now: float) -> list[Decision]:
         demand = {CodeKey(*k): Want(*v) for k, v in self.journal.demand(now).items()}
@@ -284,9 +294,9 @@ class _RayScheduler:
         self.config = cfg = EngineConfig(**config)
         self.journal = Journal(cfg.database_url, create_tables=cfg.migrate)
         self._loader = ray.get_actor(cfg.loader_name, namespace=cfg.namespace)
-        # Hosts of a previous incarnation of this scheduler are unaccounted for: end
-        # them; opening the session then gives up what they held, so it runs again now.
-        ray.get(self._loader.reset.remote())
+        # This incarnation's id: the loader refuses host starts from earlier ones.
+        self._incarnation = time.time_ns()
+        adopted = ray.get(self._loader.adopt.remote(self._incarnation))
         loader = ray.get(self._loader.identity.remote())
         machine, pid, started = this_process()
         self.session = SessionKeeper(
@@ -297,7 +307,14 @@ class _RayScheduler:
             if loader["machine"] == machine else [],
             timeout=cfg.lease_ttl,
         )
-        self.session.open()
+        predecessor = self.session.predecessor()
+        if predecessor is None or not self.session.adopt(predecessor):
+            # Hosts of a previous incarnation whose session is gone are unaccounted
+            # for: end them; opening the session gives up what they held, so it runs
+            # again now.
+            adopted = []
+            ray.get(self._loader.reset.remote())
+            self.session.open()
         self.owner = self.session.owner("scheduler")
         self.health_ = JournalHealth("the engine's journal", level=logging.WARNING)
         self._health: dict[str, tuple[float, dict]] = {}  # host process -> (when, its health)
@@ -322,6 +339,7 @@ class _RayScheduler:
         self._last_tick = 0.0
         self._loop = asyncio.new_event_loop()
         self._wake = asyncio.Event()
+        self._adopt(adopted)
         self._thread = threading.Thread(target=self._run_loop, name="dynwf-scheduler", daemon=True)
         self._thread.start()
 
@@ -428,6 +446,19 @@ class _RayScheduler:
             except asyncio.TimeoutError:
                 pass
 
+    def _adopt(self, hosts: list[LiveHost]) -> None:
+        """Take over the hosts a previous incarnation started (see the module docstring)."""
+        now = time.time()
+        for h in hosts:
+            key = CodeKey(h.tenant_id, h.version)
+            self._hosts[h.host_id] = _LiveHost(key, h.actor, h.node_id, ready=True)
+            self._by_key.setdefault(key, []).append((h.host_id, h.actor))
+            self.core.pool.adopt(h.host_id, key, now)
+            self._loop.create_task(self._serve_host(h.host_id, key, h.actor.serve.remote(h.host_id)))
+        self.core.counters["hosts_adopted"] += len(hosts)
+        if hosts:
+            log.info("adopted %d live host(s) of the previous scheduler", len(hosts))
+
     def _apply(self, decisions: list[Decision]) -> None:
         for d in decisions:
             if isinstance(d, Start):
@@ -446,21 +477,25 @@ class _RayScheduler:
                     host.actor.set_quota.remote(d.host_id, d.slots)
 
     async def _run_host(self, host_id: int, key: CodeKey, reason: str) -> None:
-        """Start a host, serve until it stops, and clean up after it (or its death)."""
-        why, node_lost = None, False
+        """Start a host, then serve it (`_serve_host`)."""
         try:
-            try:
-                actor, node_id = await self._loader.start.remote(
-                    host_id, key.tenant_id, key.version, self._host_owner(host_id)
-                )
-            except RayActorError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - its code cannot be loaded (now)
-                cause = getattr(exc, "cause", None) or exc
-                if isinstance(cause, JournalUnavailableError):
-                    return  # the journal's fault, not the code's: the next tick tries again
+            actor, node_id = await self._loader.start.remote(
+                host_id, key.tenant_id, key.version, self._host_owner(host_id), True,
+                self._incarnation,
+            )
+        except RayActorError as exc:  # the loader died: the host's fate is unknown
+            actor, node_id = None, None
+            failed: Any = exc
+        except Exception as exc:  # noqa: BLE001 - its code cannot be loaded (now)
+            cause = getattr(exc, "cause", None) or exc
+            self._forget(host_id)
+            self.core.pool.ended(host_id)
+            self._wake.set()
+            if not isinstance(cause, JournalUnavailableError):  # then the next tick tries again
                 await self._code_unavailable(key, cause)
-                return
+            return
+        else:
+            failed = None
             self._hosts[host_id].actor, self._hosts[host_id].node_id = actor, node_id
             self.metrics.host_change("started", key.tenant_id, reason)
             served = actor.serve.remote(host_id)
@@ -471,6 +506,15 @@ class _RayScheduler:
             else:
                 self._by_key.setdefault(key, []).append((host_id, actor))
             self._wake.set()
+        await self._serve_host(host_id, key, served if failed is None else failed)
+
+    async def _serve_host(self, host_id: int, key: CodeKey, served: Any) -> None:
+        """Wait until the host stops (`served`: its `serve` call, or why it could not
+        start), and clean up after it, or after its death."""
+        why, node_lost = None, False
+        try:
+            if isinstance(served, BaseException):
+                raise served
             last = await served
             self._account(host_id, last)
         except Exception as exc:  # noqa: BLE001 - its process died, or a bug: its work crashed

@@ -20,6 +20,13 @@ A session that may still be alive is waited for: its leases expire as before.
 Two engines started on one journal by mistake therefore share its instances,
 each run by one of them at a time, and neither takes over the other's.
 
+A scheduler that Ray restarts (its process died, the loader did not) *adopts*
+its predecessor's session instead of opening one: the newest live session of the
+same engine and loader keeps its epoch, takes the new process ids and heartbeats
+on, so the leases its hosts hold stay valid and their activations keep running
+(`SessionKeeper.adopt`). Only when that session has ended meanwhile does the new
+scheduler end the hosts and open a session of its own.
+
 A scheduler whose own session another engine ended (it stalled past `timeout`)
 must not go on: `SessionKeeper.tick` returns False and the scheduler
 restarts, ending its hosts, in a new session.
@@ -128,6 +135,25 @@ class SessionKeeper:
         self._beat_at = now
         self.reclaim()
         return self.epoch
+
+    def predecessor(self) -> SessionInfo | None:
+        """The newest live session of this engine with this loader: a previous incarnation
+        of this scheduler, whose hosts the loader still runs."""
+        mine = [s for s in self.journal.live_sessions()
+                if s.engine_name == self._engine_name and s.loader_id == self._loader_id]
+        return max(mine, key=lambda s: s.epoch, default=None) if self._loader_id else None
+
+    def adopt(self, session: SessionInfo) -> bool:
+        """Take over `session` (see `predecessor`) instead of opening a new one: it keeps
+        its epoch, so its hosts' leases stay valid. Then end those that are gone. False
+        (nothing changed) when it has ended meanwhile."""
+        now = self._clock()
+        if not self.journal.adopt_session(session.epoch, self._processes, now):
+            return False
+        self.epoch, self._beat_at = session.epoch, now
+        log.info("engine session %s adopted by a restarted scheduler", session.epoch)
+        self.reclaim()
+        return True
 
     def owner(self, holder: str) -> str:
         """The lease owner id of `holder` (a host, the scheduler) in this session."""

@@ -8,7 +8,8 @@ only node, adds the workers, and runs one `Steered` instance for each of a few
 tenants at once (each tenant's code gets its own host; the loader spreads hosts
 over the nodes). While every instance is blocked in step b, it removes a
 worker node that runs one of them, waits for the instances it ran to start
-step b again elsewhere, releases all of them and waits for them to complete. It prints one JSON line of what it saw (placements,
+step b again elsewhere, then kills the scheduler alone (Ray restarts it; it adopts
+the live hosts), releases all of them and waits for them to complete. It prints one JSON line of what it saw (placements,
 the removed node, logs, journal steps, timings; "error" when something went
 wrong) and always shuts the engine, Ray and the cluster down.
 
@@ -22,6 +23,7 @@ on the machine would otherwise find it and try to join it.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -146,6 +148,8 @@ def scenario(cluster: Cluster, facts: dict, engine: Engine, work: Path) -> None:
         v: {"host": gone(before[v]["host_pid"]), "sandbox": gone(before[v]["pid"])} for v in victims
     }
 
+    kill_scheduler(engine, facts)
+
     t_release = time.monotonic()
     for _, d in instances.values():
         (d / "release").touch()
@@ -169,6 +173,37 @@ def scenario(cluster: Cluster, facts: dict, engine: Engine, work: Path) -> None:
             "steps": [[s.name, s.seq, s.status] for s in engine.journal.list_steps(info.pk)],
         }
     facts["stats"] = {k: v for k, v in engine.stats().items() if k != "metrics_url"}
+
+
+def kill_scheduler(engine: Engine, facts: dict) -> None:
+    """The scheduler alone lost while every instance is in step b (Ray restarts it): record
+    where each instance runs before and after, and how long until a new one answers."""
+    cfg = engine.config
+
+    def pid() -> int:
+        scheduler = ray.get_actor(cfg.scheduler_name, namespace=cfg.namespace)
+        return ray.get(scheduler.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
+
+    def answers_anew() -> bool:
+        try:
+            return pid() != old
+        except ray.exceptions.RayError:
+            return False
+
+    before = placements(engine)
+    facts["stats_before_restart"] = {k: v for k, v in engine.stats().items() if k != "metrics_url"}
+    hosts = facts["stats_before_restart"]["live_hosts"]
+    old = pid()
+    t_kill = time.monotonic()
+    ray.kill(ray.get_actor(cfg.scheduler_name, namespace=cfg.namespace), no_restart=False)
+    wait_until(lambda: gone(old), 30, "the scheduler to die")
+    wait_until(answers_anew, 60, "a restarted scheduler")
+    facts["timings"]["scheduler_back_s"] = round(time.monotonic() - t_kill, 2)
+    stats = engine.stats()
+    facts["scheduler_restart"] = {
+        "before": before, "after": placements(engine), "live_hosts_before": hosts,
+        "hosts_adopted": stats["hosts_adopted"], "live_hosts_after": stats["live_hosts"],
+    }
 
 
 def main(database_url: str, work_dir: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import json
 from pathlib import Path
 
@@ -362,20 +363,56 @@ def _start_mixed_work(engine, tmp_path):
     return running, sleeping, waiting
 
 
-def test_scheduler_killed_and_restarted_loses_nothing(make_engine, tmp_path):
+def test_scheduler_killed_and_restarted_adopts_its_hosts_and_interrupts_no_step(make_engine, tmp_path):
+    """The scheduler's process dies mid-step (Ray restarts it): the new scheduler adopts
+    the live hosts and the engine session, so the running step goes on in the same
+    sandbox and runs once; the engine then serves new instances as before."""
     engine = make_engine(lease_ttl=2.0)
     running, sleeping, waiting = _start_mixed_work(engine, tmp_path)
     first = wait_until(lambda: sandbox_of(engine, "run"), what="the running sandbox")
+    before = engine.stats()
     scheduler = ray.get_actor(engine.config.scheduler_name, namespace=engine.config.namespace)
-    ray.kill(scheduler, no_restart=False)  # Ray restarts it; its hosts die with it
-    wait_until(lambda: process_gone(first["host_pid"]), what="the old host to die with its scheduler")
-    wait_until(lambda: process_gone(first["pid"]), what="its sandbox to die with it")
+    old_pid = ray.get(scheduler.__ray_call__.remote(lambda self: os.getpid()))
+    killed = time.monotonic()
+    ray.kill(scheduler, no_restart=False)
+    wait_until(lambda: process_gone(old_pid), what="the old scheduler to die")
+    after = wait_until(lambda: _restarted(engine, old_pid), what="the restarted scheduler")
+    print(f"scheduler back {time.monotonic() - killed:.2f} s after the kill")
+    assert after["hosts_adopted"] == before["live_hosts"] >= 1
+    assert after["session"] == before["session"]  # the same engine session, adopted
+    again = sandbox_of(engine, "run")  # the same step in the same sandbox and host
+    assert (again["pid"], again["host_pid"]) == (first["pid"], first["host_pid"])
+    assert not process_gone(first["pid"])
+    # A host start its predecessor sent just before dying is refused: it would start a
+    # host that no scheduler accounts for.
+    loader = ray.get_actor(engine.config.loader_name, namespace=engine.config.namespace)
+    with pytest.raises(ray.exceptions.RayTaskError, match="refused a host start"):
+        ray.get(loader.start.remote(-1, "mix", "v", "e0/host--1", True, 1))
+    assert engine.stats()["live_hosts"] == before["live_hosts"]
     (tmp_path / "release").touch()
     waiting.send_event("approval", {"by": "bob"})
     assert wait_status(running, "complete")["output"] == ["a", "b", "c"]
     assert wait_status(sleeping, "complete")
     assert wait_status(waiting, "complete")["output"]["by"] == "bob"
     assert len(lines(tmp_path / "a.log")) == 1
+    assert len(lines(tmp_path / "b.log")) == 1  # not interrupted, not run again
+    info = engine.journal.get_instance("mix", "run")
+    assert [(s.name, s.seq, s.status, s.attempts) for s in engine.journal.list_steps(info.pk)] == [
+        ("a", 1, "complete", 1), ("b", 1, "complete", 1), ("c", 1, "complete", 1)]
+    later = engine.binding("ask").create(id="after-restart")
+    later.send_event("approval", {"by": "eve"})
+    assert wait_status(later, "complete")["output"]["by"] == "eve"
+
+
+def _restarted(engine, old_pid: int) -> dict | None:
+    """The engine's stats once a scheduler other than `old_pid` answers."""
+    scheduler = ray.get_actor(engine.config.scheduler_name, namespace=engine.config.namespace)
+    try:
+        if ray.get(scheduler.__ray_call__.remote(lambda self: os.getpid()), timeout=5) == old_pid:
+            return None
+        return engine.stats()
+    except ray.exceptions.RayError:
+        return None
 
 
 def test_loader_killed_and_restarted_loses_nothing_and_lends_no_sandbox_twice(make_engine, tmp_path):

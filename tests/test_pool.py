@@ -93,6 +93,19 @@ def test_idle_capacity_is_lent_to_warm_hosts_and_quotas_stay_put():
 # --- hosts follow demand -------------------------------------------------------------
 
 
+def test_an_adopted_host_takes_quotas_at_once_and_new_hosts_get_new_ids():
+    """A restarted scheduler adopts its predecessor's live hosts: no start for their
+    version, a quota set at the first tick, and ids it starts never collide with them."""
+    p = pool()
+    p._next_id = 100
+    p.adopt(500, A, 0.0)
+    decisions = p.tick(1.0, {A: Want(3, 0), B: Want(1, 0)})
+    assert [d.key for d in starts(decisions)] == [B]  # A has its adopted host
+    assert starts(decisions)[0].host_id > 500
+    assert Quota(500, 32) in decisions and quotas(p)[A] == 32
+    assert [d for d in p.tick(1.0 + 61, {}) if isinstance(d, Stop)][0].host_id == 500  # idle
+
+
 def test_a_version_gets_a_second_host_only_after_a_backlog_outlasts_a_cold_start():
     p = pool(host_concurrency=4)
     bring_up(p, 0.0, {A: Want(100, 0)})  # up at 1.0; the backlog seen since then

@@ -105,6 +105,37 @@ def test_a_restarted_scheduler_ends_its_predecessors_session_by_the_loader(journ
     assert held.pk not in [c.pk for c in journal.held_by(old.owner("host-3"))]
 
 
+def test_a_restarted_scheduler_adopts_its_predecessors_live_session(journal, tenant):
+    """Ray restarted the scheduler and the loader kept its hosts: the new scheduler takes
+    over the session (same epoch, its own process), so the hosts' leases stay valid."""
+    d = Driver(journal, tenant, ThreeSteps)
+    world = World()
+    old = world.keeper(journal, pid=10, loader="LA")
+    old.open()
+    other = world.keeper(journal, pid=30, loader="LO", machine="m2")  # another engine, alive
+    other.open()
+    d.binding.create(id="x")
+    (held,) = journal.claim_due(d.now, 1, old.owner("host-3"), 30, tenant)
+    world.alive.discard((10, 1))  # the old scheduler's process died
+    world.now += 5
+    new = world.keeper(journal, pid=11, loader="LA")
+    assert new.predecessor().epoch == old.epoch
+    assert new.adopt(new.predecessor())
+    assert new.epoch == old.epoch and new.reclaimed == 0
+    assert journal.held_by(new.owner("host-3"))[0].pk == held.pk  # the lease is intact
+    (mine,) = [s for s in journal.live_sessions() if s.epoch == new.epoch]
+    assert mine.processes == ((11, 1),) and mine.heartbeat_at == world.now
+    assert other.epoch in {s.epoch for s in journal.live_sessions()}  # not ours to end
+    world.now += 1
+    assert new.tick() is True
+    # A session that ended meanwhile cannot be adopted: the new scheduler opens its own.
+    journal.end_session(new.epoch, "test", world.now)
+    late = world.keeper(journal, pid=12, loader="LA")
+    assert late.predecessor() is None
+    assert late.adopt(mine) is False and late.epoch is None
+    other.close()
+
+
 def test_a_silent_session_on_another_machine_ends_after_the_lease_time(journal, tenant):
     d = Driver(journal, tenant, ThreeSteps)
     world = World()

@@ -188,6 +188,17 @@ class Scheduling:
                 update(N).where(N.c.epoch == epoch, N.c.ended_at.is_(None)).values(heartbeat_at=now)
             ).rowcount == 1
 
+    @retried
+    def adopt_session(self, epoch: int, processes: Sequence[tuple[int, int]], now: float) -> bool:
+        """A restarted scheduler takes over session `epoch` (its predecessor's, whose hosts
+        it adopts): the session's processes become `processes` and it heartbeats now.
+        False if the session has ended meanwhile (its leases were given up)."""
+        with self._write() as conn:
+            return conn.execute(
+                update(N).where(N.c.epoch == epoch, N.c.ended_at.is_(None))
+                .values(processes_json=json.dumps([list(p) for p in processes]), heartbeat_at=now)
+            ).rowcount == 1
+
     def probe(self) -> None:
         """Whether the journal can be written now: a write that changes nothing (the newest
         session's heartbeat is rewritten with its own value). Raises
