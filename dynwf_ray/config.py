@@ -74,6 +74,10 @@ class EngineConfig(BaseModel):
     max_activation_failures: int = Field(default=5, ge=1)
     #: Keep the scheduler alive after the driver exits (cluster deployments).
     detached: bool = False
+    #: Ray custom resources the scheduler and the loader ask for (each), e.g.
+    #: {"dynwf-control": 0.01}: they then run, and are restarted, only on nodes started
+    #: with that resource (`ray start --resources`). Empty: any node.
+    control_resources: dict[str, float] = Field(default_factory=dict)
     #: The platform's OpenTelemetry settings (standard OTEL_* variables) for every
     #: process that runs steps; tenants' own settings are layered on top (tracing.py).
     #: Tracing is off unless an exporter or OTLP endpoint is set.

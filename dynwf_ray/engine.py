@@ -85,7 +85,9 @@ class Engine:
                 include_dashboard=False if config.ray_address is None else None,
             )
             owns_ray = True
-        lifetime = {"lifetime": "detached"} if config.detached else {}
+        lifetime: dict[str, Any] = {"lifetime": "detached"} if config.detached else {}
+        if config.control_resources:
+            lifetime["resources"] = dict(config.control_resources)
         loader = Loader.options(
             name=config.loader_name, namespace=config.namespace, get_if_exists=True, **lifetime
         ).remote(config.model_dump(), dict(bindings or {}))

@@ -415,23 +415,84 @@ def sweep_scratch(directory: str | None = None) -> list[str]:
     return swept
 
 
+#: Seconds between a host process's looks at its loader. At the first look that finds
+#: it gone for good, its hosts stop claiming work; at the second, the process ends.
+LOADER_CHECK_S = 1.0
+LOADER_GONE_AFTER = 2
+
+
 @ray.remote(num_cpus=0)
 class HostProcess:
     """A trusted process in which hosts live: the Ray actor the loader starts (one per
     node, more on PostgreSQL; one per runtime env with pip packages). Its hosts share
     its journal connection, hence its group commit: one writer per process commits
-    for all of them. The scheduler addresses each host by its id."""
+    for all of them. The scheduler addresses each host by its id.
 
-    def __init__(self, database_url: str):
+    It is a named, detached actor, so it outlives a loader that Ray restarts (the
+    restarted loader finds it by name: `describe`) and its hosts' activations go on.
+    It watches its loader (by name and actor id) and ends itself once the loader is
+    gone for good: its engine stopped, or the driver that owned the engine died."""
+
+    def __init__(self, database_url: str, loader: tuple[str, str, str] | None = None,
+                 env: str | None = None):
         self._journal = Journal(database_url, create_tables=False)
         self._hosts: dict[int, InstanceHost] = {}
+        self._adding: dict[int, asyncio.Future] = {}
+        self._loader = loader  # (name, namespace, actor id) of the loader that owns it
+        self._env = env  # its pip runtime env (JSON), for a restarted loader
+        self._watching = False
         sweep_scratch()
 
     async def add(self, host_id: int, spec: HostSpec) -> str:
         """Start a host (its sandbox template) here; off the loop, which other hosts use.
-        Returns the id of the node it runs on."""
-        self._hosts[host_id] = await asyncio.to_thread(InstanceHost, self._journal, spec)
+        Returns the id of the node it runs on. A second call for the same host (Ray
+        retried the loader's call after restarting it) starts nothing more."""
+        self._watch_loader()
+        if host_id not in self._hosts:
+            adding = self._adding.get(host_id)
+            if adding is None:
+                adding = self._adding[host_id] = asyncio.ensure_future(
+                    asyncio.to_thread(InstanceHost, self._journal, spec))
+                adding.add_done_callback(lambda _: self._adding.pop(host_id, None))
+            self._hosts.setdefault(host_id, await asyncio.shield(adding))
         return ray.get_runtime_context().get_node_id()
+
+    async def describe(self) -> dict[str, Any]:
+        """What a restarted loader needs: {"node_id", "pid", "env", "loader_id",
+        "hosts": [[host id, tenant, version], ...]}, hosts being added included."""
+        await asyncio.gather(*list(self._adding.values()), return_exceptions=True)
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+            "env": self._env, "loader_id": self._loader[2] if self._loader else None,
+            "hosts": [[i, *h.code] for i, h in self._hosts.items()],
+        }
+
+    def _watch_loader(self) -> None:
+        if not self._watching and self._loader is not None:
+            self._watching = True
+            asyncio.get_running_loop().create_task(self._watch_forever())
+
+    async def _watch_forever(self) -> None:
+        name, namespace, actor_id = self._loader
+        missing = 0
+        while True:
+            await asyncio.sleep(LOADER_CHECK_S)
+            try:
+                found = await asyncio.to_thread(ray.get_actor, name, namespace=namespace)
+                missing = 0 if found._actor_id.hex() == actor_id else missing + 1
+            except ValueError:  # no such actor: killed for good (a restarting one is found)
+                missing += 1
+            except Exception:  # noqa: BLE001 - the GCS cannot say now: look again
+                continue
+            if missing:
+                for host in list(self._hosts.values()):
+                    await host.stop()
+            if missing >= LOADER_GONE_AFTER:
+                log.warning("the loader of this host process is gone (its engine stopped or "
+                            "its driver died): ending %d host(s) and this process", len(self._hosts))
+                for host_id in list(self._hosts):
+                    await self.end(host_id, 1.0)
+                os._exit(0)
 
     async def serve(self, host_id: int) -> HostReport:
         return await self._hosts[host_id].serve()
@@ -459,9 +520,6 @@ class HostProcess:
             await host.stop()
             await host.drain(timeout_s)
 
-    async def hosts(self) -> int:
-        return len(self._hosts)
-
     async def pid(self) -> int:
         return os.getpid()
 
@@ -486,7 +544,7 @@ class InstanceHost:
         self._tracing = tracing.tracing_for(spec.otel_env or {}, tenant_id, version)
         self._keep_logs = spec.keep_logs
         self._activations = 0
-        self._code = (tenant_id, version)
+        self.code = (tenant_id, version)  # (tenant, code version)
         self._lease_ttl = spec.lease_ttl
         self._owner = spec.owner
         self._poll = spec.poll_interval
@@ -529,7 +587,7 @@ class InstanceHost:
 
     async def _serve(self) -> HostReport:
         self._wake = asyncio.Event()
-        journal, (tenant_id, version) = self._journal.grouped, self._code
+        journal, (tenant_id, version) = self._journal.grouped, self.code
         renew_every = self._lease_ttl / 3
         next_renewal = time.monotonic() + renew_every
         while not (self._stopping and not self._running and not self._blocked):
@@ -651,7 +709,7 @@ class InstanceHost:
         results: list[str | None] = []
         for state in states:
             try:
-                await check_replay(state, self._code[1], self._sandboxes)
+                await check_replay(state, self.code[1], self._sandboxes)
                 results.append(None)
             except ReplayDivergenceError as exc:
                 results.append(str(exc))
@@ -668,7 +726,7 @@ class InstanceHost:
         "version", "template_pid", "started", "sandboxes": [...]}."""
         return {
             "host_pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-            "tenant": self._code[0], "version": self._code[1],
+            "tenant": self.code[0], "version": self.code[1],
             "template_pid": self._sandboxes.template.pid, "started": self._sandboxes.started,
             "sandboxes": [dict(v) for v in self._sandboxes.live.values()],
         }

@@ -20,8 +20,11 @@ A host is started with its tenant's merged telemetry settings (see
 `tracing.tenant_env`) and sandbox policy (the engine's mode and limits, the
 tenant's `TenantPolicy` from the journal).
 
-Host processes are owned by this actor: if it dies they die with it, and the
-scheduler re-activates their instances.
+Host processes are named, detached actors (`dynwf-hosts-<engine>-<id>`), so
+they outlive this actor: when Ray restarts it, the new loader finds its
+predecessor's processes by name and takes their hosts over (`_rediscover`), and
+their activations go on. A host process ends itself once its loader is gone for
+good (the engine stopped, or its driver died): see `HostProcess`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -68,7 +72,7 @@ class CodeSpec:
 class _Process:
     actor: Any  # a HostProcess
     env: str | None  # its pip runtime env (as JSON), None for code without one
-    node_id: str | None  # where it was asked to run (plain processes)
+    node_id: str | None  # where it runs (until its first host says: where it was asked to)
     hosts: set[int] = field(default_factory=set)
 
 
@@ -134,6 +138,8 @@ class Loader:
         self._closed = False
         self._incarnation: int | None = None  # the scheduler incarnation it serves
         self._counters = {"cache_hits": 0, "cache_misses": 0, "cold_starts": 0}
+        self._id = ray.get_runtime_context().get_actor_id()
+        self._rediscover()
 
     # -- the cache ----------------------------------------------------------
 
@@ -200,6 +206,10 @@ class Loader:
         if self._closed:
             raise RuntimeError("the engine is stopping")
         self._check_incarnation(incarnation)
+        with self._lock:
+            known = self._hosts.get(host_id)
+        if known is not None:  # Ray retried this call after restarting the loader
+            return known.process.actor, known.node_id
         code = self.code_spec(tenant_id, version)
         policy = json.loads(self.journal.tenant_policy(tenant_id) or "{}")
         if code.kind == PACKAGE:  # the platform may have withdrawn pip since the push
@@ -235,6 +245,7 @@ class Loader:
             raise RuntimeError("no host process could take the host")
         with self._lock:
             stale = self._stale(incarnation)
+            process.node_id = node_id  # Ray may have placed it elsewhere than asked
             if not (self._closed or stale):
                 process.hosts.add(host_id)
                 self._hosts[host_id] = _Host(host_id, (tenant_id, version), process, node_id)
@@ -313,11 +324,47 @@ class Loader:
                 options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
             if runtime_env:
                 options["runtime_env"] = runtime_env
-            process = _Process(
-                HostProcess.options(**options).remote(self.config.database_url), env, node
-            )
+            cfg = self.config
+            actor = HostProcess.options(
+                name=f"{self._prefix}{uuid.uuid4().hex[:16]}", namespace=cfg.namespace,
+                lifetime="detached", **options,
+            ).remote(cfg.database_url, (cfg.loader_name, cfg.namespace, self._id), env)
+            process = _Process(actor, env, node)
             self._processes.append(process)
             return process
+
+    @property
+    def _prefix(self) -> str:
+        return f"dynwf-hosts-{self.config.name}-"
+
+    def _rediscover(self) -> None:
+        """Take over the host processes (and their hosts) of this loader's previous
+        incarnation, found by name; end those of another loader of the same name (an
+        engine that died before this one started)."""
+        try:
+            named = ray.util.list_named_actors(all_namespaces=True)
+        except Exception:  # noqa: BLE001 - the GCS cannot say now: none to take over
+            log.exception("could not list the host processes to take over")
+            return
+        for entry in named:
+            if entry["namespace"] != self.config.namespace or not entry["name"].startswith(self._prefix):
+                continue
+            try:
+                actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
+                info = ray.get(actor.describe.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - gone (with its node) or not answering
+                continue
+            if info["loader_id"] != self._id:
+                ray.kill(actor)
+                continue
+            process = _Process(actor, info["env"], info["node_id"])
+            self._processes.append(process)
+            for host_id, tenant_id, version in info["hosts"]:
+                process.hosts.add(host_id)
+                self._hosts[host_id] = _Host(host_id, (tenant_id, version), process, info["node_id"])
+        if self._processes:
+            log.warning("restarted: took over %d host process(es) with %d host(s)",
+                        len(self._processes), len(self._hosts))
 
     def _per_node(self) -> dict[str, int]:
         """Plain host processes wanted per alive node: `host_processes`, or by default two

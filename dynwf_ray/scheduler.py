@@ -159,7 +159,7 @@ class SchedulerCore:
         self._caps: dict[str, int | None] = {}
         self._caps_at = float("-inf")
         self.counters = {"host_deaths": 0, "hosts_lost_with_node": 0, "instances_given_up": 0,
-                         "instances_swept": 0, "hosts_adopted": 0}
+                         "instances_swept": 0, "hosts_adopted": 0, "instances_unadopted": 0}
 
     def tick(self, now: float) -> list[Decision]:
         demand = {CodeKey(*k): Want(*v) for k, v in self.journal.demand(now).items()}
@@ -206,6 +206,20 @@ class SchedulerCore:
             self.counters["hosts_lost_with_node"] += 1
         return self.crashed(self.journal.held_by(self._host_owner(host_id)), now, "HostDiedError",
                             f"the instance's host process died: {why}", count=not node_lost)
+
+    def release_unadopted(self, epoch: int, adopted: set[str], now: float) -> int:
+        """After a restart that adopted session `epoch`: give up the leases of its owners
+        that were not adopted (`adopted`: owner ids), i.e. hosts that died while no
+        scheduler watched them, or the predecessor's own claims. No crash is counted:
+        whose fault those deaths were cannot be told now. Returns how many."""
+        released = 0
+        for owner in self.journal.lease_owners(epoch):
+            if owner not in adopted:
+                claims = self.journal.held_by(owner)
+                self.crashed(claims, now, "HostDiedError", "", count=False)
+                released += len(claims)
+        self.counters["instances_unadopted"] += released
+        return released
 
     def crashed(self, claims: list, now: float, name: str, message: str,
                 count: bool = True) -> list[int]:
@@ -456,8 +470,14 @@ class _RayScheduler:
             self.core.pool.adopt(h.host_id, key, now)
             self._loop.create_task(self._serve_host(h.host_id, key, h.actor.serve.remote(h.host_id)))
         self.core.counters["hosts_adopted"] += len(hosts)
-        if hosts:
-            log.info("adopted %d live host(s) of the previous scheduler", len(hosts))
+        if self.session.epoch is not None and self.session.adopted:
+            owners = {self._host_owner(h.host_id) for h in hosts}
+            try:
+                released = self.core.release_unadopted(self.session.epoch, owners, now)
+            except JournalUnavailableError:
+                released = 0  # those leases expire instead; the journal's health says why
+            log.info("adopted %d live host(s) of the previous scheduler; %d instance(s) "
+                     "leased by hosts that are gone run again", len(hosts), released)
 
     def _apply(self, decisions: list[Decision]) -> None:
         for d in decisions:

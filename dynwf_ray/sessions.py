@@ -121,6 +121,7 @@ class SessionKeeper:
         self._clock = clock
         self._is_running = is_running
         self.epoch: int | None = None
+        self.adopted = False  # whether this keeper took its session over (`adopt`)
         self._beat_at = self._checked_at = float("-inf")
         self.reclaimed = 0  # instances whose leases it took back from gone sessions
 
@@ -150,7 +151,7 @@ class SessionKeeper:
         now = self._clock()
         if not self.journal.adopt_session(session.epoch, self._processes, now):
             return False
-        self.epoch, self._beat_at = session.epoch, now
+        self.epoch, self._beat_at, self.adopted = session.epoch, now, True
         log.info("engine session %s adopted by a restarted scheduler", session.epoch)
         self.reclaim()
         return True

@@ -1,6 +1,6 @@
 """The multi-node scenario of test_cluster.py, in a Ray cluster of its own.
 
-    python -m tests.cluster_driver <journal database URL> <work dir>
+    python -m tests.cluster_driver <journal database URL> <work dir> [worker|control]
 
 Builds a `ray.cluster_utils.Cluster` (a head and two worker nodes on this
 machine), starts an engine with the given (empty) journal while the head is the
@@ -8,8 +8,8 @@ only node, adds the workers, and runs one `Steered` instance for each of a few
 tenants at once (each tenant's code gets its own host; the loader spreads hosts
 over the nodes). While every instance is blocked in step b, it removes a
 worker node that runs one of them, waits for the instances it ran to start
-step b again elsewhere, then kills the scheduler alone (Ray restarts it; it adopts
-the live hosts), releases all of them and waits for them to complete. It prints one JSON line of what it saw (placements,
+step b again elsewhere, then kills the scheduler alone and then the loader alone (Ray
+restarts each; the new one takes the live hosts over), releases all of them and waits for them to complete. It prints one JSON line of what it saw (placements,
 the removed node, logs, journal steps, timings; "error" when something went
 wrong) and always shuts the engine, Ray and the cluster down.
 
@@ -18,6 +18,12 @@ the rest of the suite shares one Ray session and a Cluster needs its own.
 Run it with RAY_TMPDIR set to a private directory: a Cluster records its
 address in `<ray temp dir>/ray_current_cluster`, where any other `ray.init()`
 on the machine would otherwise find it and try to join it.
+
+With `control`, the engine's scheduler and loader ask for a custom resource that
+only two worker nodes have; the engine starts while the first is the only one,
+so both run there. While every instance is in step b, that node is removed:
+Ray restarts the scheduler and the loader on the other, which take over the
+live hosts; the instances whose hosts were on the removed node run step b again.
 """
 
 from __future__ import annotations
@@ -80,16 +86,14 @@ def control_nodes() -> dict[str, str]:
         return {"error": repr(exc)}
     return {
         a["Name"]: a["Address"]["NodeID"] for a in table.values()
-        if a["Name"].startswith("dynwf-") and a["State"] == "ALIVE"
+        if a["Name"].startswith(("dynwf-loader-", "dynwf-scheduler-")) and a["State"] == "ALIVE"
     }
 
 
-def scenario(cluster: Cluster, facts: dict, engine: Engine, work: Path) -> None:
+def start_instances(engine: Engine, facts: dict, work: Path) -> tuple[dict, dict, dict]:
+    """One `Steered` instance per tenant, each blocked in step b: (instances, handles,
+    where each runs)."""
     t0 = facts["t0"]
-    head = cluster.head_node.node_id
-    workers = {n.node_id: n for n in cluster.worker_nodes}
-    facts["nodes"] = {"head": head, "workers": sorted(workers)}
-    facts["alive_nodes"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
     instances = {}
     for i in range(TENANTS):
         tenant = f"tenant{i}"
@@ -103,7 +107,6 @@ def scenario(cluster: Cluster, facts: dict, engine: Engine, work: Path) -> None:
         for iid, (tenant, d) in instances.items()
     }
     facts["timings"]["instances_created_s"] = round(time.monotonic() - t0, 2)
-
     wait_until(lambda: all(lines(d / "b.log") for _, d in instances.values()), 120,
                "every instance to start step b")
     before = wait_until(lambda: (p := placements(engine)).keys() >= instances.keys() and p, 30,
@@ -111,6 +114,43 @@ def scenario(cluster: Cluster, facts: dict, engine: Engine, work: Path) -> None:
     facts["timings"]["all_in_step_b_s"] = round(time.monotonic() - t0, 2)
     facts["before"] = before
     facts["control"] = control_nodes()
+    return instances, handles, before
+
+
+def finish(engine: Engine, facts: dict, instances: dict, handles: dict, since: float) -> None:
+    """Release every instance, wait for all to end, and record what they did."""
+    t_release = time.monotonic()
+    for _, d in instances.values():
+        (d / "release").touch()
+
+    def all_done() -> bool:
+        return all(h.status()["status"] in {"complete", "errored", "terminated"}
+                   for h in handles.values())
+
+    wait_until(all_done, 90, "every instance to end")
+    facts["timings"]["complete_after_release_s"] = round(time.monotonic() - t_release, 2)
+    facts["timings"]["complete_after_fault_s"] = round(time.monotonic() - since, 2)
+    facts["instances"] = {}
+    for iid, (tenant, d) in instances.items():
+        info = engine.journal.get_instance(tenant, iid)
+        facts["instances"][iid] = {
+            "tenant": tenant,
+            "status": handles[iid].status(),
+            "a_runs": len(lines(d / "a.log")),
+            "b_runs": lines(d / "b.log"),
+            "steps": [[s.name, s.seq, s.status] for s in engine.journal.list_steps(info.pk)],
+        }
+    facts["stats"] = {k: v for k, v in engine.stats().items() if k != "metrics_url"}
+
+
+def scenario(cluster: Cluster, facts: dict, engine: Engine, work: Path) -> None:
+    """A worker node running an instance removed mid-step; then the scheduler alone and
+    the loader alone killed."""
+    head = cluster.head_node.node_id
+    workers = {n.node_id: n for n in cluster.worker_nodes}
+    facts["nodes"] = {"head": head, "workers": sorted(workers)}
+    facts["alive_nodes"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    instances, handles, before = start_instances(engine, facts, work)
 
     # The node to remove: a worker running an instance.
     candidates = sorted({p["node"] for p in before.values()} & workers.keys())
@@ -147,42 +187,66 @@ def scenario(cluster: Cluster, facts: dict, engine: Engine, work: Path) -> None:
     facts["old_processes_gone"] = {
         v: {"host": gone(before[v]["host_pid"]), "sandbox": gone(before[v]["pid"])} for v in victims
     }
-
-    kill_scheduler(engine, facts)
-
-    t_release = time.monotonic()
-    for _, d in instances.values():
-        (d / "release").touch()
-
-    def all_done() -> bool:
-        return all(h.status()["status"] in {"complete", "errored", "terminated"}
-                   for h in handles.values())
-
-    wait_until(all_done, 90, "every instance to end")
-    facts["timings"]["complete_after_release_s"] = round(time.monotonic() - t_release, 2)
-    facts["timings"]["complete_after_removal_s"] = round(time.monotonic() - t_removed, 2)
-
-    facts["instances"] = {}
-    for iid, (tenant, d) in instances.items():
-        info = engine.journal.get_instance(tenant, iid)
-        facts["instances"][iid] = {
-            "tenant": tenant,
-            "status": handles[iid].status(),
-            "a_runs": len(lines(d / "a.log")),
-            "b_runs": lines(d / "b.log"),
-            "steps": [[s.name, s.seq, s.status] for s in engine.journal.list_steps(info.pk)],
-        }
-    facts["stats"] = {k: v for k, v in engine.stats().items() if k != "metrics_url"}
+    kill_control(engine, facts, "scheduler")
+    kill_control(engine, facts, "loader")
+    finish(engine, facts, instances, handles, t_removed)
 
 
-def kill_scheduler(engine: Engine, facts: dict) -> None:
-    """The scheduler alone lost while every instance is in step b (Ray restarts it): record
-    where each instance runs before and after, and how long until a new one answers."""
+def control_node_scenario(cluster: Cluster, facts: dict, engine: Engine, work: Path,
+                          control: Any, spare: Any) -> None:
+    """The node running the scheduler and the loader removed mid-step: they restart on the
+    spare node that has the control resource, and steps on the other nodes go on."""
+    facts["nodes"] = {"head": cluster.head_node.node_id, "control": control.node_id,
+                      "spare": spare.node_id}
+    instances, handles, before = start_instances(engine, facts, work)
+    victims = sorted(iid for iid, p in before.items() if p["node"] == control.node_id)
+    facts["victims"] = victims
+    facts["busy_before"] = busy_sandboxes(engine)
+
+    t_remove = time.monotonic()
+    cluster.remove_node(control)
+    t_removed = time.monotonic()
+    facts["timings"]["remove_node_s"] = round(t_removed - t_remove, 2)
+
+    def back() -> dict | None:
+        where = control_nodes()
+        if len(where) != 2 or set(where.values()) != {spare.node_id}:
+            return None
+        try:
+            return {k: v for k, v in engine.stats().items() if k != "metrics_url"}
+        except ray.exceptions.RayError:
+            return None
+
+    facts["stats_after_restart"] = wait_until(back, 120, "the control plane on the spare node")
+    facts["timings"]["control_back_s"] = round(time.monotonic() - t_removed, 2)
+    facts["control_after"] = control_nodes()
+    for iid in victims:
+        d = instances[iid][1]
+        wait_until(lambda: len(lines(d / "b.log")) >= 2, 90, f"{iid} to run step b again")
+    facts["timings"]["victims_rerun_s"] = round(time.monotonic() - t_removed, 2)
+    facts["after"] = wait_until(
+        lambda: (p := placements(engine)).keys() >= instances.keys() and p, 30,
+        "every instance's sandbox to be reported again",
+    )
+    facts["busy_after"] = busy_sandboxes(engine)
+    finish(engine, facts, instances, handles, t_removed)
+
+
+def busy_sandboxes(engine: Engine) -> list[str]:
+    """The instance each busy sandbox runs, over every host (one entry per sandbox)."""
+    return sorted(s["instance"] for h in engine.sandboxes() for s in h["sandboxes"] if s["instance"])
+
+
+def kill_control(engine: Engine, facts: dict, which: str) -> None:
+    """The scheduler or the loader (`which`) alone lost while every instance is in step b
+    (Ray restarts it): record where each instance runs before and after, what the engine
+    counted, and how long until a new one answers."""
     cfg = engine.config
+    name = cfg.scheduler_name if which == "scheduler" else cfg.loader_name
 
     def pid() -> int:
-        scheduler = ray.get_actor(cfg.scheduler_name, namespace=cfg.namespace)
-        return ray.get(scheduler.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
+        actor = ray.get_actor(name, namespace=cfg.namespace)
+        return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
 
     def answers_anew() -> bool:
         try:
@@ -191,22 +255,21 @@ def kill_scheduler(engine: Engine, facts: dict) -> None:
             return False
 
     before = placements(engine)
-    facts["stats_before_restart"] = {k: v for k, v in engine.stats().items() if k != "metrics_url"}
-    hosts = facts["stats_before_restart"]["live_hosts"]
+    stats_before = {k: v for k, v in engine.stats().items() if k != "metrics_url"}
     old = pid()
     t_kill = time.monotonic()
-    ray.kill(ray.get_actor(cfg.scheduler_name, namespace=cfg.namespace), no_restart=False)
-    wait_until(lambda: gone(old), 30, "the scheduler to die")
-    wait_until(answers_anew, 60, "a restarted scheduler")
-    facts["timings"]["scheduler_back_s"] = round(time.monotonic() - t_kill, 2)
+    ray.kill(ray.get_actor(name, namespace=cfg.namespace), no_restart=False)
+    wait_until(lambda: gone(old), 30, f"the {which} to die")
+    wait_until(answers_anew, 60, f"a restarted {which}")
+    facts["timings"][f"{which}_back_s"] = round(time.monotonic() - t_kill, 2)
     stats = engine.stats()
-    facts["scheduler_restart"] = {
-        "before": before, "after": placements(engine), "live_hosts_before": hosts,
-        "hosts_adopted": stats["hosts_adopted"], "live_hosts_after": stats["live_hosts"],
+    facts[f"{which}_restart"] = {
+        "before": before, "after": placements(engine), "stats_before": stats_before,
+        "stats_after": {k: v for k, v in stats.items() if k != "metrics_url"},
     }
 
 
-def main(database_url: str, work_dir: str) -> int:
+def main(database_url: str, work_dir: str, which: str = "worker") -> int:
     work = Path(work_dir)
     facts: dict[str, Any] = {"t0": time.monotonic(), "timings": {}, "error": None}
     cluster = None
@@ -219,12 +282,22 @@ def main(database_url: str, work_dir: str) -> int:
         # The engine's loader and scheduler (num_cpus=0 actors, which Ray may place on any
         # node) start while the head is the only node: the workers then run only hosts, and
         # removing one takes hosts and sandboxes with it, never the engine's control plane.
-        facts["_engine"] = Engine.start(database_url=database_url, **ENGINE)
-        for _ in range(2):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes(timeout=120)
-        facts["timings"]["cluster_started_s"] = round(time.monotonic() - facts["t0"], 2)
-        scenario(cluster, facts, facts["_engine"], work)
+        if which == "worker":
+            facts["_engine"] = Engine.start(database_url=database_url, **ENGINE)
+            for _ in range(2):
+                cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes(timeout=120)
+            facts["timings"]["cluster_started_s"] = round(time.monotonic() - facts["t0"], 2)
+            scenario(cluster, facts, facts["_engine"], work)
+        else:  # the control plane on a worker, the only node with the resource it asks for
+            control = cluster.add_node(num_cpus=1, resources={"control": 1})
+            cluster.wait_for_nodes(timeout=120)
+            facts["_engine"] = Engine.start(
+                database_url=database_url, control_resources={"control": 0.01}, **ENGINE)
+            spare = cluster.add_node(num_cpus=1, resources={"control": 1})
+            cluster.wait_for_nodes(timeout=120)
+            facts["timings"]["cluster_started_s"] = round(time.monotonic() - facts["t0"], 2)
+            control_node_scenario(cluster, facts, facts["_engine"], work, control, spare)
     except BaseException as exc:  # noqa: BLE001 - reported in the JSON line
         facts["error"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()

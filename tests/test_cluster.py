@@ -1,5 +1,6 @@
 """Sandboxes on every node of a multi-node Ray cluster; an instance survives its node's
-removal; a restarted scheduler interrupts no running step.
+removal; a restarted scheduler or loader interrupts no running step, nor does the loss
+of the node they run on, for steps on other nodes.
 
 A `ray.cluster_utils.Cluster` (a head and two worker nodes on this machine)
 needs a Ray session of its own, and the rest of the suite shares one
@@ -53,7 +54,7 @@ def pg_database_url() -> Iterator[str]:
         admin.dispose()
 
 
-def run_driver(database_url: str, work: Path) -> tuple[dict, str]:
+def run_driver(database_url: str, work: Path, which: str = "worker") -> tuple[dict, str]:
     """Run the cluster scenario in its own process group; (its JSON facts, its stderr)."""
     # A private Ray temp dir: a Cluster writes its address to <it>/ray/ray_current_cluster,
     # where any other ray.init() on this machine (another test run) would join it.
@@ -62,7 +63,7 @@ def run_driver(database_url: str, work: Path) -> tuple[dict, str]:
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.cluster_driver", database_url, str(work)],
+        [sys.executable, "-m", "tests.cluster_driver", database_url, str(work), which],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,  # its Ray processes form a group we can end on a timeout
     )
@@ -93,7 +94,7 @@ def run_driver(database_url: str, work: Path) -> tuple[dict, str]:
     return facts, err
 
 
-def test_sandboxes_on_every_node_node_removal_and_scheduler_restart(
+def test_sandboxes_on_every_node_node_removal_and_control_plane_restarts(
     pg_database_url, tmp_path
 ):
     facts, stderr = run_driver(pg_database_url, tmp_path)
@@ -158,16 +159,68 @@ def check(facts: dict) -> None:
         assert got["steps"] == STEPS_ONCE, (iid, got)
         if iid not in victims:
             assert len(got["b_runs"]) == 1, (iid, got)
-    # The scheduler alone was lost while every instance was in step b: the restarted one
-    # adopted every live host, and no step was interrupted (same sandbox and host
-    # process for every instance, and step b ran once more only for the victims).
-    restart = facts["scheduler_restart"]
-    assert restart["hosts_adopted"] == restart["live_hosts_before"] >= 2, restart
-    assert restart["live_hosts_after"] == restart["live_hosts_before"], restart
-    assert set(restart["before"]) == set(instances), restart
-    assert restart["after"] == restart["before"], restart
+    # The scheduler alone, then the loader alone, was lost while every instance was in
+    # step b: each restarted one took the live hosts over, and no step was interrupted
+    # (same sandbox and host process for every instance; step b ran once more only for
+    # the victims of the node's removal, checked above).
+    for which in ("scheduler", "loader"):
+        restart = facts[f"{which}_restart"]
+        before_, after_ = restart["stats_before"], restart["stats_after"]
+        assert set(restart["before"]) == set(instances), restart
+        assert restart["after"] == restart["before"], restart
+        assert after_["live_hosts"] == before_["live_hosts"] >= 2, restart
+        assert after_["host_processes"] == before_["host_processes"], restart
+    assert facts["scheduler_restart"]["stats_after"]["hosts_adopted"] == (
+        facts["scheduler_restart"]["stats_before"]["live_hosts"])
+    assert facts["loader_restart"]["stats_after"]["cold_starts"] == 0  # it took them over
     # (a scheduler's counters are its own: the node's loss was counted by the first one)
-    assert facts["stats_before_restart"]["host_deaths"] >= len(victims)
+    first = facts["scheduler_restart"]["stats_before"]
+    assert first["host_deaths"] >= len(victims)
     # their hosts went down with the node: not the instances' fault, no crash counted
-    assert facts["stats_before_restart"]["hosts_lost_with_node"] >= 1, facts["stats_before_restart"]
+    assert first["hosts_lost_with_node"] >= 1, first
+    assert facts["stats"]["instances"] == {"complete": len(instances)}
+
+
+def test_the_control_planes_node_removed_mid_step(pg_database_url, tmp_path):
+    """The node running the scheduler and the loader is removed while every instance is in
+    step b: Ray restarts both on the spare node, they take the live hosts over, steps on
+    other nodes go on untouched, and those of the removed node run again, once."""
+    facts, stderr = run_driver(pg_database_url, tmp_path, "control")
+    try:
+        check_control(facts)
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}\n--- facts ---\n{json.dumps(facts, indent=1)}\n--- stderr ---\n{stderr[-20000:]}"
+        ) from None
+    print(f"\ncontrol plane's node removed: it ran {facts['victims']}; "
+          f"timings {json.dumps(facts['timings'])}")
+
+
+def check_control(facts: dict) -> None:
+    assert not facts.get("shutdown_errors"), facts.get("shutdown_errors")
+    nodes = facts["nodes"]
+    names = {"dynwf-loader-cluster", "dynwf-scheduler-cluster"}
+    assert facts["control"] == dict.fromkeys(names, nodes["control"]), facts["control"]
+    assert facts["control_after"] == dict.fromkeys(names, nodes["spare"]), facts["control_after"]
+    before, after, victims = facts["before"], facts["after"], facts["victims"]
+    instances = facts["instances"]
+    assert set(before) == set(instances) == set(after)
+    assert set(before) - set(victims), f"every instance ran on the control plane's node: {before}"
+    for iid, got in instances.items():
+        assert got["status"]["status"] == "complete", (iid, got)
+        assert got["status"]["output"] == ["a", "b", "c"]
+        assert got["a_runs"] == 1, (iid, got)
+        assert got["steps"] == STEPS_ONCE, (iid, got)
+        if iid in victims:  # its host went with the node: b ran again elsewhere
+            assert len(got["b_runs"]) == 2, (iid, got)
+            assert after[iid]["node"] != nodes["control"]
+        else:  # untouched: the same sandbox and host process, b ran once
+            assert len(got["b_runs"]) == 1, (iid, got)
+            assert after[iid] == before[iid], (iid, before[iid], after[iid])
+    # no instance ran in two sandboxes at once, before or after
+    for busy in (facts["busy_before"], facts["busy_after"]):
+        assert len(busy) == len(set(busy)) == len(instances), busy
+    restarted = facts["stats_after_restart"]
+    assert restarted["session"] == facts["stats"]["session"]
+    assert restarted["hosts_adopted"] == len({before[i]["tenant"] for i in before if i not in victims})
     assert facts["stats"]["instances"] == {"complete": len(instances)}

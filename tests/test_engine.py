@@ -404,30 +404,39 @@ def test_scheduler_killed_and_restarted_adopts_its_hosts_and_interrupts_no_step(
     assert wait_status(later, "complete")["output"]["by"] == "eve"
 
 
-def _restarted(engine, old_pid: int) -> dict | None:
-    """The engine's stats once a scheduler other than `old_pid` answers."""
-    scheduler = ray.get_actor(engine.config.scheduler_name, namespace=engine.config.namespace)
+def _restarted(engine, old_pid: int, which: str = "scheduler") -> dict | None:
+    """The engine's stats once a `which` ("scheduler" or "loader") other than `old_pid`
+    answers."""
+    name = engine.config.scheduler_name if which == "scheduler" else engine.config.loader_name
+    actor = ray.get_actor(name, namespace=engine.config.namespace)
     try:
-        if ray.get(scheduler.__ray_call__.remote(lambda self: os.getpid()), timeout=5) == old_pid:
+        if ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=5) == old_pid:
             return None
         return engine.stats()
     except ray.exceptions.RayError:
         return None
 
 
-def test_loader_killed_and_restarted_loses_nothing_and_lends_no_sandbox_twice(make_engine, tmp_path):
-    """The loader's process dies mid-step (Ray restarts it): the host processes it owned die
-    with it; the interrupted step runs again once, in a new sandbox, completed steps do
-    not, and afterwards no sandbox runs more than one instance."""
+def test_loader_killed_and_restarted_interrupts_no_step_and_lends_no_host_twice(make_engine, tmp_path):
+    """The loader's process dies mid-step (Ray restarts it): the host processes are not
+    its children, so the step goes on in the same sandbox and runs once; the restarted
+    loader takes the hosts over (by name), starts no second host for them, and
+    afterwards no instance runs in two sandboxes."""
     engine = make_engine(lease_ttl=2.0)
     running, sleeping, waiting = _start_mixed_work(engine, tmp_path)
     first = wait_until(lambda: sandbox_of(engine, "run"), what="the running sandbox")
+    before = engine.stats()
     loader = ray.get_actor(engine.config.loader_name, namespace=engine.config.namespace)
+    old_pid = ray.get(loader.__ray_call__.remote(lambda self: os.getpid()))
+    killed = time.monotonic()
     ray.kill(loader, no_restart=False)
-    wait_until(lambda: process_gone(first["host_pid"]), what="the old host process to die with the loader")
-    wait_until(lambda: len(lines(tmp_path / "b.log")) == 2, what="step b to run again")
-    second = wait_until(lambda: sandbox_of(engine, "run"), what="the new sandbox")
-    assert second["pid"] != first["pid"] and second["host_pid"] != first["host_pid"]
+    wait_until(lambda: process_gone(old_pid), what="the old loader to die")
+    after = wait_until(lambda: _restarted(engine, old_pid, "loader"), what="the restarted loader")
+    print(f"loader back {time.monotonic() - killed:.2f} s after the kill")
+    assert (after["live_hosts"], after["host_processes"]) == (before["live_hosts"], before["host_processes"])
+    assert after["cold_starts"] == 0  # it took the hosts over; it started none
+    again = sandbox_of(engine, "run")
+    assert (again["pid"], again["host_pid"]) == (first["pid"], first["host_pid"])
     running_in = [s.get("instance") for h in engine.sandboxes() for s in h["sandboxes"]]
     busy = [i for i in running_in if i]
     assert len(busy) == len(set(busy)), running_in  # no instance in two sandboxes
@@ -437,9 +446,27 @@ def test_loader_killed_and_restarted_loses_nothing_and_lends_no_sandbox_twice(ma
     assert wait_status(sleeping, "complete")
     assert wait_status(waiting, "complete")["output"]["by"] == "dan"
     assert len(lines(tmp_path / "a.log")) == 1
+    assert len(lines(tmp_path / "b.log")) == 1  # not interrupted, not run again
     info = engine.journal.get_instance("mix", "run")
     assert [(s.name, s.seq, s.status) for s in engine.journal.list_steps(info.pk)] == [
         ("a", 1, "complete"), ("b", 1, "complete"), ("c", 1, "complete")]
+    assert engine.stats()["host_deaths"] == 0
+
+
+def test_host_processes_end_themselves_once_their_loader_is_gone_for_good(make_engine, tmp_path):
+    """An engine whose loader was killed for good (its driver died without `stop`):
+    its host processes, detached, notice and end, sandboxes included."""
+    engine = make_engine()
+    engine.register("mix", Steered)
+    lend(engine, "mix", tmp_path)
+    engine.binding("mix").create(id="run", params={"dir": str(tmp_path)})
+    first = wait_until(lambda: sandbox_of(engine, "run"), what="the running sandbox")
+    scheduler = ray.get_actor(engine.config.scheduler_name, namespace=engine.config.namespace)
+    loader = ray.get_actor(engine.config.loader_name, namespace=engine.config.namespace)
+    ray.kill(scheduler, no_restart=True)
+    ray.kill(loader, no_restart=True)
+    wait_until(lambda: process_gone(first["host_pid"]), 30, "the host process to end itself")
+    wait_until(lambda: process_gone(first["pid"]), 10, "its sandbox to end with it")
 
 
 def test_engine_stopped_and_started_again_on_the_same_journal(make_engine, tmp_path):

@@ -276,3 +276,23 @@ def test_a_host_lost_with_its_node_counts_no_crash(journal):
         info = journal.get_instance("a", "i0")
         assert info.status == "queued" and info.wake_at == 100.0
     assert journal.history("a", "i0").crashes == 0
+
+
+def test_a_restart_releases_the_leases_of_hosts_it_could_not_adopt(journal):
+    """A scheduler that adopted its session gives up at once the leases of the session's
+    hosts that are gone (they died while no scheduler watched), keeps the adopted
+    hosts' leases, and leaves other sessions' alone; no crash is counted."""
+    _create(journal, "a", 3, 100.0)
+    cfg = pool_config(EngineConfig(database_url="sqlite://"), 2, 1 << 34)
+    core = SchedulerCore(journal, cfg, max_failures=3, host_owner=lambda i: f"e7/host-{i}")
+    journal.claim_due(101.0, 1, "e7/host-1", 30.0)  # adopted
+    journal.claim_due(101.0, 1, "e7/host-2", 30.0)  # gone
+    journal.claim_due(101.0, 1, "e77/host-2", 30.0)  # another session's
+    assert journal.lease_owners(7) == ["e7/host-1", "e7/host-2"]
+    assert core.release_unadopted(7, {"e7/host-1"}, 102.0) == 1
+    assert core.counters["instances_unadopted"] == 1
+    assert [c.instance_id for c in journal.held_by("e7/host-1")] == ["i0"]
+    assert journal.held_by("e7/host-2") == []
+    assert [c.instance_id for c in journal.held_by("e77/host-2")] == ["i2"]
+    assert journal.get_instance("a", "i1").status == "queued"
+    assert journal.history("a", "i1").crashes == 0

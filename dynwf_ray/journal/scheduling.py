@@ -161,6 +161,15 @@ class Scheduling:
             ).all()
         return [Claim(*row) for row in rows]
 
+    def lease_owners(self, epoch: int) -> list[str]:
+        """The owners holding leases taken in session `epoch` (hosts, the scheduler)."""
+        with self._read() as conn:
+            return sorted(row[0] for row in conn.execute(
+                select(I.c.lease_owner).distinct()
+                .where(I.c.lease_owner.startswith(lease_owner_prefix(epoch), autoescape=True),
+                       I.c.lease_expires_at.is_not(None), I.c.status.not_in(TERMINAL))
+            ))
+
     # -- engine sessions (sessions.py decides when one is gone) ----------------
 
     @retried
