@@ -237,7 +237,7 @@ class Loader:
             process = self._place(code.runtime_env)
             try:
                 node_id = ray.get(process.actor.add.remote(host_id, spec))
-            except ray.exceptions.RayActorError:
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError):
                 self._drop(process)
                 continue
             break
@@ -321,7 +321,10 @@ class Loader:
                 node = min(short or counts, key=lambda n: counts[n], default=None)
             options: dict[str, Any] = {"scheduling_strategy": "SPREAD", "memory": 1}
             if node is not None:
-                options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
+                # hard: Ray's soft affinity falls back to another node too readily (most
+                # processes ended up on one node); a node that died meanwhile makes the
+                # process unschedulable, and `start` places the host elsewhere
+                options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
             if runtime_env:
                 options["runtime_env"] = runtime_env
             cfg = self.config

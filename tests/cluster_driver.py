@@ -113,6 +113,7 @@ def start_instances(engine: Engine, facts: dict, work: Path) -> tuple[dict, dict
                         "every instance's sandbox to be reported")
     facts["timings"]["all_in_step_b_s"] = round(time.monotonic() - t0, 2)
     facts["before"] = before
+    facts["busy_before"] = busy_sandboxes(engine)
     facts["control"] = control_nodes()
     return instances, handles, before
 
@@ -140,6 +141,13 @@ def finish(engine: Engine, facts: dict, instances: dict, handles: dict, since: f
             "b_runs": lines(d / "b.log"),
             "steps": [[s.name, s.seq, s.status] for s in engine.journal.list_steps(info.pk)],
         }
+    # The same engine serves a new instance afterwards.
+    tenant, d = next(iter(instances.values()))
+    t_new = time.monotonic()
+    late = engine.binding(tenant).create(id="after-the-fault", params={"dir": str(d)})
+    wait_until(lambda: late.status()["status"] == "complete", 60, "a new instance to complete")
+    facts["timings"]["new_instance_s"] = round(time.monotonic() - t_new, 2)
+    facts["new_instance"] = late.status()
     facts["stats"] = {k: v for k, v in engine.stats().items() if k != "metrics_url"}
 
 
@@ -201,7 +209,6 @@ def control_node_scenario(cluster: Cluster, facts: dict, engine: Engine, work: P
     instances, handles, before = start_instances(engine, facts, work)
     victims = sorted(iid for iid, p in before.items() if p["node"] == control.node_id)
     facts["victims"] = victims
-    facts["busy_before"] = busy_sandboxes(engine)
 
     t_remove = time.monotonic()
     cluster.remove_node(control)
@@ -255,6 +262,7 @@ def kill_control(engine: Engine, facts: dict, which: str) -> None:
             return False
 
     before = placements(engine)
+    facts[f"busy_before_{which}_restart"] = busy_sandboxes(engine)
     stats_before = {k: v for k, v in engine.stats().items() if k != "metrics_url"}
     old = pid()
     t_kill = time.monotonic()
@@ -264,7 +272,8 @@ def kill_control(engine: Engine, facts: dict, which: str) -> None:
     facts["timings"][f"{which}_back_s"] = round(time.monotonic() - t_kill, 2)
     stats = engine.stats()
     facts[f"{which}_restart"] = {
-        "before": before, "after": placements(engine), "stats_before": stats_before,
+        "before": before, "after": placements(engine), "busy_after": busy_sandboxes(engine),
+        "stats_before": stats_before,
         "stats_after": {k: v for k, v in stats.items() if k != "metrics_url"},
     }
 

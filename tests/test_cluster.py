@@ -170,6 +170,8 @@ def check(facts: dict) -> None:
         assert restart["after"] == restart["before"], restart
         assert after_["live_hosts"] == before_["live_hosts"] >= 2, restart
         assert after_["host_processes"] == before_["host_processes"], restart
+        for busy in (facts[f"busy_before_{which}_restart"], restart["busy_after"]):
+            assert len(busy) == len(set(busy)) == len(instances), busy  # no host lent twice
     assert facts["scheduler_restart"]["stats_after"]["hosts_adopted"] == (
         facts["scheduler_restart"]["stats_before"]["live_hosts"])
     assert facts["loader_restart"]["stats_after"]["cold_starts"] == 0  # it took them over
@@ -178,7 +180,8 @@ def check(facts: dict) -> None:
     assert first["host_deaths"] >= len(victims)
     # their hosts went down with the node: not the instances' fault, no crash counted
     assert first["hosts_lost_with_node"] >= 1, first
-    assert facts["stats"]["instances"] == {"complete": len(instances)}
+    assert facts["stats"]["instances"] == {"complete": len(instances) + 1}
+    assert facts["new_instance"]["output"] == ["a", "b", "c"]  # served after it all
 
 
 def test_the_control_planes_node_removed_mid_step(pg_database_url, tmp_path):
@@ -223,4 +226,5 @@ def check_control(facts: dict) -> None:
     restarted = facts["stats_after_restart"]
     assert restarted["session"] == facts["stats"]["session"]
     assert restarted["hosts_adopted"] == len({before[i]["tenant"] for i in before if i not in victims})
-    assert facts["stats"]["instances"] == {"complete": len(instances)}
+    assert facts["stats"]["instances"] == {"complete": len(instances) + 1}
+    assert facts["new_instance"]["output"] == ["a", "b", "c"]  # served after it all

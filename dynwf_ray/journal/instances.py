@@ -161,6 +161,25 @@ class Instances:
         with self._read() as conn:
             return {(t, s): n for t, s, n in conn.execute(stmt).all()}
 
+    def storage_stats(self) -> dict[str, Any]:
+        """How the `instances` table is kept, for benchmarks and operators. PostgreSQL
+        (`pg_stat_user_tables`): row updates, how many were HOT (no index entry
+        written), live and dead rows, (auto)vacuum runs, and the size of the table
+        and of its indexes in bytes. SQLite: the file's pages and free pages."""
+        with self._read() as conn:
+            if self.is_sqlite:
+                pages = conn.exec_driver_sql("PRAGMA page_count").scalar()
+                free = conn.exec_driver_sql("PRAGMA freelist_count").scalar()
+                return {"page_count": pages, "freelist_count": free}
+            row = conn.exec_driver_sql(
+                "SELECT n_tup_upd, n_tup_hot_upd, n_live_tup, n_dead_tup, vacuum_count,"
+                " autovacuum_count, pg_table_size(relid), pg_indexes_size(relid)"
+                " FROM pg_stat_user_tables WHERE relname = 'instances'"
+            ).one()
+        keys = ("updates", "hot_updates", "live_rows", "dead_rows", "vacuums", "autovacuums",
+                "table_bytes", "index_bytes")
+        return dict(zip(keys, (int(v or 0) for v in row)))
+
     def count_by_status(self, tenant_id: str | None = None) -> dict[str, int]:
         stmt = select(I.c.status, func.count()).group_by(I.c.status)
         if tenant_id is not None:
