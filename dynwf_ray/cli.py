@@ -2,6 +2,7 @@
 
     dynwf demo                         push the example tenants and run them (embedded default)
     dynwf serve [--host H] [--port P] [--trace-url T] [--code-limit BYTES] [--ray-address A]
+                [--sandbox MODE] [--control-resource NAME]
                                        serve the HTTP API and dashboard (docs/cli.md)
     dynwf push <tenant> <dir>          package, validate and store a tenant's code
     dynwf versions <tenant>            a tenant's code versions
@@ -93,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--ray-address", help="the Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     serve.add_argument("--sandbox", choices=["strict", "process"], default="strict",
                        help="how tenant code is isolated (EngineConfig.sandbox; docs/security.md)")
+    serve.add_argument("--control-resource", metavar="NAME",
+                       help="run the engine's scheduler and loader only on nodes started with "
+                            "this Ray custom resource (EngineConfig.control_resources)")
 
     push_cmd = command("push", "package, validate and store a tenant's code", _push)
     push_cmd.add_argument("tenant")
@@ -620,8 +624,9 @@ def _serve(cli: _Cli, args: argparse.Namespace) -> int:
     cli.emit({"url": url, "database_url": _safe_url(cli.url)},
              [f"serving the HTTP API and dashboard at {url} (journal: {_safe_url(cli.url)})"])
     sys.stdout.flush()
+    control = {"control_resources": {args.control_resource: 0.01}} if args.control_resource else {}
     serve(database_url=cli.url, host=args.host, port=args.port, trace_url=args.trace_url,
-          code_limit=args.code_limit, ray_address=args.ray_address, sandbox=args.sandbox)
+          code_limit=args.code_limit, ray_address=args.ray_address, sandbox=args.sandbox, **control)
     return 0
 
 

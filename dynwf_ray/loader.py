@@ -349,12 +349,19 @@ class Loader:
         except Exception:  # noqa: BLE001 - the GCS cannot say now: none to take over
             log.exception("could not list the host processes to take over")
             return
+        asked = []
         for entry in named:
             if entry["namespace"] != self.config.namespace or not entry["name"].startswith(self._prefix):
                 continue
             try:
                 actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
-                info = ray.get(actor.describe.remote(), timeout=10)
+            except ValueError:  # gone meanwhile
+                continue
+            asked.append((actor, actor.describe.remote()))
+        deadline = time.monotonic() + DESCRIBE_TIMEOUT  # all asked at once: one wait in all
+        for actor, ref in asked:
+            try:
+                info = ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
             except Exception:  # noqa: BLE001 - gone (with its node) or not answering
                 continue
             if info["loader_id"] != self._id:
@@ -431,6 +438,8 @@ class Loader:
 
 #: Longest a host being deactivated gets to export its pending spans.
 DRAIN_TIMEOUT = 3.0
+#: Longest a restarted loader waits for the host processes it finds to describe themselves.
+DESCRIBE_TIMEOUT = 10.0
 
 
 def _drain_and_kill(processes: list[_Process]) -> None:

@@ -469,3 +469,20 @@ def test_a_replay_that_skips_recorded_steps_leaves_a_determinism_warning(journal
     assert warning.startswith("determinism warning: run() went on to step 'go' (count 1) "
                               "without asking for recorded steps 'a' (count 1)")
     assert [(line.stream, line.message) for line in h.logs()][-1] == ("dynwf", warning)
+
+
+def test_storage_stats_say_how_the_instances_table_is_kept(journal, tenant):
+    """`Journal.storage_stats` (bench/sustained.py): PostgreSQL's table counters and sizes,
+    or SQLite's pages."""
+    d = Driver(journal, tenant, Saga)
+    for i in range(3):
+        d.binding.create(id=f"i{i}")
+    stats = journal.storage_stats()
+    assert all(isinstance(v, int) and v >= 0 for v in stats.values()), stats
+    if journal.is_sqlite:
+        assert set(stats) == {"page_count", "freelist_count"} and stats["page_count"] > 0
+    else:
+        assert set(stats) == {"updates", "hot_updates", "live_rows", "dead_rows", "vacuums",
+                              "autovacuums", "table_bytes", "index_bytes"}
+        assert stats["table_bytes"] > 0 and stats["index_bytes"] > 0
+        assert stats["hot_updates"] <= stats["updates"]

@@ -343,3 +343,5 @@ def test_serve_starts_the_server_with_its_options(shared_journal_url, capsys, mo
                           sandbox="process")]
     rc, _, err = run(shared_journal_url, capsys, "serve", "--code-limit", "0")
     assert rc == 2 and "--code-limit must be a positive number of bytes" in err and len(calls) == 1
+    run_json(shared_journal_url, capsys, "serve", "--control-resource", "dynwf-control")
+    assert calls[-1]["control_resources"] == {"dynwf-control": 0.01}

@@ -296,3 +296,4 @@ def test_a_restart_releases_the_leases_of_hosts_it_could_not_adopt(journal):
     assert [c.instance_id for c in journal.held_by("e77/host-2")] == ["i2"]
     assert journal.get_instance("a", "i1").status == "queued"
     assert journal.history("a", "i1").crashes == 0
+
