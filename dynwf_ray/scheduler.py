@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from .config import EngineConfig
 from .errors import JournalUnavailableError
@@ -82,6 +82,9 @@ MIN_TICK = 0.02
 #: Time between ticks while instances are due (hosts work a backlog off; the pool
 #: re-shares capacity and sizes hosts by it at this pace).
 BACKLOG_TICK = 0.25
+#: Longest a host whose calls fail with "temporarily unavailable" is waited for before it
+#: counts as dead (Ray declares a silent node dead well before: see cluster/README.md).
+UNAVAILABLE_FOR = 120.0
 #: Seconds between two rounds of host reports (metrics, stats, health).
 REPORT_EVERY = 1.0
 #: A host process's journal health counts this long after its last report.
@@ -535,7 +538,7 @@ class _RayScheduler:
         try:
             if isinstance(served, BaseException):
                 raise served
-            last = await served
+            last = await self._until_settled(host_id, served)
             self._account(host_id, last)
         except Exception as exc:  # noqa: BLE001 - its process died, or a bug: its work crashed
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -558,6 +561,24 @@ class _RayScheduler:
                 self.core.host_died(host_id, time.time(), why, node_lost=node_lost)
             except JournalUnavailableError:
                 pass  # its instances' leases expire; the journal's health says why
+
+    async def _until_settled(self, host_id: int, served: Any) -> Any:
+        """`served`'s outcome once Ray knows it. A call whose connection broke
+        (`ActorUnavailableError`: the process or its node may be gone, or a network
+        hiccup) is made again every second (`serve` joins the host's one serving) until
+        it returns, or Ray says the process died: by then a lost node has been declared
+        dead, so its hosts count as lost with it, not as crashes. Gives up after
+        `UNAVAILABLE_FOR` seconds and counts the host dead."""
+        deadline = time.monotonic() + UNAVAILABLE_FOR
+        while True:
+            try:
+                return await served
+            except ActorUnavailableError:
+                host = self._hosts.get(host_id)
+                if host is None or host.actor is None or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1.0)
+                served = host.actor.serve.remote(host_id)
 
     async def _code_unavailable(self, key: CodeKey, cause: BaseException) -> None:
         """No host can run this code: error its due instances if it cannot ever run

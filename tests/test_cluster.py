@@ -108,7 +108,7 @@ def test_sandboxes_on_every_node_node_removal_and_control_plane_restarts(
     for p in facts["before"].values():
         spread[p["node"]] = spread.get(p["node"], 0) + 1
     print(f"\ncluster scenario: instances per node {sorted(spread.values(), reverse=True)}, "
-          f"removed node ran {facts['victims']}; timings {json.dumps(facts['timings'])}")
+          f"killed node ran {facts['victims']}; timings {json.dumps(facts['timings'])}")
 
 
 def check(facts: dict) -> None:
@@ -195,7 +195,7 @@ def test_the_control_planes_node_removed_mid_step(pg_database_url, tmp_path):
         raise AssertionError(
             f"{exc}\n--- facts ---\n{json.dumps(facts, indent=1)}\n--- stderr ---\n{stderr[-20000:]}"
         ) from None
-    print(f"\ncontrol plane's node removed: it ran {facts['victims']}; "
+    print(f"\ncontrol plane's node killed: it ran {facts['victims']}; "
           f"timings {json.dumps(facts['timings'])}")
 
 
