@@ -300,19 +300,23 @@ class Arena:
             expect: str | tuple = "complete", timeout: float = WAIT, watch: bool = False,
             **extra: Any) -> dict:
         """Run one attack to its end; check it leaked nothing; return its status and records.
-        With `watch`, also learn which sandbox and host ran it (`ran_in`), by polling."""
+        With `watch`, also learn which sandbox and host ran it (`ran_in`: the last seen;
+        `first_in`: the first, which ran the attack from its start), by polling."""
         handle = self.launch(attack, role, ctx=ctx, where=where, **extra)
         ran_in: dict[str, int] = {}
+        first_in: dict[str, int] = {}
         deadline = time.monotonic() + timeout
         while watch and time.monotonic() < deadline and handle.status()["status"] not in TERMINAL:
             for h in self.engine.sandboxes():
                 for sb in h["sandboxes"]:
                     if sb["instance"] == handle.id:
                         ran_in = {"sandbox": sb["pid"], "host": h["host_pid"]}
+                        first_in = first_in or ran_in
             time.sleep(0.05)
         status = wait_status(handle, TERMINAL if expect == "any" else expect, timeout=timeout)
         self.hosts(role)  # remember which processes are hosts (to name them in reports)
         result = {"status": status, "output": status["output"], "handle": handle, "ran_in": ran_in,
+                  "first_in": first_in,
                   "records": self.records(role, handle.id)}
         if os.environ.get("HOSTILE_DUMP"):  # a directory: keep what every attack saw
             os.makedirs(os.environ["HOSTILE_DUMP"], exist_ok=True)
@@ -1161,7 +1165,9 @@ def test_cpu_spin(arena, where):
     assert err["name"] == "ResourceLimitError" and "CPU time limit of 2 s" in err["message"], err
     assert r["ran_in"], "never saw the sandbox that ran it"
     assert _proc_identity(r["ran_in"]["host"]), "the host is gone"
-    pid = r["ran_in"]["sandbox"]
+    # The first sandbox seen ran the spin and must end. The last one seen may be a new
+    # sandbox whose short activation only replayed the recorded failure: it stays warm.
+    pid = r["first_in"]["sandbox"]
     wait_until(lambda: _proc_identity(pid) is None, 30, f"sandbox {pid} to end")
 
 
@@ -1267,7 +1273,7 @@ def test_channel_protocol_violations(arena, attack, violation):
     assert '"forged"' not in r["records"] and "forged output" not in r["records"]
     assert r["ran_in"], "never saw the sandbox that ran it"
     assert _proc_identity(r["ran_in"]["host"]), "the host is gone"
-    pid = r["ran_in"]["sandbox"]
+    pid = r["first_in"]["sandbox"]  # the one that spoke out of turn (see test_cpu_spin)
     wait_until(lambda: _proc_identity(pid) is None, 30, f"sandbox {pid} to end")
 
 
