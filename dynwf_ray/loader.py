@@ -260,11 +260,13 @@ class Loader:
     def _stale(self, incarnation: int | None) -> bool:
         """Whether a call comes from a scheduler incarnation older than the newest seen
         (incarnations grow; a restarted loader learns the newest from its first call)."""
+        if incarnation is None:
+            return False
         with self._lock:
-            if incarnation is None or self._incarnation is None or incarnation > self._incarnation:
-                self._incarnation = incarnation if incarnation is not None else self._incarnation
-                return False
-            return incarnation < self._incarnation
+            if self._incarnation is not None and incarnation < self._incarnation:
+                return True
+            self._incarnation = incarnation
+            return False
 
     def _check_incarnation(self, incarnation: int | None) -> None:
         if self._stale(incarnation):

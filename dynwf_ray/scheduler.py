@@ -507,8 +507,8 @@ class _RayScheduler:
                 self._incarnation,
             )
         except RayActorError as exc:  # the loader died: the host's fate is unknown
-            actor, node_id = None, None
-            failed: Any = exc
+            await self._serve_host(host_id, key, exc)
+            return
         except Exception as exc:  # noqa: BLE001 - its code cannot be loaded (now)
             cause = getattr(exc, "cause", None) or exc
             self._forget(host_id)
@@ -517,19 +517,17 @@ class _RayScheduler:
             if not isinstance(cause, JournalUnavailableError):  # then the next tick tries again
                 await self._code_unavailable(key, cause)
             return
+        self._hosts[host_id].actor, self._hosts[host_id].node_id = actor, node_id
+        self.metrics.host_change("started", key.tenant_id, reason)
+        served = actor.serve.remote(host_id)
+        self.core.pool.started(host_id, time.time())
+        self._hosts[host_id].ready = True
+        if not self.core.pool.hosts.get(host_id, None) or self.core.pool.hosts[host_id].stopping:
+            actor.stop.remote(host_id)
         else:
-            failed = None
-            self._hosts[host_id].actor, self._hosts[host_id].node_id = actor, node_id
-            self.metrics.host_change("started", key.tenant_id, reason)
-            served = actor.serve.remote(host_id)
-            self.core.pool.started(host_id, time.time())
-            self._hosts[host_id].ready = True
-            if not self.core.pool.hosts.get(host_id, None) or self.core.pool.hosts[host_id].stopping:
-                actor.stop.remote(host_id)
-            else:
-                self._by_key.setdefault(key, []).append((host_id, actor))
-            self._wake.set()
-        await self._serve_host(host_id, key, served if failed is None else failed)
+            self._by_key.setdefault(key, []).append((host_id, actor))
+        self._wake.set()
+        await self._serve_host(host_id, key, served)
 
     async def _serve_host(self, host_id: int, key: CodeKey, served: Any) -> None:
         """Wait until the host stops (`served`: its `serve` call, or why it could not
