@@ -464,3 +464,36 @@ def test_start_failure_is_reported():
     if sys.platform == "linux":
         with pytest.raises(FileNotFoundError):
             Template.start(python="/nonexistent/python", sys_path=[], env={}, cwd="/")
+
+
+def test_cgroup_is_made_although_another_template_removed_the_parent(tmp_path, monkeypatch):
+    # CI saw it: a template ending rmdir'ed the empty shared `dynwf` parent between
+    # another template's making it and making its sandbox's cgroup in it.
+    own = {c: str(tmp_path / c) for c in ("pids", "memory", "cpuacct")}
+    for d in own.values():
+        os.mkdir(d)
+    layout = jail._Layout(1, own)
+    real_mkdir, raced = os.mkdir, []
+
+    def mkdir(path, mode=0o777):
+        if path.endswith("7-1"):
+            if not raced:  # the other template's remove_parents lands first, once
+                raced.append(path)
+                jail.Cgroup.remove_parents(layout)
+            real_mkdir(path, mode)
+            for f in ("pids.max", "memory.limit_in_bytes"):  # what the kernel would make
+                open(os.path.join(path, f), "w").close()
+        else:
+            real_mkdir(path, mode)
+
+    monkeypatch.setattr(jail.os, "mkdir", mkdir)
+    cg = jail.Cgroup.create(layout, "7-1", SandboxLimits(memory_mb=64, processes=8))
+    assert raced and cg.dirs["pids"] == os.path.join(own["pids"], "dynwf", "7-1")
+    assert open(os.path.join(cg.dirs["pids"], "pids.max")).read() == "8"
+    assert open(os.path.join(cg.dirs["memory"], "memory.limit_in_bytes")).read() == str(64 << 20)
+
+
+def test_cgroup_that_cannot_be_made_names_the_directory(tmp_path):
+    layout = jail._Layout(1, {"pids": str(tmp_path / "gone"), "memory": str(tmp_path / "m")})
+    with pytest.raises(SandboxUnavailableError, match="cannot make the sandbox's cgroup.*gone"):
+        jail.Cgroup.create(layout, "7-1", SandboxLimits(memory_mb=64, processes=8))

@@ -282,7 +282,22 @@ class Cgroup:
 
     @classmethod
     def create(cls, layout: _Layout, name: str, limits: SandboxLimits) -> "Cgroup":
-        """Make `dynwf/<name>` below this process's own cgroup(s), with the limits set."""
+        """Make `dynwf/<name>` below this process's own cgroup(s), with the limits set.
+
+        Another template in the same cgroup may rmdir the empty `dynwf` parent
+        (`remove_parents`) between our making it and making `<name>` in it; that shows as
+        FileNotFoundError and is simply tried again.
+        """
+        for _ in range(5):
+            try:
+                return cls._create_once(layout, name, limits)
+            except FileNotFoundError as e:
+                missing = e
+        raise SandboxUnavailableError(
+            f"cgroup: cannot make the sandbox's cgroup: {missing}") from missing
+
+    @classmethod
+    def _create_once(cls, layout: _Layout, name: str, limits: SandboxLimits) -> "Cgroup":
         dirs: dict[str, str] = {}
         try:
             if layout.version == 2:
@@ -323,6 +338,8 @@ class Cgroup:
                     os.rmdir(d)
                 except OSError:
                     pass
+            if isinstance(e, FileNotFoundError):
+                raise
             raise SandboxUnavailableError(f"cgroup: cannot make the sandbox's cgroup: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
