@@ -96,6 +96,26 @@ def make_database_url(backend, tmp_path_factory) -> Iterator[Callable[[], str]]:
         admin.dispose()
 
 
+@pytest.fixture
+def pg_database_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, dropped afterwards, for a journal that processes
+    other than this one (a cluster's nodes) open; PostgreSQL only."""
+    if not PG_URL:
+        if os.environ.get("DYNWF_REQUIRE_POSTGRES") == "1":
+            pytest.fail("DYNWF_REQUIRE_POSTGRES=1 but DYNWF_TEST_POSTGRES_URL is not set")
+        pytest.skip("PostgreSQL not configured: set DYNWF_TEST_POSTGRES_URL (./dev test does)")
+    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    name = f"dynwf_c_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sa.make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 @pytest.fixture(scope="session")
 def shared_journal_url(make_database_url) -> str:
     return make_database_url()

@@ -20,38 +20,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-import sqlalchemy as sa
 
-PG_URL = os.environ.get("DYNWF_TEST_POSTGRES_URL")
 REPO = Path(__file__).resolve().parent.parent
 #: The whole scenario (three nodes, four hosts, a node removal) on a busy 2-core machine:
 #: usually 15-70 s; the driver's own waits give up well before this.
 DRIVER_TIMEOUT = 480
 STEPS_ONCE = [["a", 1, "complete"], ["b", 1, "complete"], ["c", 1, "complete"]]
-
-
-@pytest.fixture
-def pg_database_url() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for the cluster's journal, dropped afterwards."""
-    if not PG_URL:
-        if os.environ.get("DYNWF_REQUIRE_POSTGRES") == "1":
-            pytest.fail("DYNWF_REQUIRE_POSTGRES=1 but DYNWF_TEST_POSTGRES_URL is not set")
-        pytest.skip("PostgreSQL not configured: set DYNWF_TEST_POSTGRES_URL (./dev test does)")
-    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    name = f"dynwf_c_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield sa.make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def run_driver(database_url: str, work: Path, which: str = "worker") -> tuple[dict, str]:
