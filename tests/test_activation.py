@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -248,6 +249,30 @@ def test_stale_lease_cannot_record_a_step(journal, tenant):
     journal.record_step(second.pk, second.token, record, d.now, 5)
     outcome = asyncio.run(activate(journal, first.pk, first.token, Replayed, clock=d.clock))
     assert outcome == "lease_lost"
+
+
+def test_a_step_extends_the_lease_only_when_half_of_it_is_left(journal, tenant):
+    # So that on PostgreSQL a step's write changes no indexed column (a HOT update):
+    # the host's renewals, every third of the lease, keep it long.
+    d = Driver(journal, tenant, Replayed)
+    d.binding.create(id="x")
+    (claim,) = journal.claim_due(d.now, 10, "a", 30, tenant)
+    claimed = d.info("x")
+    assert claimed.lease_expires_at == d.now + 30
+    record = StepRecord("a", 1, "do", "complete", "1", None, None, 1, None, d.now, d.now)
+    d.now += 10  # 20 s of 30 left
+    journal.record_step(claim.pk, claim.token, record, d.now, 30)
+    after = d.info("x")
+    assert (after.lease_expires_at, after.updated_at) == (claimed.lease_expires_at, claimed.updated_at)
+    d.now += 6  # 14 s left: extended
+    journal.record_step(claim.pk, claim.token, replace(record, seq=2), d.now, 30)
+    assert d.info("x").lease_expires_at == d.now + 30
+    d.now += 1  # the host's renewal extends it however much is left
+    journal.renew_leases([(claim.pk, claim.token)], d.now, 30)
+    assert d.info("x").lease_expires_at == d.now + 30
+    d.now += 1
+    assert journal.renew_lease(claim.pk, claim.token, d.now, 30) is False
+    assert d.info("x").lease_expires_at == d.now + 30
 
 
 class Pausable(WorkflowEntrypoint):

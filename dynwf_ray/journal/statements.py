@@ -23,13 +23,28 @@ _STEP_FIELDS = tuple(StepRecord.__dataclass_fields__)
 
 # The step path runs these once per step: build them once (bind parameters are
 # prefixed with b_ because UPDATE reserves the column names for its SET clause).
+_HELD = (
+    I.c.pk == bindparam("b_pk"), I.c.lease_token == bindparam("b_token"),
+    I.c.lease_expires_at.is_not(None),  # held: not given up by a suspend or finish
+)
+# A step's write: the token must still be ours (the row stays locked until commit). The
+# lease is extended only once less than half of it is left (the host renews its leases
+# every third of it): otherwise no column changes that an index covers, so on PostgreSQL
+# the update is HOT and writes no index entry. `updated_at` tracks status changes, not steps.
 _FENCE = (
     update(I)
-    .where(
-        I.c.pk == bindparam("b_pk"), I.c.lease_token == bindparam("b_token"),
-        I.c.lease_expires_at.is_not(None),  # held: not given up by a suspend or finish
-    )
-    .values(lease_expires_at=bindparam("b_until"), updated_at=bindparam("b_now"))
+    .where(*_HELD)
+    .values(lease_expires_at=case(
+        (I.c.lease_expires_at < bindparam("b_refresh"), bindparam("b_until")),
+        else_=I.c.lease_expires_at,
+    ))
+    .returning(I.c.pause_requested)
+)
+# The host's periodic renewal and a long step's heartbeat: always extend.
+_RENEW = (
+    update(I)
+    .where(*_HELD)
+    .values(lease_expires_at=bindparam("b_until"))
     .returning(I.c.pause_requested)
 )
 _NEXT_TIMER = (

@@ -18,17 +18,21 @@ from sqlalchemy.engine import Connection
 from ..types import LogLine
 
 from .schema import (STEP_COMPLETE, S, E, LeaseLostError, InstanceInfo, StepRecord, ActivationState, TERMINATE_EVENT)
-from .statements import (_STEP_FIELDS, _FENCE, _LOAD_INSTANCE, _LOAD_STEPS, _LOAD_CRASHES, _SUSPEND, _BUFFERED, _WAKE_NOW, _COMPLETE, _FAIL, _PAUSE, _TERMINATE)
+from .statements import (_STEP_FIELDS, _FENCE, _RENEW, _LOAD_INSTANCE, _LOAD_STEPS, _LOAD_CRASHES, _SUSPEND, _BUFFERED, _WAKE_NOW, _COMPLETE, _FAIL, _PAUSE, _TERMINATE)
 
 
 class ActivationWrites:
     # -- what an activation writes (all fenced by the lease token) ---------
 
-    def _fence(self, conn: Connection, pk: int, token: int, now: float, lease_ttl: float) -> bool:
-        """Renew the lease if the token is still ours; returns pause_requested."""
-        row = conn.execute(
-            _FENCE, {"b_pk": pk, "b_token": token, "b_until": now + lease_ttl, "b_now": now}
-        ).first()
+    def _fence(self, conn: Connection, pk: int, token: int, now: float, lease_ttl: float,
+               renew: bool = False) -> bool:
+        """Check that the lease is still ours, and extend it (`renew`: always; else only
+        when less than half of it is left); returns pause_requested."""
+        params = {"b_pk": pk, "b_token": token, "b_until": now + lease_ttl}
+        if renew:
+            row = conn.execute(_RENEW, params).first()
+        else:
+            row = conn.execute(_FENCE, {**params, "b_refresh": now + lease_ttl / 2}).first()
         if row is None:
             raise LeaseLostError(f"instance pk={pk}: lease token {token} is no longer current")
         return bool(row[0])
@@ -56,12 +60,12 @@ class ActivationWrites:
         conn: Connection, leases: Sequence[tuple[int, int]], now: float, lease_ttl: float
     ) -> None:
         for pk, token in leases:
-            conn.execute(_FENCE, {"b_pk": pk, "b_token": token, "b_until": now + lease_ttl, "b_now": now})
+            conn.execute(_RENEW, {"b_pk": pk, "b_token": token, "b_until": now + lease_ttl})
 
     def renew_lease(self, pk: int, token: int, now: float, lease_ttl: float) -> bool:
         """Heartbeat for long steps. Returns pause_requested; raises LeaseLostError."""
         with self._write() as conn:
-            return self._fence(conn, pk, token, now, lease_ttl)
+            return self._fence(conn, pk, token, now, lease_ttl, renew=True)
 
     def record_step(
         self, pk: int, token: int, step: StepRecord, now: float, lease_ttl: float,
