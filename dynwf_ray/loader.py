@@ -315,11 +315,18 @@ class Loader:
                 return mine[0]
             node = None
             if env is None:
-                per_node = self._per_node()
+                nodes = ray.nodes()
+                alive = {n["NodeID"] for n in nodes if n.get("Alive")}
+                for gone in [p for p in mine if p.node_id is not None and p.node_id not in alive]:
+                    self._drop(gone)  # its node is dead: its hosts went with it
+                    mine.remove(gone)
+                per_node = processes_per_node(nodes, _draining_nodes(), self.journal.is_sqlite,
+                                              self.config.host_processes)
                 counts = {n: sum(1 for p in mine if p.node_id == n) for n in per_node}
                 short = [n for n, c in counts.items() if c < per_node[n]]
-                if not short and mine:
-                    return min(mine, key=lambda p: len(p.hosts))
+                usable = [p for p in mine if p.node_id in per_node]  # not on a draining node
+                if not short and usable:
+                    return min(usable, key=lambda p: len(p.hosts))
                 node = min(short or counts, key=lambda n: counts[n], default=None)
             options: dict[str, Any] = {"scheduling_strategy": "SPREAD", "memory": 1}
             if node is not None:
@@ -378,21 +385,6 @@ class Loader:
             log.warning("restarted: took over %d host process(es) with %d host(s)",
                         len(self._processes), len(self._hosts))
 
-    def _per_node(self) -> dict[str, int]:
-        """Plain host processes wanted per alive node: `host_processes`, or by default two
-        on SQLite (its writers take turns: more would queue for the file, but a second
-        process keeps one tenant's flood from slowing another's hosts, and uses a second
-        core; docs/benchmarks.md) and one per two CPUs of the node on PostgreSQL, at
-        least two; one on a node with one CPU."""
-        wanted = {}
-        for node in ray.nodes():
-            if node.get("Alive"):
-                cpus = int(node.get("Resources", {}).get("CPU", 1))
-                default = 2 if self.journal.is_sqlite else max(2, cpus // 2)
-                default = min(default, max(cpus, 1))
-                wanted[node["NodeID"]] = self.config.host_processes or default
-        return wanted
-
     def _drop(self, process: "_Process") -> None:
         with self._lock:
             if process in self._processes:
@@ -442,6 +434,36 @@ class Loader:
 DRAIN_TIMEOUT = 3.0
 #: Longest a restarted loader waits for the host processes it finds to describe themselves.
 DESCRIBE_TIMEOUT = 10.0
+
+
+def processes_per_node(nodes: list[dict], draining: set[str], is_sqlite: bool,
+                       host_processes: int | None) -> dict[str, int]:
+    """Plain host processes wanted per node that takes new hosts (alive, and not being
+    drained: Ray drains a node that got SIGTERM, or that the autoscaler removes; its
+    hosts keep running, but no new one goes there): `host_processes`, or by default two
+    on SQLite (its writers take turns: more would queue for the file, but a second
+    process keeps one tenant's flood from slowing another's hosts, and uses a second
+    core; docs/benchmarks.md) and one per two CPUs of the node on PostgreSQL, at least
+    two; one on a node with one CPU. `nodes` as `ray.nodes()` lists them."""
+    wanted = {}
+    for node in nodes:
+        if node.get("Alive") and node["NodeID"] not in draining:
+            cpus = int(node.get("Resources", {}).get("CPU", 1))
+            default = 2 if is_sqlite else max(2, cpus // 2)
+            default = min(default, max(cpus, 1))
+            wanted[node["NodeID"]] = host_processes or default
+    return wanted
+
+
+def _draining_nodes() -> set[str]:
+    """Ids of the nodes Ray is draining (GCS; Ray has no public call for it yet)."""
+    try:
+        from ray._private.state import state
+
+        return set(state.get_draining_nodes())
+    except Exception:  # noqa: BLE001 - unknown to this Ray, or the GCS did not answer
+        log.debug("could not read Ray's draining nodes", exc_info=True)
+        return set()
 
 
 def _drain_and_kill(processes: list[_Process]) -> None:

@@ -9,7 +9,8 @@ tenants at once (each tenant's code gets its own host; the loader spreads hosts
 over the nodes). While every instance is blocked in step b, it kills (SIGKILL, no
 graceful leave) a worker node that runs one of them, waits until Ray declares it dead, waits for the instances it ran to start
 step b again elsewhere, then kills the scheduler alone and then the loader alone (Ray
-restarts each; the new one takes the live hosts over), releases all of them and waits for them to complete. It prints one JSON line of what it saw (placements,
+restarts each; the new one takes the live hosts over), drains the other worker and
+starts a new tenant's instance (its host must not go there), releases all of them and waits for them to complete. It prints one JSON line of what it saw (placements,
 the removed node, logs, journal steps, timings; "error" when something went
 wrong) and always shuts the engine, Ray and the cluster down.
 
@@ -40,7 +41,10 @@ import psutil
 import ray
 from ray.cluster_utils import Cluster
 
+from ray.core.generated import autoscaler_pb2
+
 from dynwf_ray import Engine
+from dynwf_ray.loader import _draining_nodes
 
 from .conftest import wait_until
 from .test_engine import lines
@@ -210,7 +214,33 @@ def scenario(cluster: Cluster, facts: dict, engine: Engine, work: Path) -> None:
     }
     kill_control(engine, facts, "scheduler")
     kill_control(engine, facts, "loader")
+    drain_then_place(engine, facts, workers.keys() - {removed}, work)
     finish(engine, facts, instances, handles, t_removed)
+
+
+def drain_then_place(engine: Engine, facts: dict, remaining: set[str], work: Path) -> None:
+    """Drain the worker left (busy with hosts, so it stays up, draining, for the
+    10-minute deadline), then start a new tenant's instance: its host must go elsewhere."""
+    (node,) = remaining
+    per_node: dict[str, set[int]] = {}
+    for host in engine.sandboxes():
+        per_node.setdefault(host["node_id"], set()).add(host["host_pid"])
+    facts["drain"] = {"node": node, "processes_per_node": {n: len(p) for n, p in per_node.items()}}
+    accepted, why = ray._private.worker.global_worker.gcs_client.drain_node(
+        node, autoscaler_pb2.DrainNodeReason.DRAIN_NODE_REASON_PREEMPTION, "cluster_driver",
+        int((time.time() + 600) * 1000))
+    if not accepted:
+        raise RuntimeError(f"Ray refused to drain {node}: {why}")
+    wait_until(lambda: node in _draining_nodes(), 30, "Ray to report the node draining")
+    d = work / "drained"
+    d.mkdir()
+    (d / "release").touch()
+    engine.register("drained", Steered)
+    engine.set_tenant_policy("drained", paths={str(d): "rw"})
+    handle = engine.binding("drained").create(id="after-drain", params={"dir": str(d)})
+    wait_until(lambda: handle.status()["status"] == "complete", 90, "the new tenant's instance")
+    facts["drain"]["placed_on"] = sorted(
+        {h["node_id"] for h in engine.sandboxes() if h["tenant"] == "drained"})
 
 
 def control_node_scenario(cluster: Cluster, facts: dict, engine: Engine, work: Path,

@@ -85,7 +85,8 @@ def test_sandboxes_on_every_node_node_removal_and_control_plane_restarts(
     for p in facts["before"].values():
         spread[p["node"]] = spread.get(p["node"], 0) + 1
     print(f"\ncluster scenario: instances per node {sorted(spread.values(), reverse=True)}, "
-          f"killed node ran {facts['victims']}; timings {json.dumps(facts['timings'])}")
+          f"killed node ran {facts['victims']}; timings {json.dumps(facts['timings'])}; "
+          f"drained node: {json.dumps(facts['drain'])}")
 
 
 def check(facts: dict) -> None:
@@ -157,7 +158,11 @@ def check(facts: dict) -> None:
     assert first["host_deaths"] >= len(victims)
     # their hosts went down with the node: not the instances' fault, no crash counted
     assert first["hosts_lost_with_node"] >= 1, first
-    assert facts["stats"]["instances"] == {"complete": len(instances) + 1}
+    # A node Ray drains takes no new host: the new tenant's went to the head.
+    drain = facts["drain"]
+    assert drain["node"] in workers and drain["node"] != removed
+    assert drain["placed_on"] == [head], drain
+    assert facts["stats"]["instances"] == {"complete": len(instances) + 2}  # and after-drain
     assert facts["new_instance"]["output"] == ["a", "b", "c"]  # served after it all
 
 

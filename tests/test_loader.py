@@ -1,0 +1,21 @@
+"""The loader's placement rules, without Ray: which nodes take new host processes."""
+
+from __future__ import annotations
+
+from dynwf_ray.loader import processes_per_node
+
+
+def node(node_id: str, cpus: int, alive: bool = True) -> dict:
+    return {"NodeID": node_id, "Alive": alive, "Resources": {"CPU": float(cpus)}}
+
+
+def test_alive_nodes_that_are_not_draining_take_host_processes():
+    nodes = [node("head", 4), node("w1", 16), node("dead", 8, alive=False), node("leaving", 8)]
+    assert processes_per_node(nodes, {"leaving"}, is_sqlite=False, host_processes=None) == {
+        "head": 2, "w1": 8}  # PostgreSQL: one per two CPUs, at least two
+    assert processes_per_node(nodes, set(), is_sqlite=True, host_processes=None) == {
+        "head": 2, "w1": 2, "leaving": 2}  # SQLite: two per node
+    assert processes_per_node([node("tiny", 1)], set(), is_sqlite=False, host_processes=None) == {
+        "tiny": 1}
+    assert processes_per_node(nodes, {"head", "w1", "leaving"}, False, 3) == {}
+    assert processes_per_node(nodes, set(), False, 3) == {"head": 3, "w1": 3, "leaving": 3}
