@@ -220,27 +220,37 @@ def scenario(cluster: Cluster, facts: dict, engine: Engine, work: Path) -> None:
 
 def drain_then_place(engine: Engine, facts: dict, remaining: set[str], work: Path) -> None:
     """Drain the worker left (busy with hosts, so it stays up, draining, for the
-    10-minute deadline), then start a new tenant's instance: its host must go elsewhere."""
+    10-minute deadline), then start new tenants' instances: their hosts must go elsewhere.
+    Every node wants one host process (one CPU each) and has it, so a new host joins
+    the least loaded process: as many new tenants as it takes for the drained node's
+    process to be that one, were the node not excluded."""
     (node,) = remaining
     per_node: dict[str, set[int]] = {}
+    hosts_on: dict[str, int] = {}
     for host in engine.sandboxes():
         per_node.setdefault(host["node_id"], set()).add(host["host_pid"])
-    facts["drain"] = {"node": node, "processes_per_node": {n: len(p) for n, p in per_node.items()}}
+        hosts_on[host["node_id"]] = hosts_on.get(host["node_id"], 0) + 1
+    others = [n for n in per_node if n != node]
+    new = min(5, max(1, 2 + hosts_on.get(node, 0) - min(hosts_on[n] for n in others)))
+    facts["drain"] = {"node": node, "processes_per_node": {n: len(p) for n, p in per_node.items()},
+                      "hosts_per_node": hosts_on, "new_tenants": new}
     accepted, why = ray._private.worker.global_worker.gcs_client.drain_node(
         node, autoscaler_pb2.DrainNodeReason.DRAIN_NODE_REASON_PREEMPTION, "cluster_driver",
         int((time.time() + 600) * 1000))
     if not accepted:
         raise RuntimeError(f"Ray refused to drain {node}: {why}")
     wait_until(lambda: node in _draining_nodes(), 30, "Ray to report the node draining")
-    d = work / "drained"
-    d.mkdir()
-    (d / "release").touch()
-    engine.register("drained", Steered)
-    engine.set_tenant_policy("drained", paths={str(d): "rw"})
-    handle = engine.binding("drained").create(id="after-drain", params={"dir": str(d)})
-    wait_until(lambda: handle.status()["status"] == "complete", 90, "the new tenant's instance")
+    for i in range(new):
+        tenant = f"drained{i}"
+        d = work / tenant
+        d.mkdir()
+        (d / "release").touch()
+        engine.register(tenant, Steered)
+        engine.set_tenant_policy(tenant, paths={str(d): "rw"})
+        handle = engine.binding(tenant).create(id="after-drain", params={"dir": str(d)})
+        wait_until(lambda: handle.status()["status"] == "complete", 90, f"{tenant}'s instance")
     facts["drain"]["placed_on"] = sorted(
-        {h["node_id"] for h in engine.sandboxes() if h["tenant"] == "drained"})
+        {h["node_id"] for h in engine.sandboxes() if h["tenant"].startswith("drained")})
 
 
 def control_node_scenario(cluster: Cluster, facts: dict, engine: Engine, work: Path,
