@@ -97,9 +97,13 @@ class Engine:
         running = ray.get(scheduler.ping.remote())["config"]
         if running != config.model_dump():
             differs = sorted(k for k, v in config.model_dump().items() if running.get(k) != v)
+            hint = ("; telemetry_env defaults to this process's OTEL_* variables: give every "
+                    "process the same ones, or pass telemetry_env explicitly and identically"
+                    if "telemetry_env" in differs else "")
             raise InvalidInputError(
                 f"an engine named {config.name!r} already runs with a different "
-                f"configuration ({', '.join(differs)}); start this one with another name"
+                f"configuration ({', '.join(differs)}){hint}; start this one with the running "
+                "engine's settings to join it, or with another name for an engine of its own"
             )
         return cls(config, journal, loader, scheduler, owns_ray)
 

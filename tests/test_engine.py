@@ -489,8 +489,13 @@ def test_engine_stopped_and_started_again_on_the_same_journal(make_engine, tmp_p
 
 def test_engine_refuses_a_conflicting_or_invalid_configuration(make_engine, make_database_url):
     engine = make_engine()
-    with pytest.raises(InvalidInputError, match="different configuration \\(database_url\\)"):
+    with pytest.raises(InvalidInputError, match="different configuration \\(database_url\\); start"):
         Engine.start(**{**ENGINE_DEFAULTS, "name": engine.config.name, "database_url": make_database_url()})
+    other_otel = {**engine.config.telemetry_env, "OTEL_SERVICE_NAME": "webhook-server"}
+    with pytest.raises(InvalidInputError, match="\\(telemetry_env\\); telemetry_env defaults to "
+                       "this process's OTEL_\\* variables.*with another name"):
+        Engine.start(**{**ENGINE_DEFAULTS, "name": engine.config.name,
+                        "database_url": engine.config.database_url, "telemetry_env": other_otel})
     with pytest.raises(InvalidInputError, match="(?s)invalid engine configuration.*max_hosts"):
         Engine.start(name="x", max_hosts=0)
 
