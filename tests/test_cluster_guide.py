@@ -90,21 +90,23 @@ class Guide:
                                    f"{p.stdout[-5000:]}\n--- stderr ---\n{p.stderr[-5000:]}")
         return p.stdout
 
-    def start(self, command: str, extra: str, log: Path, env: dict[str, str]) -> subprocess.Popen:
-        """A `ray start` that blocks (`extra` holds --block and the ports), in its own group."""
-        line = f"{self.say(command)} {extra}"
+    def start(self, command: str, extra: str, log: Path, env: dict[str, str],
+              ready: str = "Ray runtime started") -> subprocess.Popen:
+        """A command that keeps running (a `ray start --block`: `extra` holds --block and
+        the ports), in its own group, once its output says `ready`."""
+        line = f"{self.say(command)} {extra}".rstrip()
         proc = subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=self.work, env={**self.env, **env},
                                 stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         self.started.append(proc)
         deadline = time.monotonic() + STEP_TIMEOUT
-        while "Ray runtime started" not in log.read_text():
+        while ready not in log.read_text():
             assert proc.poll() is None, f"`{line}` exited {proc.returncode}:\n{log.read_text()[-5000:]}"
             assert time.monotonic() < deadline, f"`{line}` did not start:\n{log.read_text()[-5000:]}"
             time.sleep(0.2)
         return proc
 
     def stop_all(self) -> None:
-        for proc in reversed(self.started):  # the worker, then the head
+        for proc in reversed(self.started):  # the newest first: the worker before the head
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -283,17 +285,8 @@ def test_the_cluster_guide_works_as_written(pg_database_url, tmp_path):
                                 "cluster/platform -- python engine.py start", env=node)
             assert "engine 'default' runs" in started, started
             assert len(journal.live_sessions()) == 1  # the job ended, the engine did not
-            hook_log = work / "webhook.log"
-            webhook = subprocess.Popen(
-                ["bash", "-c", "exec " + guide.say("python cluster/platform/webhook.py --port 8080")],
-                cwd=work, env={**env, **node}, stdout=hook_log.open("w"), stderr=subprocess.STDOUT,
-                start_new_session=True)
-            guide.started.insert(0, webhook)  # ended first, even on failure
-            deadline = time.monotonic() + STEP_TIMEOUT
-            while "webhook server for tenant 'acme'" not in hook_log.read_text():
-                assert webhook.poll() is None, f"webhook.py exited:\n{hook_log.read_text()[-5000:]}"
-                assert time.monotonic() < deadline, f"webhook.py did not start:\n{hook_log.read_text()}"
-                time.sleep(0.2)
+            webhook = guide.start("python cluster/platform/webhook.py --port 8080", "",
+                                  work / "webhook.log", node, ready="webhook server for tenant 'acme'")
             order = guide.run(
                 "ORDER=$(curl -s -X POST -d '{\"items\": [{\"sku\": \"A-1\", \"price\": 12.5}]}' "
                 "http://127.0.0.1:8080/orders | python -c 'import json, sys; "
