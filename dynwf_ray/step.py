@@ -189,6 +189,11 @@ class Step:
         """The activation's clock (a fake one in tests)."""
         return self._clock()
 
+    @property
+    def pause_requested(self) -> bool:
+        """A pause was asked for (as of the last journal write): no new step starts."""
+        return self._pause_requested
+
     # -- step.do -----------------------------------------------------------
 
     async def do(

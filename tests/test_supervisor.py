@@ -282,3 +282,116 @@ def test_cpu_limit_ends_the_attempt_with_resource_limit_error(driver):
     assert d.tick() == ["errored"]  # replayed in a new sandbox: run() sees StepFailedError
     assert d.info("s").error_name == "ResourceLimitError"
     assert len(d.sandboxes) == 2
+
+
+def _spy(d: Driver) -> list[dict]:
+    """What the supervisor sends the sandbox, from now on."""
+    session = d._session()
+    sent: list[dict] = []
+    send = session._send
+    session._send = lambda message: (sent.append(message), send(message))[1]  # type: ignore[method-assign]
+    return sent
+
+
+class ThreeSteps(WorkflowEntrypoint):
+    async def run(self, event, step):
+        out = [await step.do(f"s{i}", lambda i=i: i) for i in range(3)]
+        return out + [await step.do("ctx", lambda ctx: [ctx.attempt, ctx.config.timeout], timeout=7)]
+
+
+def test_a_new_step_runs_at_once_one_round_trip_and_no_call(driver):
+    d = driver(ThreeSteps)
+    sent = _spy(d)
+    d.binding.create(id="n")
+    assert d.tick() == ["complete"]
+    import json
+    assert json.loads(d.info("n").output_json) == [0, 1, 2, [1, 7.0]]
+    kinds = [m["t"] for m in sent]
+    assert kinds == ["activate", "ok", "ok", "ok", "ok"], kinds  # no `call`: the sandbox ran each
+    assert sent[0]["steps_at_once"] is True and sent[0]["unsettled"] == []
+    assert all(s.status == "complete" and s.attempts == 1 for s in d.steps("n").values())
+
+
+def test_a_retrying_step_is_asked_for_and_keeps_its_attempt_number(driver):
+    d = driver(Flaky)
+    sent = _spy(d)
+    d.binding.create(id="f")
+    for _ in range(2):
+        assert d.tick() == ["suspended"]
+        d.now += 1
+    assert d.tick() == ["complete"]
+    calls = [m for m in sent if m["t"] == "call"]
+    # Attempt 1 of 'flaky' and the first of 'never' ran at once; the retries were asked for.
+    assert [c["attempt"] for c in calls] == [2, 3], calls
+    activations = [m for m in sent if m["t"] == "activate"]
+    assert [a["unsettled"] for a in activations[1:]] == [["flaky\x001"], ["flaky\x001"]]
+
+
+class PausesItself(WorkflowEntrypoint):
+    async def run(self, event, step):
+        wf = self.env["WORKFLOWS"]
+        await step.do("first", lambda: wf.get(event.instance_id).pause())
+        if event.payload.get("force"):  # a sandbox that ignores what it was told
+            step._at_once, step._channel.paused = True, False
+        await step.do("second", lambda: open(event.payload["mark"], "w").close() or 2)
+        return "done"
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_pause_asked_during_an_activation_stops_before_the_next_step(driver, force, tmp_path):
+    """The step's answer says a pause is pending, so the sandbox asks before the next
+    step and the supervisor stops there. A sandbox that runs it anyway gets its result
+    dropped: nothing is recorded, and the channel stays usable."""
+    d = driver(PausesItself)
+    sent = _spy(d)
+    mark = tmp_path / "second-ran"
+    d.binding.create(id="p", params={"force": force, "mark": str(mark)})
+    assert d.tick() == ["paused"]
+    # The answers of the two binding calls, then of the step 'first' (its write saw the pause).
+    assert [m.get("pause") for m in sent if m["t"] == "ok"] == [None, None, True]
+    assert ("second", 1) not in d.steps("p")
+    assert mark.exists() is force
+    d.binding.get("p").resume()
+    assert d.tick() == ["complete"]
+    assert d.steps("p")[("second", 1)].result_json == "2"
+    assert d.session is not None and d.session.healthy and len(d.sandboxes) == 1
+
+
+class SlowAtOnce(WorkflowEntrypoint):
+    async def run(self, event, step):
+        import time as t
+        await step.do("slow", lambda: t.sleep(30), timeout=0.5, retries={"limit": 0, "delay": 1})
+        return "no"
+
+
+def test_a_step_run_at_once_still_times_out_on_the_trusted_side(driver):
+    d = driver(SlowAtOnce)
+    d.binding.create(id="t")
+    started = time.monotonic()
+    assert d.tick() == ["suspended"]
+    assert time.monotonic() - started < 10
+    step = d.steps("t")[("slow", 1)]
+    assert step.status == "failed" and step.error_name == "StepTimeoutError", step
+    assert d.sandboxes[0].wait(5) is not None  # the sandbox was ended at the timeout
+
+
+class RunsRefusedStep(WorkflowEntrypoint):
+    async def run(self, event, step):
+        from dynwf_ray.sandbox import protocol
+
+        channel = step._channel  # forge what a lying sandbox would send
+        rid = channel.new_id()
+        channel.send({"op": "do", "id": rid, "name": "bad", "count": 1, "retries": "not options",
+                      "timeout": None, "at_once": True, "span": "00000000000000ff"})
+        channel.send({"op": "result", "id": rid, "value": "ran anyway"})
+        return await step.do("after", lambda: "still served")
+
+
+def test_the_answer_of_a_step_run_at_once_that_its_step_refused_is_dropped(driver):
+    d = driver(RunsRefusedStep)
+    d.binding.create(id="r")
+    assert d.tick() == ["complete"]
+    import json
+    assert json.loads(d.info("r").output_json) == "still served"
+    assert set(d.steps("r")) == {("after", 1)}  # nothing of 'bad' was recorded
+    assert d.session is not None and d.session.healthy

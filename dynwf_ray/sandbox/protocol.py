@@ -9,7 +9,10 @@ message lives in `runtime.py` (the sandbox) and `supervisor.py` (trusted).
 Sandbox -> supervisor (`op`), every request carries a fresh `id`:
     ready {}                               the tenant's code imported; waiting for work
     boot_error {name, message}             it did not
-    do {id, name, count, retries, timeout} a step that replay could not answer locally
+    do {id, name, count, retries, timeout} a step that replay could not answer locally;
+       with {at_once: true, span}          ... whose callback runs now, without a `call`
+                                           (allowed by `activate`; `span`: the stand-in
+                                           span id the callback's spans use as parent)
     undo {id, name, count, retries, timeout}   the compensation of step (name, count)
     sleep {id, name, count, seconds} | sleep_until {id, name, count, at}
     wait {id, name, count, type, timeout}
@@ -22,9 +25,12 @@ Sandbox -> supervisor (`op`), every request carries a fresh `id`:
     idle {unused}                          the activation wound down after `end`
 
 Supervisor -> sandbox (`t`):
-    activate {event, metadata, env, bindings, replay, trace}
+    activate {event, metadata, env, bindings, replay, trace, steps_at_once, unsettled}
+                                           `steps_at_once`: a new step (its key not in
+                                           `unsettled`) may run at once, as `do` says
     call {id, attempt, count, config, span}   run the step callback of request `id`
-    ok {id, value} | err {id, kind, name, message, ...}   answer to a request
+    ok {id, value, [pause]} | err {id, kind, name, message, ...}   answer to a request;
+                                           `pause`: run no further step at once
     end {}                                 the activation is over (suspended, paused,
                                            a limit hit...): stop and report idle
     exit {}                                the sandbox is no longer needed

@@ -9,7 +9,11 @@ code once, then serves activations one at a time on its channel:
   replaying a long history is cheap; any other step is a request to the
   supervisor, which decides (replay, pause, retry state) and writes the
   journal. When a callback must run, the supervisor sends `call`; the
-  callback runs here and its result or exception goes back as data.
+  callback runs here and its result or exception goes back as data. A step
+  the journal holds nothing of, while no pause is pending, needs no `call`:
+  the sandbox says `do` with `at_once` and runs its callback at once (one
+  round trip per step instead of two); the supervisor still times it, and
+  decides what is recorded.
 - `self.env` holds the platform's plain values and binding proxies; every
   binding method call is a `bind` request answered by the trusted side
   (`env["WORKFLOWS"]` is one of them, scoped to this tenant there).
@@ -39,7 +43,9 @@ from typing import Any, Callable
 from ..entrypoint import WorkflowEntrypoint
 from .. import errors
 from ..rollback import Compensations, run_with_rollback
-from ..types import ReceivedEvent, StepConfig, StepContext, WorkflowEvent, takes_context, to_json
+from ..types import (
+    DEFAULT_STEP_CONFIG, ReceivedEvent, StepConfig, StepContext, WorkflowEvent, takes_context, to_json,
+)
 from . import protocol
 
 _CALL: contextvars.ContextVar[int | None] = contextvars.ContextVar("dynwf_call", default=None)
@@ -64,6 +70,7 @@ class _Channel:
         self._chars = 0
         self.spans: list[dict[str, Any]] = []
         self.on_message: Callable[[dict[str, Any]], None] = lambda m: None
+        self.paused = False  # an answer said a pause is pending: no step runs at once
 
     def new_id(self) -> int:
         with self._send_lock:
@@ -90,13 +97,18 @@ class _Channel:
             spans, self.spans = self.spans, []
             protocol.send(self.sock, {"op": "spans", "spans": spans})
 
-    async def request(self, message: dict[str, Any], on_call: Callable | None = None) -> Any:
-        """Send a request; its `call` (if any) runs `on_call`; returns the `ok` value."""
+    async def request(
+        self, message: dict[str, Any], on_call: Callable | None = None, at_once: Callable | None = None,
+    ) -> Any:
+        """Send a request; its `call` (if any) runs `on_call`; returns the `ok` value.
+        `at_once`: run it (a step callback that sends its own answer) before waiting."""
         future = self.loop.create_future()
         future.on_call = on_call  # type: ignore[attr-defined]
         self._pending[message["id"]] = future
         self.send(message)
         try:
+            if at_once is not None:
+                await at_once()
             return await future
         finally:
             self._pending.pop(message["id"], None)
@@ -130,6 +142,8 @@ class _Channel:
             if message is None:  # the supervisor is gone: so is our purpose
                 os._exit(0)
             kind = message.get("t")
+            if message.get("pause") is True:
+                self.paused = True
             if kind in ("ok", "err", "call"):
                 waiter = self._pending.get(message.get("id"))
                 if isinstance(waiter, list):
@@ -192,9 +206,14 @@ def _jsonable(value: Any) -> Any:
 class _Step:
     """The `step` argument of `run(event, step)` inside a sandbox."""
 
-    def __init__(self, channel: _Channel, replay: dict[str, Any]):
+    def __init__(self, channel: _Channel, activation: dict[str, Any]):
         self._channel = channel
-        self._replay = replay  # "name\x00count" -> ["ok", value] | ["failed", {...}]
+        # "name\x00count" -> ["ok", value] | ["failed", {...}]
+        self._replay: dict[str, Any] = activation.get("replay") or {}
+        self._at_once = activation.get("steps_at_once") is True
+        self._unsettled = set(activation.get("unsettled") or ())  # keys the journal holds unfinished
+        trace = activation.get("trace")
+        self._trace_id = trace.split("-")[1] if isinstance(trace, str) and trace.count("-") == 3 else None
         self._counts: dict[str, int] = {}
         self.compensations = Compensations()
 
@@ -220,13 +239,34 @@ class _Step:
                 "op": "do", "id": self._channel.new_id(), "name": name, "count": count,
                 "retries": _jsonable(retries), "timeout": _jsonable(timeout),
             }
+            call = self._call_at_once(message)
             result = await self._channel.request(
-                message, lambda call: _run_callback(self._channel, fn, name, call)
+                message, lambda call: _run_callback(self._channel, fn, name, call),
+                None if call is None else lambda: _run_callback(self._channel, fn, name, call),
             )
         if rollback is not None:
             self.compensations.register(name, count, rollback, result, {
                 "retries": _jsonable(rollback_retries), "timeout": _jsonable(rollback_timeout)})
         return result
+
+    def _call_at_once(self, message: dict[str, Any]) -> dict[str, Any] | None:
+        """The `call` of a new step this sandbox may run without asking (and marks
+        `message` so): the journal holds nothing of it, no pause is pending and its
+        options are valid. None: ask first (the supervisor decides)."""
+        key = f"{message['name']}\x00{message['count']}"
+        if not self._at_once or self._channel.paused or key in self._unsettled:
+            return None
+        options = {k: message[k] for k in ("retries", "timeout") if message[k] is not None}
+        try:
+            config = StepConfig(**options) if options else DEFAULT_STEP_CONFIG
+        except Exception:  # noqa: BLE001 - bad options: the supervisor names what is wrong
+            return None
+        # The attempt's span is the supervisor's; it learns this stand-in id and
+        # files the tenant's spans made in the callback under the real one.
+        span = f"{int.from_bytes(os.urandom(8), 'big') or 1:016x}"
+        message["at_once"], message["span"] = True, span
+        return {"id": message["id"], "count": message["count"], "attempt": 1, "config": config,
+                "span": f"00-{self._trace_id}-{span}-01" if self._trace_id else None}
 
     async def _undo(self, name: str, count: int, fn: Callable[[], Any], options: dict) -> Any:
         """One compensation (rollback.py): answered from replay, else asked for."""
@@ -286,8 +326,12 @@ async def _run_callback(channel: _Channel, fn: Callable[..., Any], name: str, ca
     span_token = _attach_span(call.get("span"))
     reply: dict[str, Any]
     try:
-        args = (StepContext(step=name, count=call["count"], attempt=call["attempt"],
-                            config=StepConfig(**call["config"])),) if takes_context(fn) else ()
+        if takes_context(fn):
+            config = call["config"]
+            config = config if isinstance(config, StepConfig) else StepConfig(**config)
+            args: tuple = (StepContext(step=name, count=call["count"], attempt=call["attempt"], config=config),)
+        else:
+            args = ()
         value = fn(*args)
         if inspect.isawaitable(value):
             value = await value
@@ -576,7 +620,8 @@ class _Runtime:
         env: dict[str, Any] = dict(message.get("env") or {})
         for name in message.get("bindings") or ():
             env[name] = _Workflows(self.channel, name) if name == "WORKFLOWS" else _Binding(self.channel, name)
-        step = self.step = _Step(self.channel, message.get("replay") or {})
+        self.channel.paused = False
+        step = self.step = _Step(self.channel, message)
         token = _attach_span(message.get("trace"))
         reply: dict[str, Any] | None
         try:

@@ -57,6 +57,8 @@ RUN_SEGMENT_TIMEOUT = 600.0
 REPLAY_BUDGET_CHARS = 4 * 1024 * 1024
 #: What each captured line counts against the log limit beyond its characters.
 LOG_LINE_OVERHEAD = 64
+#: Most unfinished steps whose keys `activate` lists; beyond, no step runs at once.
+MAX_UNSETTLED = 10_000
 #: How often CPU time and deadlines are checked while the sandbox runs.
 _WATCH_EVERY = 0.1
 
@@ -101,6 +103,13 @@ class _Activation:
     cpu_stale: bool = True  # the sandbox did something: take a new CPU baseline
     wall_mark: float = 0.0
     replayed: dict[str, Any] = field(default_factory=dict)  # what the sandbox may answer itself
+    # Steps the sandbox ran at once (`do` with `at_once`): until the step takes such a
+    # call, no further message is read (`claiming`: its id, and a future the step's
+    # taking or refusing it resolves), so its lines and spans find their step.
+    claiming: tuple[int, asyncio.Future] | None = None
+    stand_ins: dict[int, str] = field(default_factory=dict)  # request id -> stand-in span id
+    span_ids: dict[str, str] = field(default_factory=dict)  # stand-in span id -> the attempt's
+    dropped: set[int] = field(default_factory=set)  # calls run at once that no step took
 
 
 class SandboxSession:
@@ -227,6 +236,8 @@ class SandboxSession:
             raise Abandon(self._closed_reason or "the sandbox is gone")
         act = _Activation(step)
         act.replayed = _replay(state)
+        unsettled = [k for k in (f"{r.name}\x00{r.seq}" for r in state.steps) if k not in act.replayed]
+        at_once = not step.pause_requested and not step.terminating and len(unsettled) <= MAX_UNSETTLED
         if trace is not None:
             ctx = trace.activation.context
             act.ids = (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}")
@@ -243,6 +254,8 @@ class SandboxSession:
                 "env": self.values,
                 "bindings": sorted(self.bindings),
                 "replay": act.replayed,
+                "steps_at_once": at_once,
+                "unsettled": unsettled if at_once else [],
                 "trace": _traceparent_of(trace.activation.context) if trace is not None else None,
             })
             return await self._serve(act)
@@ -273,6 +286,9 @@ class SandboxSession:
                 self._violation(str(exc))
             if done is not None:
                 return done()
+            if act.claiming is not None:
+                await act.claiming[1]
+                act.claiming = None
 
     def _dispatch(self, act: _Activation, op: str, message: dict[str, Any]) -> Any:
         """Act on one message; returns a thunk that ends the activation, or None."""
@@ -282,9 +298,15 @@ class SandboxSession:
                 raise protocol.ProtocolError(f"request id {rid} was used before")
             act.last_id = rid
             _active(act)
+            if op == "do" and message.get("at_once") is True:
+                self._ran_at_once(act, message)
             act.requests[rid] = asyncio.ensure_future(self._request(act, op, message))
         elif op in ("result", "raise"):
             future = act.calls.pop(message["id"], None)
+            if future is None and message["id"] in act.dropped:
+                act.dropped.discard(message["id"])  # run at once, but the step did not go on
+                _active(act)
+                return None
             if future is None:
                 raise protocol.ProtocolError(f"an answer to call {message['id']}, which is not running")
             _active(act)
@@ -308,6 +330,19 @@ class SandboxSession:
         else:
             raise protocol.ProtocolError(f"unexpected {op!r} during an activation")
         return None
+
+    def _ran_at_once(self, act: _Activation, message: dict[str, Any]) -> None:
+        """A new step whose callback the sandbox runs without waiting for `call`: its
+        answer is taken as that of a call made now. Whether it is recorded is still the
+        step's decision (`_request` runs it as for any `do`)."""
+        loop = asyncio.get_running_loop()
+        act.calls[message["id"]] = loop.create_future()
+        span = message.get("span")
+        if isinstance(span, str) and len(span) == 16 and all(c in "0123456789abcdef" for c in span):
+            act.stand_ins[message["id"]] = span
+            if act.ids is not None:
+                act.span_ids[span] = act.ids[1]  # until the step's attempt span exists
+        act.claiming = (message["id"], loop.create_future())
 
     async def _request(self, act: _Activation, op: str, message: dict[str, Any]) -> None:
         rid = message["id"]
@@ -341,9 +376,18 @@ class SandboxSession:
             if not self.healthy:
                 act.queue.put_nowait(("ended", Suspend(act.step.now())))
                 return
-            self._send({"t": "ok", "id": rid, "value": value})
+            reply = {"t": "ok", "id": rid, "value": value}
+            if act.step.pause_requested:
+                reply["pause"] = True  # the sandbox runs no further step at once
+            self._send(reply)
         finally:
             act.requests.pop(rid, None)
+            unclaimed = act.calls.pop(rid, None)
+            if unclaimed is not None:  # run at once, but the step refused (a pause, bad options)
+                act.dropped.add(rid)
+                if unclaimed.done() and not unclaimed.cancelled():
+                    unclaimed.exception()  # retrieved: nothing awaits it
+            _claimed(act, rid)
 
     async def _answer(self, act: _Activation, op: str, m: dict[str, Any]) -> Any:
         step, name, count = act.step, m.get("name"), m.get("count")
@@ -392,11 +436,21 @@ class SandboxSession:
     # -- step callbacks ---------------------------------------------------------
 
     def _call(self, act: _Activation, rid: int, ctx: Any) -> asyncio.Future:
-        future = asyncio.get_running_loop().create_future()
-        act.calls[rid] = future
+        """The future of the answer to step attempt `ctx` of request `rid`: asked for
+        with `call`, unless the sandbox runs it already (`_ran_at_once`)."""
         act.call_steps[rid] = (ctx.step, ctx.count, ctx.attempt)
         ids = act.call_ids[rid] = current_ids()
         _active(act)
+        future = act.calls.get(rid)
+        if future is not None:
+            stand_in = act.stand_ins.pop(rid, None)
+            if stand_in is not None and ids is not None:
+                act.span_ids[stand_in] = ids[1]
+            _claimed(act, rid)
+            return future
+        if not self.healthy:  # ended before its callback was asked for: nothing to wait for
+            raise Abandon(self._closed_reason or "the sandbox is gone")
+        future = act.calls[rid] = asyncio.get_running_loop().create_future()
         self._send({"t": "call", "id": rid, "count": ctx.count, "attempt": ctx.attempt,
                     "config": ctx.config.model_dump(mode="json"),
                     "span": f"00-{ids[0]}-{ids[1]}-01" if ids else None})
@@ -527,9 +581,18 @@ class SandboxSession:
             return
         for span in spans[:1000]:
             try:
+                parent = act.span_ids.get(span.get("parent_id"))
+                if parent is not None:  # made in a callback run at once: under its attempt
+                    span = {**span, "parent_id": parent}
                 self._tracing.emit_tenant_span(span, self._redact)
             except Exception:  # noqa: BLE001 - a malformed span is dropped, nothing more
                 log.debug("dropped a malformed span from tenant %s", self.tenant_id)
+
+
+def _claimed(act: _Activation, rid: int) -> None:
+    """Request `rid`'s step took (or refused) the call run at once: read on."""
+    if act.claiming is not None and act.claiming[0] == rid and not act.claiming[1].done():
+        act.claiming[1].set_result(None)
 
 
 def _active(act: _Activation) -> None:
