@@ -120,6 +120,29 @@ class Guide:
             proc.wait()
 
 
+def refused_worker(guide: Guide, env: dict[str, str], worker: dict[str, str], log: Path) -> str:
+    """What the guide warns of: a worker started without `RAY_AUTH_MODE=token` (and here
+    without the token) is refused by a head that has authentication on. Its output; the
+    command is ended by pid, with whatever of its group is left, if it did not exit."""
+    line = guide.say("ray start --address=HEAD:6379")
+    bare = {k: v for k, v in {**env, **worker}.items() if k != "RAY_AUTH_MODE"}
+    proc = subprocess.Popen(["bash", "-c", f"exec {line} --num-cpus=1"], cwd=guide.work, env=bare,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        proc.wait(STEP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    out = log.read_text()
+    assert proc.returncode != 0 or "InvalidAuthToken" in out, f"the worker was not refused:\n{out[-5000:]}"
+    return out
+
+
 def poll_json(guide: Guide, command: str, done, what: str, env=None, timeout: float = 120.0):
     deadline, last = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
@@ -202,6 +225,8 @@ def test_the_cluster_guide_works_as_written(pg_database_url, tmp_path):
                     f"--metrics-export-port={_free_port()} --num-cpus=2 --block",
                     work / "head.log", node)
         worker = {**node, "HOME": str(homes["worker"])}
+        refused = refused_worker(guide, env, worker, work / "refused.log")
+        assert "InvalidAuthToken" in refused, refused[-5000:]
         guide.run("mkdir -p ~/.ray && scp HEAD:.ray/auth_token ~/.ray/auth_token", env=worker)
         guide.start("ray start --address=HEAD:6379",
                     f"--dashboard-agent-listen-port={_free_port()} "
