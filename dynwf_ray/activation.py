@@ -123,6 +123,9 @@ async def activate(
     if info.wake_at is not None:
         counts.latencies.append(clock() - info.wake_at)
     trace = tracing.instance(info, clock, warm=warm) if tracing is not None else None
+    if trace is not None and state.event_taken is not None:  # the claim ended that wait
+        name, seq, event_type, began, taken = state.event_taken
+        trace.wait(name, seq, event_type, began, taken)
     log, log_token = (
         LogCapture.begin(clock, trace_id_of(info.trace_context)) if capture_logs else (None, None)
     )

@@ -104,13 +104,21 @@ class Driver:
             self.loop.run_until_complete(self.session.start())
         return self.session
 
-    def tick(self) -> list[str]:
+    def tick(self, load: bool = False) -> list[str]:
+        """Claim and run what is due; `load`: as a host does (`claim_and_load`)."""
         outcomes = []
-        for claim in self.journal.claim_due(self.now, 1000, "test", 30, tenant_id=self.tenant):
+        if load:
+            states = self.loop.run_until_complete(self.journal.grouped.claim_and_load(
+                self.now, 1000, "test", 30, self.tenant))
+            claims = [(s.info.pk, s.info.lease_token, s) for s in states]
+        else:
+            claims = [(c.pk, c.token, None) for c in
+                      self.journal.claim_due(self.now, 1000, "test", 30, tenant_id=self.tenant)]
+        for pk, token, state in claims:
             session = self._session()
             outcomes.append(self.loop.run_until_complete(activate(
-                self.journal, claim.pk, claim.token, session, clock=lambda: self.now,
-                capture_logs=True,
+                self.journal, pk, token, session, clock=lambda: self.now,
+                capture_logs=True, state=state,
             )))
         return outcomes
 
@@ -395,3 +403,55 @@ def test_the_answer_of_a_step_run_at_once_that_its_step_refused_is_dropped(drive
     assert json.loads(d.info("r").output_json) == "still served"
     assert set(d.steps("r")) == {("after", 1)}  # nothing of 'bad' was recorded
     assert d.session is not None and d.session.healthy
+
+
+class WaitsThenSteps(WorkflowEntrypoint):
+    async def run(self, event, step):
+        if event.payload.get("both"):  # two waits at once: which one an event is for is the run's
+            got = await asyncio.gather(step.wait_for_event("a", type="go"),
+                                       step.wait_for_event("b", type="other"))
+            return [g.payload for g in got]
+        got = await step.wait_for_event("approval", type="go", timeout="1 hour")
+        return await step.do("after", lambda: {"got": got.payload})
+
+
+def test_the_claim_takes_the_event_its_wait_expects_so_the_run_does_not_ask(driver):
+    d = driver(WaitsThenSteps)
+    d.binding.create(id="w", params={})
+    assert d.tick(load=True) == ["suspended"]
+    assert d.info("w").waiting_for == "go"
+    d.binding.get("w").send_event("go", {"n": 1})
+    d.binding.get("w").send_event("go", {"n": 2})  # stays buffered for a later wait
+    sent = _spy(d)
+    assert d.tick(load=True) == ["complete"]
+    import json
+    assert json.loads(d.info("w").output_json) == {"got": {"n": 1}}
+    # The wait came in the replay, received: no `wait` request, only the step's answer.
+    assert [m["t"] for m in sent] == ["activate", "ok"], sent
+    assert sent[0]["replay"]["approval\x001"][1]["payload"] == {"n": 1}
+    wait = d.steps("w")[("approval", 1)]
+    assert wait.status == "complete" and json.loads(wait.result_json)["payload"] == {"n": 1}
+    assert d.info("w").waiting_for is None
+
+
+def test_a_claim_takes_nothing_when_no_event_came_or_two_waits_are_open(driver):
+    d = driver(WaitsThenSteps)
+    d.binding.create(id="late", params={})
+    d.binding.create(id="both", params={"both": True})
+    assert d.tick(load=True) == ["suspended", "suspended"]
+    d.now += 3601  # the wait's deadline passed with nothing buffered
+    d.binding.get("both").send_event("go", {"n": 1})
+    d.binding.get("both").send_event("other", {"n": 2})
+    states = d.loop.run_until_complete(d.journal.grouped.claim_and_load(d.now, 10, "test", 30, d.tenant))
+    by_id = {s.info.instance_id: s for s in states}
+    assert set(by_id) == {"late", "both"}
+    assert all(s.event_taken is None and s.info.waiting_for is None for s in states)
+    assert all(r.status == "waiting" for s in states for r in s.steps if r.kind == "wait")
+    assert d.info("both").waiting_for is None and d.info("late").waiting_for is None
+    for s in states:  # run them: each wait takes its own event, or times out
+        assert d.loop.run_until_complete(activate(
+            d.journal, s.info.pk, s.info.lease_token, d._session(), clock=lambda: d.now, state=s,
+        )) in ("complete", "errored")
+    import json
+    assert json.loads(d.info("both").output_json) == [{"n": 1}, {"n": 2}]
+    assert d.info("late").error_name == "WorkflowTimeoutError"

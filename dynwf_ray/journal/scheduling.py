@@ -7,6 +7,7 @@ from __future__ import annotations
 from ..types import TERMINAL, InstanceStatus
 
 import json
+from dataclasses import replace
 from typing import Any, Sequence
 
 from sqlalchemy import (
@@ -22,10 +23,16 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 
 
-from .schema import (I, S, E, X, N, KEEP_ENDED_SESSIONS, lease_owner_prefix, Claim, SessionInfo, InstanceInfo, StepRecord, ActivationState, TERMINATE_EVENT)
+from .schema import (STEP_WAITING, I, S, E, X, N, KEEP_ENDED_SESSIONS, lease_owner_prefix, Claim, SessionInfo, InstanceInfo, StepRecord, ActivationState, TERMINATE_EVENT)
 from .statements import (_INFO_COLS, _STEP_COLS, _NEXT_TIMER, _NEXT_LEASE_EXPIRY, _claim_statement)
 
 from .faults import retried
+
+
+def _clear_waits(conn: Connection, pks: list[int]) -> None:
+    """A claimed instance waits for nothing any more (until it suspends again)."""
+    if pks:
+        conn.execute(update(I).where(I.c.pk.in_(pks), I.c.waiting_for.is_not(None)).values(waiting_for=None))
 
 
 class Scheduling:
@@ -48,6 +55,15 @@ class Scheduling:
         self, conn: Connection, now: float, limit: int, owner: str, lease_ttl: float,
         tenant_id: str | None = None, code_version: str | None = None,
     ) -> list[Claim]:
+        claims = self._claim_keeping_waits(conn, now, limit, owner, lease_ttl, tenant_id, code_version)
+        _clear_waits(conn, [c.pk for c in claims])
+        return claims
+
+    def _claim_keeping_waits(
+        self, conn: Connection, now: float, limit: int, owner: str, lease_ttl: float,
+        tenant_id: str | None, code_version: str | None,
+    ) -> list[Claim]:
+        """The claim itself; the claimed rows still say which event they wait for."""
         if limit <= 0:
             return []
         key = (tenant_id is not None, code_version is not None)
@@ -64,8 +80,14 @@ class Scheduling:
         self, conn: Connection, now: float, limit: int, owner: str, lease_ttl: float,
         tenant_id: str | None = None, code_version: str | None = None,
     ) -> list[ActivationState]:
-        """`claim_due`, and what each claimed activation starts from, in one transaction."""
-        claims = self._claim_due(conn, now, limit, owner, lease_ttl, tenant_id, code_version)
+        """`claim_due`, and what each claimed activation starts from, in one transaction.
+
+        An instance woken by the event its wait expects gets it here: the event moves
+        into the wait's step in this transaction, so the activation replays the wait
+        as received instead of asking for it (one commit less before its next step).
+        Only when exactly one wait of the instance is unfinished, so the event's step
+        is certain; else the wait takes it when the run reaches it, as always."""
+        claims = self._claim_keeping_waits(conn, now, limit, owner, lease_ttl, tenant_id, code_version)
         if not claims:
             return []
         pks = [c.pk for c in claims]
@@ -74,12 +96,27 @@ class Scheduling:
         steps: dict[int, list[StepRecord]] = {pk: [] for pk in pks}
         for row in conn.execute(select(S.c.instance_pk, *_STEP_COLS).where(S.c.instance_pk.in_(pks))):
             steps[row[0]].append(StepRecord(*row[1:]))
+        taken: dict[int, tuple[str, int, str, float, float]] = {}
+        waiting = [pk for pk in pks if infos[pk].waiting_for is not None]
+        for pk in waiting:
+            event_type = infos[pk].waiting_for
+            infos[pk] = replace(infos[pk], waiting_for=None)
+            waits = [i for i, r in enumerate(steps[pk]) if r.kind == "wait" and r.status == STEP_WAITING]
+            if len(waits) != 1:
+                continue
+            wait = steps[pk][waits[0]]
+            got = self._take_buffered(conn, pk, wait, event_type, now)
+            if got is not None:
+                steps[pk][waits[0]] = got[1]
+                taken[pk] = (wait.name, wait.seq, event_type, wait.started_at, now)
+        _clear_waits(conn, waiting)
         crashes = dict(conn.execute(
             select(X.c.instance_pk, X.c.crashes).where(X.c.instance_pk.in_(pks))).all())
         terminating = set(conn.execute(
             select(E.c.instance_pk).where(E.c.instance_pk.in_(pks), E.c.type == TERMINATE_EVENT)
         ).scalars())
-        return [ActivationState(infos[pk], steps[pk], crashes.get(pk, 0), pk in terminating)
+        return [ActivationState(infos[pk], steps[pk], crashes.get(pk, 0), pk in terminating,
+                                taken.get(pk))
                 for pk in pks]
 
     def demand(self, now: float) -> dict[tuple[str, str], tuple[int, int]]:

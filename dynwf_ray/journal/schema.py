@@ -317,6 +317,9 @@ class ActivationState:
     steps: list[StepRecord]
     crashes: int = 0  # consecutive crashed activations before this one
     terminating: bool = False  # terminate(rollback=True) asked: roll back, then end
+    # The claim took the event its wait expected into that wait's step (now in `steps`):
+    # (step name, count, event type, when the wait began, when the event was taken).
+    event_taken: tuple[str, int, str, float, float] | None = None
 
 
 #: The inbox entry `terminate(rollback=True)` leaves for the instance's next activation

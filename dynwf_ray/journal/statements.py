@@ -102,6 +102,8 @@ _TERMINATE = update(I).where(_FENCED).values(status=InstanceStatus.terminated, *
 
 
 def _claim_statement(by_tenant: bool, by_version: bool, skip_locked: bool):
+    # `waiting_for` is left as it is: claim_and_load reads it to take the awaited event,
+    # then clears it (`scheduling._clear_waits`), as claim_due does at once.
     now = bindparam("b_now")
     due = (
         select(I.c.pk)
@@ -123,7 +125,6 @@ def _claim_statement(by_tenant: bool, by_version: bool, skip_locked: bool):
             lease_owner=bindparam("b_owner"),
             lease_expires_at=bindparam("b_until"),
             status=case((I.c.pause_requested, InstanceStatus.waitingForPause), else_=InstanceStatus.running),
-            waiting_for=None,
             activations=I.c.activations + 1,
             updated_at=now,
         )

@@ -6,6 +6,7 @@ connection (`self._write()`, `self._read()`) and each other."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any, Sequence
 
 from sqlalchemy import (
@@ -103,6 +104,16 @@ class ActivationWrites:
         now: float, lease_ttl: float,
     ) -> tuple[str, str, float] | None:
         self._fence(conn, pk, token, now, lease_ttl)
+        taken = self._take_buffered(conn, pk, step, event_type, now)
+        return None if taken is None else taken[0]
+
+    @staticmethod
+    def _take_buffered(
+        conn: Connection, pk: int, step: StepRecord, event_type: str, now: float,
+    ) -> tuple[tuple[str, str, float], StepRecord] | None:
+        """Move the oldest buffered event of this type into the waiting step (the caller
+        holds the lease). Returns ((type, payload_json, created_at), the step as recorded
+        now), or None when nothing is buffered."""
         row = conn.execute(
             select(E.c.pk, E.c.payload_json, E.c.created_at)
             .where(E.c.instance_pk == pk, E.c.type == event_type, E.c.consumed.is_(False))
@@ -121,7 +132,8 @@ class ActivationWrites:
             .where(S.c.instance_pk == pk, S.c.name == step.name, S.c.seq == step.seq)
             .values(status=STEP_COMPLETE, result_json=result, finished_at=now)
         )
-        return event_type, row.payload_json, row.created_at
+        recorded = replace(step, status=STEP_COMPLETE, result_json=result, finished_at=now)
+        return (event_type, row.payload_json, row.created_at), recorded
 
     def suspend(
         self, pk: int, token: int, wake_at: float | None, waiting_for: str | None, now: float
