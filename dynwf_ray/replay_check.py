@@ -44,6 +44,9 @@ class _Stop(Suspend):
 class CheckStep:
     """A `step` that answers only from the journal (see the module docstring)."""
 
+    #: A sandbox asks for every step, so a new one stops the check before it runs.
+    new_steps_at_once = False
+
     def __init__(self, state: ActivationState, clock: Callable[[], float]):
         self._records = {(r.name, r.seq): r for r in state.steps}
         self._counts: dict[str, int] = {}

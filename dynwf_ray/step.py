@@ -190,9 +190,11 @@ class Step:
         return self._clock()
 
     @property
-    def pause_requested(self) -> bool:
-        """A pause was asked for (as of the last journal write): no new step starts."""
-        return self._pause_requested
+    def new_steps_at_once(self) -> bool:
+        """Whether a sandbox may run a new step's callback before asking (`do` with
+        `at_once`): not once a pause was asked for (as of the last journal write), nor
+        while the instance is being terminated."""
+        return not self._pause_requested and not self.terminating
 
     # -- step.do -----------------------------------------------------------
 

@@ -340,7 +340,7 @@ class PausesItself(WorkflowEntrypoint):
         wf = self.env["WORKFLOWS"]
         await step.do("first", lambda: wf.get(event.instance_id).pause())
         if event.payload.get("force"):  # a sandbox that ignores what it was told
-            step._at_once, step._channel.paused = True, False
+            step._at_once, step._channel.ask_first = True, False
         await step.do("second", lambda: open(event.payload["mark"], "w").close() or 2)
         return "done"
 
@@ -356,7 +356,7 @@ def test_a_pause_asked_during_an_activation_stops_before_the_next_step(driver, f
     d.binding.create(id="p", params={"force": force, "mark": str(mark)})
     assert d.tick() == ["paused"]
     # The answers of the two binding calls, then of the step 'first' (its write saw the pause).
-    assert [m.get("pause") for m in sent if m["t"] == "ok"] == [None, None, True]
+    assert [m.get("ask_first") for m in sent if m["t"] == "ok"] == [None, None, True]
     assert ("second", 1) not in d.steps("p")
     assert mark.exists() is force
     d.binding.get("p").resume()
@@ -455,3 +455,33 @@ def test_a_claim_takes_nothing_when_no_event_came_or_two_waits_are_open(driver):
     import json
     assert json.loads(d.info("both").output_json) == [{"n": 1}, {"n": 2}]
     assert d.info("late").error_name == "WorkflowTimeoutError"
+
+
+class StepThenNap(WorkflowEntrypoint):
+    async def run(self, event, step):
+        await step.do("a", lambda: 1)
+        await step.sleep("nap", "1 hour")
+
+
+class NewStepAfterA(WorkflowEntrypoint):
+    async def run(self, event, step):
+        await step.do("a", lambda: 1)
+        await step.do("new", lambda: open(event.payload["mark"], "w").close())
+
+
+def test_a_replay_check_in_a_sandbox_runs_no_new_step(driver, tmp_path):
+    """A check asks the sandbox to replay only: a step the journal does not hold stops
+    it before its callback runs (the sandbox is not allowed to run steps at once)."""
+    from dynwf_ray.replay_check import check_replay
+
+    history = driver(StepThenNap)
+    mark = tmp_path / "new-step-ran"
+    history.binding.create(id="h", params={"mark": str(mark)})
+    assert history.tick() == ["suspended"]
+    state = history.journal.history(history.tenant, "h")
+    candidate = driver(NewStepAfterA)
+    sent = _spy(candidate)
+    candidate.loop.run_until_complete(check_replay(state, "v2", candidate._session(),
+                                                   clock=lambda: candidate.now))
+    assert sent[0]["steps_at_once"] is False
+    assert not mark.exists()

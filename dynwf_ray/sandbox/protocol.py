@@ -29,8 +29,8 @@ Supervisor -> sandbox (`t`):
                                            `steps_at_once`: a new step (its key not in
                                            `unsettled`) may run at once, as `do` says
     call {id, attempt, count, config, span}   run the step callback of request `id`
-    ok {id, value, [pause]} | err {id, kind, name, message, ...}   answer to a request;
-                                           `pause`: run no further step at once
+    ok {id, value, [ask_first]} | err {id, kind, name, message, ...}   answer to a request;
+                                           `ask_first`: run no further step at once
     end {}                                 the activation is over (suspended, paused,
                                            a limit hit...): stop and report idle
     exit {}                                the sandbox is no longer needed

@@ -70,7 +70,7 @@ class _Channel:
         self._chars = 0
         self.spans: list[dict[str, Any]] = []
         self.on_message: Callable[[dict[str, Any]], None] = lambda m: None
-        self.paused = False  # an answer said a pause is pending: no step runs at once
+        self.ask_first = False  # an answer said so (a pause is pending): no step runs at once
 
     def new_id(self) -> int:
         with self._send_lock:
@@ -142,8 +142,8 @@ class _Channel:
             if message is None:  # the supervisor is gone: so is our purpose
                 os._exit(0)
             kind = message.get("t")
-            if message.get("pause") is True:
-                self.paused = True
+            if message.get("ask_first") is True:
+                self.ask_first = True
             if kind in ("ok", "err", "call"):
                 waiter = self._pending.get(message.get("id"))
                 if isinstance(waiter, list):
@@ -254,7 +254,7 @@ class _Step:
         `message` so): the journal holds nothing of it, no pause is pending and its
         options are valid. None: ask first (the supervisor decides)."""
         key = f"{message['name']}\x00{message['count']}"
-        if not self._at_once or self._channel.paused or key in self._unsettled:
+        if not self._at_once or self._channel.ask_first or key in self._unsettled:
             return None
         options = {k: message[k] for k in ("retries", "timeout") if message[k] is not None}
         try:
@@ -620,7 +620,7 @@ class _Runtime:
         env: dict[str, Any] = dict(message.get("env") or {})
         for name in message.get("bindings") or ():
             env[name] = _Workflows(self.channel, name) if name == "WORKFLOWS" else _Binding(self.channel, name)
-        self.channel.paused = False
+        self.channel.ask_first = False
         step = self.step = _Step(self.channel, message)
         token = _attach_span(message.get("trace"))
         reply: dict[str, Any] | None

@@ -237,7 +237,7 @@ class SandboxSession:
         act = _Activation(step)
         act.replayed = _replay(state)
         unsettled = [k for k in (f"{r.name}\x00{r.seq}" for r in state.steps) if k not in act.replayed]
-        at_once = not step.pause_requested and not step.terminating and len(unsettled) <= MAX_UNSETTLED
+        at_once = step.new_steps_at_once and len(unsettled) <= MAX_UNSETTLED
         if trace is not None:
             ctx = trace.activation.context
             act.ids = (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}")
@@ -377,8 +377,8 @@ class SandboxSession:
                 act.queue.put_nowait(("ended", Suspend(act.step.now())))
                 return
             reply = {"t": "ok", "id": rid, "value": value}
-            if act.step.pause_requested:
-                reply["pause"] = True  # the sandbox runs no further step at once
+            if not act.step.new_steps_at_once:  # a pause was asked for meanwhile
+                reply["ask_first"] = True  # the sandbox runs no further step at once
             self._send(reply)
         finally:
             act.requests.pop(rid, None)
