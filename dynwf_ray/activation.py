@@ -123,9 +123,12 @@ async def activate(
     if info.wake_at is not None:
         counts.latencies.append(clock() - info.wake_at)
     trace = tracing.instance(info, clock, warm=warm) if tracing is not None else None
-    if trace is not None and state.event_taken is not None:  # the claim ended that wait
-        name, seq, event_type, began, taken = state.event_taken
-        trace.wait(name, seq, event_type, began, taken)
+    if trace is not None:  # waits and sleeps the claim ended
+        if state.event_taken is not None:
+            name, seq, event_type, began, taken = state.event_taken
+            trace.wait(name, seq, event_type, began, taken)
+        for name, seq, began, ended in state.sleeps_ended:
+            trace.sleep(name, seq, began, ended)
     log, log_token = (
         LogCapture.begin(clock, trace_id_of(info.trace_context)) if capture_logs else (None, None)
     )

@@ -485,3 +485,20 @@ def test_a_replay_check_in_a_sandbox_runs_no_new_step(driver, tmp_path):
                                                    clock=lambda: candidate.now))
     assert sent[0]["steps_at_once"] is False
     assert not mark.exists()
+
+
+def test_the_claim_records_a_sleep_that_is_over_so_the_run_does_not_ask(driver):
+    d = driver(Replayed)
+    d.binding.create(id="z", params={})
+    assert d.tick(load=True) == ["suspended"]
+    d.now += 5
+    states = d.loop.run_until_complete(d.journal.grouped.claim_and_load(d.now, 10, "test", 30, d.tenant))
+    assert states == []  # not due yet: nothing claimed, nothing ended
+    d.now += 5  # the nap's end
+    sent = _spy(d)
+    assert d.tick(load=True) == ["complete"]
+    nap = d.steps("z")[("nap", 1)]
+    assert nap.finished_at == d.now
+    assert sent[0]["replay"]["nap\x001"] == ["ok", None]
+    # Only the four steps after the nap asked anything: no `sleep` request.
+    assert [m["t"] for m in sent] == ["activate", "ok", "ok", "ok", "ok"], sent

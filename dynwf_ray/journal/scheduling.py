@@ -29,6 +29,22 @@ from .statements import (_INFO_COLS, _STEP_COLS, _NEXT_TIMER, _NEXT_LEASE_EXPIRY
 from .faults import retried
 
 
+def _end_sleeps(
+    conn: Connection, pk: int, steps: list[StepRecord], now: float,
+) -> tuple[tuple[str, int, float, float], ...]:
+    """Record the end of the instance's sleeps whose time has come (their records in
+    `steps` replaced); returns (name, count, began, ended) of each."""
+    ended = []
+    for i, r in enumerate(steps):
+        if r.kind == "sleep" and r.finished_at is None and r.result_json is not None \
+                and json.loads(r.result_json) <= now:
+            conn.execute(update(S).where(S.c.instance_pk == pk, S.c.name == r.name, S.c.seq == r.seq)
+                         .values(finished_at=now))
+            steps[i] = replace(r, finished_at=now)
+            ended.append((r.name, r.seq, r.started_at, now))
+    return tuple(ended)
+
+
 def _clear_waits(conn: Connection, pks: list[int]) -> None:
     """A claimed instance waits for nothing any more (until it suspends again)."""
     if pks:
@@ -86,7 +102,8 @@ class Scheduling:
         into the wait's step in this transaction, so the activation replays the wait
         as received instead of asking for it (one commit less before its next step).
         Only when exactly one wait of the instance is unfinished, so the event's step
-        is certain; else the wait takes it when the run reaches it, as always."""
+        is certain; else the wait takes it when the run reaches it, as always. Sleeps
+        whose time has come are recorded as over here too, for the same reason."""
         claims = self._claim_keeping_waits(conn, now, limit, owner, lease_ttl, tenant_id, code_version)
         if not claims:
             return []
@@ -110,13 +127,14 @@ class Scheduling:
                 steps[pk][waits[0]] = got[1]
                 taken[pk] = (wait.name, wait.seq, event_type, wait.started_at, now)
         _clear_waits(conn, waiting)
+        ended = {pk: _end_sleeps(conn, pk, steps[pk], now) for pk in pks}
         crashes = dict(conn.execute(
             select(X.c.instance_pk, X.c.crashes).where(X.c.instance_pk.in_(pks))).all())
         terminating = set(conn.execute(
             select(E.c.instance_pk).where(E.c.instance_pk.in_(pks), E.c.type == TERMINATE_EVENT)
         ).scalars())
         return [ActivationState(infos[pk], steps[pk], crashes.get(pk, 0), pk in terminating,
-                                taken.get(pk))
+                                taken.get(pk), ended[pk])
                 for pk in pks]
 
     def demand(self, now: float) -> dict[tuple[str, str], tuple[int, int]]:

@@ -320,6 +320,9 @@ class ActivationState:
     # The claim took the event its wait expected into that wait's step (now in `steps`):
     # (step name, count, event type, when the wait began, when the event was taken).
     event_taken: tuple[str, int, str, float, float] | None = None
+    # Sleeps the claim found over and recorded so (their steps in `steps` say so):
+    # (step name, count, when the sleep began, when the claim ended it).
+    sleeps_ended: tuple[tuple[str, int, float, float], ...] = ()
 
 
 #: The inbox entry `terminate(rollback=True)` leaves for the instance's next activation
