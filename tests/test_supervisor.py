@@ -168,6 +168,15 @@ def test_replay_across_the_boundary_runs_each_step_once(driver):
     assert len(d.sandboxes) == 1
 
 
+def _spy(d: Driver) -> list[dict]:
+    """What the supervisor sends the sandbox, from now on."""
+    session = d._session()
+    sent: list[dict] = []
+    send = session._send
+    session._send = lambda message: (sent.append(message), send(message))[1]  # type: ignore[method-assign]
+    return sent
+
+
 class Flaky(WorkflowEntrypoint):
     async def run(self, event, step):
         def flaky(ctx):
@@ -184,13 +193,19 @@ class Flaky(WorkflowEntrypoint):
         return {"got": got, "caught": caught}
 
 
-def test_retries_keep_the_tenants_error_names_and_logs_are_kept_per_attempt(driver):
+def test_retries_are_asked_for_keep_the_tenants_error_names_and_logs_per_attempt(driver):
     d = driver(Flaky)
+    sent = _spy(d)
     d.binding.create(id="f")
     for _ in range(2):
         assert d.tick() == ["suspended"]
         d.now += 1
     assert d.tick() == ["complete"]
+    calls = [m for m in sent if m["t"] == "call"]
+    # Attempt 1 of 'flaky' and the first of 'never' ran at once; the retries were asked for.
+    assert [c["attempt"] for c in calls] == [2, 3], calls
+    activations = [m for m in sent if m["t"] == "activate"]
+    assert [a["unsettled"] for a in activations[1:]] == [["flaky\x001"], ["flaky\x001"]]
     import json
     out = json.loads(d.info("f").output_json)
     assert out["got"] == 3
@@ -292,15 +307,6 @@ def test_cpu_limit_ends_the_attempt_with_resource_limit_error(driver):
     assert len(d.sandboxes) == 2
 
 
-def _spy(d: Driver) -> list[dict]:
-    """What the supervisor sends the sandbox, from now on."""
-    session = d._session()
-    sent: list[dict] = []
-    send = session._send
-    session._send = lambda message: (sent.append(message), send(message))[1]  # type: ignore[method-assign]
-    return sent
-
-
 class ThreeSteps(WorkflowEntrypoint):
     async def run(self, event, step):
         out = [await step.do(f"s{i}", lambda i=i: i) for i in range(3)]
@@ -318,21 +324,6 @@ def test_a_new_step_runs_at_once_one_round_trip_and_no_call(driver):
     assert kinds == ["activate", "ok", "ok", "ok", "ok"], kinds  # no `call`: the sandbox ran each
     assert sent[0]["steps_at_once"] is True and sent[0]["unsettled"] == []
     assert all(s.status == "complete" and s.attempts == 1 for s in d.steps("n").values())
-
-
-def test_a_retrying_step_is_asked_for_and_keeps_its_attempt_number(driver):
-    d = driver(Flaky)
-    sent = _spy(d)
-    d.binding.create(id="f")
-    for _ in range(2):
-        assert d.tick() == ["suspended"]
-        d.now += 1
-    assert d.tick() == ["complete"]
-    calls = [m for m in sent if m["t"] == "call"]
-    # Attempt 1 of 'flaky' and the first of 'never' ran at once; the retries were asked for.
-    assert [c["attempt"] for c in calls] == [2, 3], calls
-    activations = [m for m in sent if m["t"] == "activate"]
-    assert [a["unsettled"] for a in activations[1:]] == [["flaky\x001"], ["flaky\x001"]]
 
 
 class PausesItself(WorkflowEntrypoint):
