@@ -205,7 +205,7 @@ def test_retries_are_asked_for_keep_the_tenants_error_names_and_logs_per_attempt
     # Attempt 1 of 'flaky' and the first of 'never' ran at once; the retries were asked for.
     assert [c["attempt"] for c in calls] == [2, 3], calls
     activations = [m for m in sent if m["t"] == "activate"]
-    assert [a["unsettled"] for a in activations[1:]] == [["flaky\x001"], ["flaky\x001"]]
+    assert [a["not_replayed"] for a in activations[1:]] == [["flaky\x001"], ["flaky\x001"]]
     import json
     out = json.loads(d.info("f").output_json)
     assert out["got"] == 3
@@ -322,7 +322,7 @@ def test_a_new_step_runs_at_once_one_round_trip_and_no_call(driver):
     assert json.loads(d.info("n").output_json) == [0, 1, 2, [1, 7.0]]
     kinds = [m["t"] for m in sent]
     assert kinds == ["activate", "ok", "ok", "ok", "ok"], kinds  # no `call`: the sandbox ran each
-    assert sent[0]["steps_at_once"] is True and sent[0]["unsettled"] == []
+    assert sent[0]["steps_at_once"] is True and sent[0]["not_replayed"] == []
     assert all(s.status == "complete" and s.attempts == 1 for s in d.steps("n").values())
 
 

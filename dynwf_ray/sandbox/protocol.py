@@ -25,9 +25,10 @@ Sandbox -> supervisor (`op`), every request carries a fresh `id`:
     idle {unused}                          the activation wound down after `end`
 
 Supervisor -> sandbox (`t`):
-    activate {event, metadata, env, bindings, replay, trace, steps_at_once, unsettled}
-                                           `steps_at_once`: a new step (its key not in
-                                           `unsettled`) may run at once, as `do` says
+    activate {event, metadata, env, bindings, replay, trace, steps_at_once, not_replayed}
+                                           `steps_at_once`: a step the journal holds
+                                           nothing of (in neither `replay` nor
+                                           `not_replayed`) may run at once, as `do` says
     call {id, attempt, count, config, span}   run the step callback of request `id`
     ok {id, value, [ask_first]} | err {id, kind, name, message, ...}   answer to a request;
                                            `ask_first`: run no further step at once

@@ -211,7 +211,9 @@ class _Step:
         # "name\x00count" -> ["ok", value] | ["failed", {...}]
         self._replay: dict[str, Any] = activation.get("replay") or {}
         self._at_once = activation.get("steps_at_once") is True
-        self._unsettled = set(activation.get("unsettled") or ())  # keys the journal holds unfinished
+        # Keys of steps the journal holds that `replay` does not answer (unfinished, or
+        # past its size budget): such a step always asks.
+        self._not_replayed = set(activation.get("not_replayed") or ())
         trace = activation.get("trace")
         self._trace_id = trace.split("-")[1] if isinstance(trace, str) and trace.count("-") == 3 else None
         self._counts: dict[str, int] = {}
@@ -239,10 +241,10 @@ class _Step:
                 "op": "do", "id": self._channel.new_id(), "name": name, "count": count,
                 "retries": _jsonable(retries), "timeout": _jsonable(timeout),
             }
-            call = self._call_at_once(message)
+            own = self._call_at_once(message)
             result = await self._channel.request(
                 message, lambda call: _run_callback(self._channel, fn, name, call),
-                None if call is None else lambda: _run_callback(self._channel, fn, name, call),
+                None if own is None else lambda: _run_callback(self._channel, fn, name, own),
             )
         if rollback is not None:
             self.compensations.register(name, count, rollback, result, {
@@ -254,7 +256,7 @@ class _Step:
         `message` so): the journal holds nothing of it, no pause is pending and its
         options are valid. None: ask first (the supervisor decides)."""
         key = f"{message['name']}\x00{message['count']}"
-        if not self._at_once or self._channel.ask_first or key in self._unsettled:
+        if not self._at_once or self._channel.ask_first or key in self._not_replayed:
             return None
         options = {k: message[k] for k in ("retries", "timeout") if message[k] is not None}
         try:

@@ -57,8 +57,8 @@ RUN_SEGMENT_TIMEOUT = 600.0
 REPLAY_BUDGET_CHARS = 4 * 1024 * 1024
 #: What each captured line counts against the log limit beyond its characters.
 LOG_LINE_OVERHEAD = 64
-#: Most unfinished steps whose keys `activate` lists; beyond, no step runs at once.
-MAX_UNSETTLED = 10_000
+#: Most keys of steps `activate` lists as held but not replayed; beyond, no step runs at once.
+MAX_NOT_REPLAYED = 10_000
 #: How often CPU time and deadlines are checked while the sandbox runs.
 _WATCH_EVERY = 0.1
 
@@ -236,8 +236,8 @@ class SandboxSession:
             raise Abandon(self._closed_reason or "the sandbox is gone")
         act = _Activation(step)
         act.replayed = _replay(state)
-        unsettled = [k for k in (f"{r.name}\x00{r.seq}" for r in state.steps) if k not in act.replayed]
-        at_once = step.new_steps_at_once and len(unsettled) <= MAX_UNSETTLED
+        not_replayed = [k for k in (f"{r.name}\x00{r.seq}" for r in state.steps) if k not in act.replayed]
+        at_once = step.new_steps_at_once and len(not_replayed) <= MAX_NOT_REPLAYED
         if trace is not None:
             ctx = trace.activation.context
             act.ids = (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}")
@@ -255,7 +255,7 @@ class SandboxSession:
                 "bindings": sorted(self.bindings),
                 "replay": act.replayed,
                 "steps_at_once": at_once,
-                "unsettled": unsettled if at_once else [],
+                "not_replayed": not_replayed if at_once else [],
                 "trace": _traceparent_of(trace.activation.context) if trace is not None else None,
             })
             return await self._serve(act)
