@@ -12,6 +12,11 @@ import time
 from typing import Any, Callable, Sequence
 
 
+#: This invocation's mark: its instance ids (and tenants where a count is per tenant) carry
+#: it, so runs on a reused `--database-url` never collide with earlier ones.
+RUN = f"r{os.getpid():x}{int(time.time()) % 0xFFFFF:x}"
+
+
 def temp_sqlite_url() -> str:
     return f"sqlite:///{tempfile.mkdtemp(prefix='dynwf-bench-')}/journal.db"
 

@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import arg, database_url, emit, summary_ms, wait_until  # noqa: E402
+from bench._common import RUN, arg, database_url, emit, summary_ms, wait_until  # noqa: E402
 from bench.workflows import pushed_tenant_dir  # noqa: E402
 from dynwf_ray import Engine  # noqa: E402
 
@@ -36,7 +36,7 @@ def activation_samples(
     wf = engine.binding(tenant)
     latencies, pids = [], []
     for i in range(n + 1):
-        inst = wf.create(id=f"{tenant}-{i}", params={})
+        inst = wf.create(id=f"{RUN}-{tenant}-{i}", params={})
         wait_until(lambda: inst.status()["status"] == "waiting", 120, "the instance to wait")
         if cold:
             wait_until(lambda: engine.stats()["live_hosts"] == 0, 60, "hosts to be deactivated")

@@ -32,7 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import arg, database_url, emit, wait_until  # noqa: E402
+from bench._common import RUN, arg, database_url, emit, wait_until  # noqa: E402
 from bench.workflows import ThreeSteps, pushed_tenant_dir  # noqa: E402
 from dynwf_ray import Engine  # noqa: E402
 from dynwf_ray.binding import WorkflowBinding  # noqa: E402
@@ -50,7 +50,7 @@ def create_rate(url: str, total: int) -> list[float]:
         wf = WorkflowBinding(journal, tenant)
         start = time.perf_counter()
         for b in range(total // 100):
-            wf.create_batch([{"id": f"i{b}-{i}", "params": {"n": i}} for i in range(100)])
+            wf.create_batch([{"id": f"{RUN}-i{b}-{i}", "params": {"n": i}} for i in range(100)])
         rates.append(total / (time.perf_counter() - start))
     journal.close()
     return rates
@@ -65,10 +65,10 @@ def run_workflows(engine: Engine, tenants: list[str], run: str, n: int, batch: b
     if batch:
         for b in range(0, n, 100):
             wf = bindings[(b // 100) % len(bindings)]
-            wf.create_batch([{"id": f"{run}-{i}"} for i in range(b, min(n, b + 100))])
+            wf.create_batch([{"id": f"{RUN}-{run}-{i}"} for i in range(b, min(n, b + 100))])
     else:
         for i in range(n):
-            bindings[i % len(bindings)].create(id=f"{run}-{i}")
+            bindings[i % len(bindings)].create(id=f"{RUN}-{run}-{i}")
     wait_until(
         lambda: _complete(engine, tenants) == done + n, 600, "workflows to complete", interval=0.005,
     )

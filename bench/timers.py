@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import arg, database_url, emit, summary_ms, wait_until  # noqa: E402
+from bench._common import RUN, arg, database_url, emit, summary_ms, wait_until  # noqa: E402
 from bench.workflows import pushed_tenant_dir  # noqa: E402
 from dynwf_ray import Engine  # noqa: E402
 
@@ -33,8 +33,9 @@ def main() -> None:
     url = database_url()
     engine = Engine.start(database_url=url, name=f"bench-timers-{os.getpid()}", **tuning)
     try:
-        engine.push_tenant("timers", pushed_tenant_dir("timer"))
-        wf = engine.binding("timers")
+        tenant = f"timers{RUN}"
+        engine.push_tenant(tenant, pushed_tenant_dir("timer"))
+        wf = engine.binding(tenant)
         lead = max(20.0, n / 250)  # time for every instance to reach its sleep first
         due = time.time() + lead
         start = time.time()
@@ -42,7 +43,7 @@ def main() -> None:
             wf.create_batch([{"id": f"t{i}", "params": {"until": due}} for i in range(b, min(n, b + 100))])
 
         def asleep() -> bool:
-            counts = engine.journal.count_by_status("timers")
+            counts = engine.journal.count_by_status(tenant)
             return counts.get("waiting", 0) + counts.get("complete", 0) == n
 
         wait_until(asleep, lead + 600, "every instance to reach its sleep", interval=0.05)
@@ -50,7 +51,7 @@ def main() -> None:
         if asleep_after > lead:
             raise SystemExit(f"instances took {asleep_after:.1f} s to fall asleep; raise the lead")
         wait_until(
-            lambda: engine.journal.count_by_status("timers").get("complete", 0) == n, 3600,
+            lambda: engine.journal.count_by_status(tenant).get("complete", 0) == n, 3600,
             "every instance to resume", interval=0.05,
         )
         late = [wf.get(f"t{i}").status()["output"]["resumed_at"] - due for i in range(n)]
