@@ -1,4 +1,5 @@
-"""CPU of one step's journal write on SQLite, and how much of it is SQLAlchemy's.
+"""CPU of one step's journal write on SQLite, how much of it is SQLAlchemy's, and of
+the other journal calls every workflow makes.
 
 A step's record is two statements (the lease fence and the step's upsert) in one
 fsync'd transaction. Figures, CPU time (user + system) per call in µs, medians of
@@ -14,6 +15,15 @@ fsync'd transaction. Figures, CPU time (user + system) per call in µs, medians 
   through the journal's transaction (pool, writer lock, events);
 - `dbapi_transaction_cpu_us`: the two statements and an fsync'd commit with plain
   `sqlite3`, one transaction per call.
+
+And the CPU of the other calls on the path of every workflow, per call, each in its
+own transaction as the engine runs it:
+
+- `create_cpu_us`: `WorkflowBinding.create` (reads the tenant's code version, inserts);
+- `claim_and_load_cpu_us`: `Journal.claim_and_load` of one due instance, as a host
+  claims when it has one free slot;
+- `send_event_cpu_us`: `InstanceHandle.send_event` to a running instance (buffered);
+- `status_cpu_us`: `InstanceHandle.status`.
 
 Usage: python bench/journal_write.py [--writes 2000] [--runs 3]
 """
@@ -50,6 +60,11 @@ def _per_call(n: int, fn) -> float:
     return (time.process_time() - began) / n * 1e6
 
 
+def _claim_one(journal: Journal, now: float) -> None:
+    with journal._write() as conn:
+        assert journal._claim_and_load(conn, now, 1, "bench", 3600, "t")
+
+
 def one_run(n: int) -> dict[str, float]:
     path = os.path.join(tempfile.mkdtemp(prefix="dynwf-bench-"), "journal.db")
     journal = Journal(f"sqlite:///{path}")
@@ -71,6 +86,13 @@ def one_run(n: int) -> dict[str, float]:
             pass
 
     out["empty_transaction_cpu_us"] = _per_call(n, empty)
+
+    binding = WorkflowBinding(journal, "t")
+    out["create_cpu_us"] = _per_call(n, lambda i: binding.create(id=f"c{i}"))
+    out["claim_and_load_cpu_us"] = _per_call(n, lambda i: _claim_one(journal, time.time() + 1))
+    handles = [binding.get(f"c{i}") for i in range(n)]
+    out["send_event_cpu_us"] = _per_call(n, lambda i: handles[i].send_event("go", {"i": i}))
+    out["status_cpu_us"] = _per_call(n, lambda i: handles[i].status())
 
     fence = _FENCE.compile(dialect=dialect)
     upsert = journal._upsert_step.compile(dialect=dialect)

@@ -493,3 +493,24 @@ def test_the_claim_records_a_sleep_that_is_over_so_the_run_does_not_ask(driver):
     assert sent[0]["replay"]["nap\x001"] == ["ok", None]
     # Only the four steps after the nap asked anything: no `sleep` request.
     assert [m["t"] for m in sent] == ["activate", "ok", "ok", "ok", "ok"], sent
+
+
+def test_a_claim_reads_each_instance_its_own_crashes_and_termination(driver):
+    """The claim returns what each activation starts from (its row, its crash count,
+    whether it is being terminated): of that instance only, with other instances'
+    events and crashes in the same tables."""
+    d = driver(WaitsThenSteps)
+    for i in ("plain", "crashed", "ending"):
+        d.binding.create(id=i, params={})
+    assert d.tick(load=True) == ["suspended"] * 3
+    d.binding.get("plain").send_event("other", {"n": 1})  # an event that is no termination
+    crashed, ending = d.info("crashed"), d.info("ending")
+    d.journal.count_crash(crashed.pk)
+    d.journal.count_crash(crashed.pk)
+    d.journal.terminate(d.tenant, "ending", d.now, rollback=True)
+    d.now += 3601
+    states = d.loop.run_until_complete(d.journal.grouped.claim_and_load(d.now, 10, "test", 30, d.tenant))
+    got = {s.info.instance_id: (s.crashes, s.terminating) for s in states}
+    assert got == {"plain": (0, False), "crashed": (2, False), "ending": (0, True)}
+    assert all(s.info.lease_token == d.info(s.info.instance_id).lease_token for s in states)
+    assert {s.info.status for s in states} == {"running"}

@@ -14,6 +14,7 @@ from sqlalchemy import (
 
 
 from .schema import (T, C, B, P, R)
+from .statements import _LATEST_VERSION
 
 from .faults import retried
 
@@ -109,9 +110,7 @@ class CodeStore:
 
     def latest_version(self, tenant_id: str) -> str | None:
         with self._read() as conn:
-            return conn.execute(
-                select(T.c.latest_version).where(T.c.tenant_id == tenant_id)
-            ).scalar()
+            return conn.execute(_LATEST_VERSION, {"b_tenant": tenant_id}).scalar()
 
     def get_code(self, tenant_id: str, version: str) -> tuple[str, bytes, str] | None:
         """(kind, blob, manifest_json) of a code version the tenant has, else None."""

@@ -29,7 +29,7 @@ from ..errors import (
 )
 
 from .schema import (STEP_COMPLETE, MAX_ROW_ID, I, S, E, C, L, X, InstanceInfo, StepRecord, ActivationState, TERMINATE_EVENT)
-from .statements import (_INFO_COLS, _STEP_COLS, _LOAD_STEPS)
+from .statements import (_INFO_COLS, _STEP_COLS, _LOAD_STEPS, _GET_INSTANCE, _LOCK_INSTANCE, _INSERT_EVENT, _LOAD_ROLLBACKS, _WAKE_NOW, _INSERT_INSTANCE)
 
 from .faults import retried
 
@@ -83,10 +83,10 @@ class Instances:
                         fresh.append(r)
                 rows = fresh
                 if rows:
-                    conn.execute(insert(I), rows)
+                    conn.execute(_INSERT_INSTANCE, rows)
             else:
                 try:
-                    conn.execute(insert(I), rows)
+                    conn.execute(_INSERT_INSTANCE, rows)
                 except IntegrityError:
                     raise DuplicateInstanceError(
                         f"tenant {tenant_id!r} already has an instance with id "
@@ -96,11 +96,7 @@ class Instances:
 
     def get_instance(self, tenant_id: str, instance_id: str) -> InstanceInfo | None:
         with self._read() as conn:
-            row = conn.execute(
-                select(*_INFO_COLS).where(
-                    I.c.tenant_id == tenant_id, I.c.instance_id == instance_id
-                )
-            ).first()
+            row = conn.execute(_GET_INSTANCE, {"b_tenant": tenant_id, "b_instance": instance_id}).first()
         return InstanceInfo(*row) if row else None
 
     def require_instance(self, tenant_id: str, instance_id: str) -> InstanceInfo:
@@ -142,10 +138,7 @@ class Instances:
     def rollback_steps(self, pk: int) -> list[StepRecord]:
         """The instance's compensations recorded so far (steps of kind "rollback")."""
         with self._read() as conn:
-            rows = conn.execute(
-                select(*_STEP_COLS).where(S.c.instance_pk == pk, S.c.kind == "rollback")
-                .order_by(S.c.started_at)
-            ).all()
+            rows = conn.execute(_LOAD_ROLLBACKS, {"b_pk": pk}).all()
         return [StepRecord(*row) for row in rows]
 
     def list_steps(self, pk: int) -> list[StepRecord]:
@@ -247,14 +240,12 @@ class Instances:
                 raise InvalidStateError(
                     f"instance {instance_id!r} is {info.status}; it accepts no more events"
                 )
-            conn.execute(
-                insert(E).values(
-                    instance_pk=info.pk, type=event_type, payload_json=payload_json,
-                    created_at=now, consumed=False,
-                )
-            )
+            conn.execute(_INSERT_EVENT, {
+                "instance_pk": info.pk, "type": event_type, "payload_json": payload_json,
+                "created_at": now, "consumed": False,
+            })
             if info.waiting_for == event_type and info.status == InstanceStatus.waiting:
-                conn.execute(update(I).where(I.c.pk == info.pk).values(wake_at=now))
+                conn.execute(_WAKE_NOW, {"b_pk": info.pk, "b_now": now})
             return info
 
     @retried
@@ -431,15 +422,8 @@ class Instances:
         conn.execute(delete(I).where(I.c.pk.in_(pks)))
 
     def _lock_instance(self, conn: Connection, tenant_id: str, instance_id: str) -> InstanceInfo:
-        # Touch the row first: on PostgreSQL this takes the row lock (see module docstring).
-        touched = conn.execute(
-            update(I)
-            .where(I.c.tenant_id == tenant_id, I.c.instance_id == instance_id)
-            .values(updated_at=I.c.updated_at)
-        )
-        if not touched.rowcount:
+        # The update takes the row lock on PostgreSQL (see module docstring).
+        row = conn.execute(_LOCK_INSTANCE, {"b_tenant": tenant_id, "b_instance": instance_id}).first()
+        if row is None:
             raise InstanceNotFoundError(f"no instance {instance_id!r} for tenant {tenant_id!r}")
-        row = conn.execute(
-            select(*_INFO_COLS).where(I.c.tenant_id == tenant_id, I.c.instance_id == instance_id)
-        ).first()
         return InstanceInfo(*row)

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 from ..types import LogLine
 
 from .schema import MAX_ROW_ID, L
+from .statements import _LAST_LINE
 
 
 class LogLines:
@@ -55,7 +56,4 @@ class LogLines:
     def last_line(self, pk: int, stream: str) -> str | None:
         """The newest log line of the instance in `stream`, if any."""
         with self._read() as conn:
-            return conn.execute(
-                select(L.c.message).where(L.c.instance_pk == pk, L.c.stream == stream)
-                .order_by(L.c.pk.desc()).limit(1)
-            ).scalar()
+            return conn.execute(_LAST_LINE, {"b_pk": pk, "b_stream": stream}).scalar()

@@ -23,8 +23,10 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 
 
-from .schema import (STEP_WAITING, I, S, E, X, N, KEEP_ENDED_SESSIONS, lease_owner_prefix, Claim, SessionInfo, InstanceInfo, StepRecord, ActivationState, TERMINATE_EVENT)
-from .statements import (_INFO_COLS, _STEP_COLS, _NEXT_TIMER, _NEXT_LEASE_EXPIRY, _claim_statement)
+from .schema import (STEP_WAITING, I, X, N, KEEP_ENDED_SESSIONS, lease_owner_prefix, Claim, SessionInfo, InstanceInfo, StepRecord, ActivationState)
+from .statements import (_INFO_COLS, _CLEAR_WAITS, _LOAD_STEPS_OF, _NEXT_TIMER, _NEXT_LEASE_EXPIRY, _claim_statement, _SLEPT)
+
+_N_INFO = len(_INFO_COLS)
 
 from .faults import retried
 
@@ -38,8 +40,7 @@ def _end_sleeps(
     for i, r in enumerate(steps):
         if r.kind == "sleep" and r.finished_at is None and r.result_json is not None \
                 and json.loads(r.result_json) <= now:
-            conn.execute(update(S).where(S.c.instance_pk == pk, S.c.name == r.name, S.c.seq == r.seq)
-                         .values(finished_at=now))
+            conn.execute(_SLEPT, {"b_pk": pk, "b_name": r.name, "b_seq": r.seq, "b_now": now})
             steps[i] = replace(r, finished_at=now)
             ended.append((r.name, r.seq, r.started_at, now))
     return tuple(ended)
@@ -48,7 +49,7 @@ def _end_sleeps(
 def _clear_waits(conn: Connection, pks: list[int]) -> None:
     """A claimed instance waits for nothing any more (until it suspends again)."""
     if pks:
-        conn.execute(update(I).where(I.c.pk.in_(pks), I.c.waiting_for.is_not(None)).values(waiting_for=None))
+        conn.execute(_CLEAR_WAITS, {"b_pks": pks})
 
 
 class Scheduling:
@@ -71,15 +72,17 @@ class Scheduling:
         self, conn: Connection, now: float, limit: int, owner: str, lease_ttl: float,
         tenant_id: str | None = None, code_version: str | None = None,
     ) -> list[Claim]:
-        claims = self._claim_keeping_waits(conn, now, limit, owner, lease_ttl, tenant_id, code_version)
-        _clear_waits(conn, [c.pk for c in claims])
-        return claims
+        rows = self._claim_keeping_waits(conn, now, limit, owner, lease_ttl, tenant_id, code_version)
+        _clear_waits(conn, [info.pk for info, _, _ in rows])
+        return [Claim(i.pk, i.lease_token, i.tenant_id, i.instance_id, i.code_version)
+                for i, _, _ in rows]
 
     def _claim_keeping_waits(
         self, conn: Connection, now: float, limit: int, owner: str, lease_ttl: float,
         tenant_id: str | None, code_version: str | None,
-    ) -> list[Claim]:
-        """The claim itself; the claimed rows still say which event they wait for."""
+    ) -> list[tuple[InstanceInfo, int, bool]]:
+        """The claim itself: each claimed row as it is now (still saying which event it
+        waits for), its crash count and whether it is being terminated."""
         if limit <= 0:
             return []
         key = (tenant_id is not None, code_version is not None)
@@ -90,13 +93,15 @@ class Scheduling:
             "b_now": now, "b_limit": limit, "b_owner": owner, "b_until": now + lease_ttl,
             "b_tenant": tenant_id, "b_version": code_version,
         }
-        return [Claim(*row) for row in conn.execute(stmt, params).all()]
+        return [(InstanceInfo(*row[:_N_INFO]), row[_N_INFO] or 0, bool(row[_N_INFO + 1]))
+                for row in conn.execute(stmt, params).all()]
 
     def _claim_and_load(
         self, conn: Connection, now: float, limit: int, owner: str, lease_ttl: float,
         tenant_id: str | None = None, code_version: str | None = None,
     ) -> list[ActivationState]:
-        """`claim_due`, and what each claimed activation starts from, in one transaction.
+        """`claim_due`, and what each claimed activation starts from, in one transaction:
+        two statements (the claim returns the rows; one more reads their steps).
 
         An instance woken by the event its wait expects gets it here: the event moves
         into the wait's step in this transaction, so the activation replays the wait
@@ -104,38 +109,39 @@ class Scheduling:
         Only when exactly one wait of the instance is unfinished, so the event's step
         is certain; else the wait takes it when the run reaches it, as always. Sleeps
         whose time has come are recorded as over here too, for the same reason."""
-        claims = self._claim_keeping_waits(conn, now, limit, owner, lease_ttl, tenant_id, code_version)
-        if not claims:
+        claimed = self._claim_keeping_waits(conn, now, limit, owner, lease_ttl, tenant_id, code_version)
+        if not claimed:
             return []
-        pks = [c.pk for c in claims]
-        infos = {row.pk: InstanceInfo(*row) for row in conn.execute(
-            select(*_INFO_COLS).where(I.c.pk.in_(pks)))}
+        pks = [info.pk for info, _, _ in claimed]
         steps: dict[int, list[StepRecord]] = {pk: [] for pk in pks}
-        for row in conn.execute(select(S.c.instance_pk, *_STEP_COLS).where(S.c.instance_pk.in_(pks))):
+        for row in conn.execute(_LOAD_STEPS_OF, {"b_pks": pks}):
             steps[row[0]].append(StepRecord(*row[1:]))
-        taken: dict[int, tuple[str, int, str, float, float]] = {}
-        waiting = [pk for pk in pks if infos[pk].waiting_for is not None]
-        for pk in waiting:
-            event_type = infos[pk].waiting_for
-            infos[pk] = replace(infos[pk], waiting_for=None)
-            waits = [i for i, r in enumerate(steps[pk]) if r.kind == "wait" and r.status == STEP_WAITING]
-            if len(waits) != 1:
-                continue
-            wait = steps[pk][waits[0]]
-            got = self._take_buffered(conn, pk, wait, event_type, now)
-            if got is not None:
-                steps[pk][waits[0]] = got[1]
-                taken[pk] = (wait.name, wait.seq, event_type, wait.started_at, now)
+        states, waiting = [], []
+        for info, crashes, terminating in claimed:
+            pk, taken = info.pk, None
+            if info.waiting_for is not None:
+                waiting.append(pk)
+                taken = self._take_awaited(conn, pk, steps[pk], info.waiting_for, now)
+                info = replace(info, waiting_for=None)
+            ended = _end_sleeps(conn, pk, steps[pk], now)
+            states.append(ActivationState(info, steps[pk], crashes, terminating, taken, ended))
         _clear_waits(conn, waiting)
-        ended = {pk: _end_sleeps(conn, pk, steps[pk], now) for pk in pks}
-        crashes = dict(conn.execute(
-            select(X.c.instance_pk, X.c.crashes).where(X.c.instance_pk.in_(pks))).all())
-        terminating = set(conn.execute(
-            select(E.c.instance_pk).where(E.c.instance_pk.in_(pks), E.c.type == TERMINATE_EVENT)
-        ).scalars())
-        return [ActivationState(infos[pk], steps[pk], crashes.get(pk, 0), pk in terminating,
-                                taken.get(pk), ended[pk])
-                for pk in pks]
+        return states
+
+    def _take_awaited(
+        self, conn: Connection, pk: int, steps: list[StepRecord], event_type: str, now: float,
+    ) -> tuple[str, int, str, float, float] | None:
+        """Move the oldest buffered `event_type` event into the instance's one unfinished
+        wait (its record in `steps` replaced); returns (name, count, type, began, ended)."""
+        waits = [i for i, r in enumerate(steps) if r.kind == "wait" and r.status == STEP_WAITING]
+        if len(waits) != 1:
+            return None
+        wait = steps[waits[0]]
+        got = self._take_buffered(conn, pk, wait, event_type, now)
+        if got is None:
+            return None
+        steps[waits[0]] = got[1]
+        return (wait.name, wait.seq, event_type, wait.started_at, now)
 
     def demand(self, now: float) -> dict[tuple[str, str], tuple[int, int]]:
         """Per (tenant, code version) with work: (instances due and not leased, instances

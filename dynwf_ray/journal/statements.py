@@ -9,13 +9,16 @@ from sqlalchemy import (
     bindparam,
     and_,
     case,
+    exists,
+    insert,
+    literal_column,
     or_,
     select,
     update,
 )
 
 
-from .schema import (I, S, E, X, InstanceInfo, StepRecord)
+from .schema import (STEP_COMPLETE, TERMINATE_EVENT, I, S, E, L, T, X, InstanceInfo, StepRecord)
 
 _INFO_COLS = [getattr(I.c, f) for f in InstanceInfo.__dataclass_fields__]
 _STEP_COLS = [getattr(S.c, f) for f in StepRecord.__dataclass_fields__ if f != "instance_pk"]
@@ -62,6 +65,32 @@ _NEXT_LEASE_EXPIRY = (
 _FENCED = and_(I.c.pk == bindparam("b_pk"), I.c.lease_token == bindparam("b_token"))
 _LOAD_INSTANCE = select(*_INFO_COLS).where(I.c.pk == bindparam("b_pk"))
 _LOAD_STEPS = select(*_STEP_COLS).where(S.c.instance_pk == bindparam("b_pk"))
+# What `create` runs: the tenant's newest code, then the insert.
+_LATEST_VERSION = select(T.c.latest_version).where(T.c.tenant_id == bindparam("b_tenant"))
+_INSERT_INSTANCE = insert(I)
+# A caller's reads and writes of one instance (status, send_event, pause, ...).
+_ONE_INSTANCE = (I.c.tenant_id == bindparam("b_tenant"), I.c.instance_id == bindparam("b_instance"))
+_GET_INSTANCE = select(*_INFO_COLS).where(*_ONE_INSTANCE)
+# A caller's write to an instance starts by touching its row: on PostgreSQL that takes
+# the row's lock for the transaction (it changes nothing); it returns the row.
+_LOCK_INSTANCE = update(I).where(*_ONE_INSTANCE).values(updated_at=I.c.updated_at).returning(*_INFO_COLS)
+_INSERT_EVENT = insert(E)
+_LOAD_ROLLBACKS = (
+    select(*_STEP_COLS).where(S.c.instance_pk == bindparam("b_pk"), S.c.kind == "rollback")
+    .order_by(S.c.started_at)
+)
+_LAST_LINE = (
+    select(L.c.message).where(L.c.instance_pk == bindparam("b_pk"), L.c.stream == bindparam("b_stream"))
+    .order_by(L.c.pk.desc()).limit(1)
+)
+# The steps of the instances a claim took (`b_pks`: their pks).
+_LOAD_STEPS_OF = select(S.c.instance_pk, *_STEP_COLS).where(
+    S.c.instance_pk.in_(bindparam("b_pks", expanding=True)))
+_CLEAR_WAITS = (
+    update(I)
+    .where(I.c.pk.in_(bindparam("b_pks", expanding=True)), I.c.waiting_for.is_not(None))
+    .values(waiting_for=None)
+)
 _LOAD_CRASHES = select(X.c.crashes).where(X.c.instance_pk == bindparam("b_pk"))
 _SUSPEND = (
     update(I)
@@ -73,14 +102,24 @@ _SUSPEND = (
         lease_expires_at=None, lease_owner=None, updated_at=bindparam("b_now"),
     )
 )
+# The oldest event of a type buffered for an instance, and what takes it into a wait.
 _BUFFERED = (
-    select(E.c.pk)
+    select(E.c.pk, E.c.payload_json, E.c.created_at)
     .where(
         E.c.instance_pk == bindparam("b_pk"), E.c.type == bindparam("b_type"),
         E.c.consumed.is_(False),
     )
+    .order_by(E.c.pk)
     .limit(1)
 )
+_CONSUME = update(E).where(E.c.pk == bindparam("b_event")).values(consumed=True)
+_ONE_STEP = (
+    S.c.instance_pk == bindparam("b_pk"), S.c.name == bindparam("b_name"),
+    S.c.seq == bindparam("b_seq"),
+)
+_RECEIVED = update(S).where(*_ONE_STEP).values(
+    status=STEP_COMPLETE, result_json=bindparam("b_result"), finished_at=bindparam("b_now"))
+_SLEPT = update(S).where(*_ONE_STEP).values(finished_at=bindparam("b_now"))
 _WAKE_NOW = (
     update(I)
     .where(I.c.pk == bindparam("b_pk"), I.c.status == InstanceStatus.waiting)
@@ -99,6 +138,11 @@ _FAIL = update(I).where(_FENCED).values(
 )
 _PAUSE = update(I).where(_FENCED).values(status=InstanceStatus.paused, **_FINISHED)
 _TERMINATE = update(I).where(_FENCED).values(status=InstanceStatus.terminated, **_FINISHED)
+
+
+# The claimed row's pk inside a subquery of RETURNING, named with its table: SQLite's
+# RETURNING names columns bare, and a bare `pk` there would be the events table's own.
+_CLAIMED_PK = literal_column(f"{I.name}.pk")
 
 
 def _claim_statement(by_tenant: bool, by_version: bool, skip_locked: bool):
@@ -128,5 +172,12 @@ def _claim_statement(by_tenant: bool, by_version: bool, skip_locked: bool):
             activations=I.c.activations + 1,
             updated_at=now,
         )
-        .returning(I.c.pk, I.c.lease_token, I.c.tenant_id, I.c.instance_id, I.c.code_version)
+        # Each claimed row as it is now, its crash count and whether it is being
+        # terminated: what its activation starts from, without reading it again.
+        .returning(
+            *_INFO_COLS,
+            select(X.c.crashes).where(X.c.instance_pk == _CLAIMED_PK).scalar_subquery(),
+            exists().where(E.c.instance_pk == _CLAIMED_PK, E.c.type == TERMINATE_EVENT),
+        )
     )
+

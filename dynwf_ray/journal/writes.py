@@ -12,14 +12,13 @@ from typing import Any, Sequence
 from sqlalchemy import (
     delete,
     select,
-    update,
 )
 from sqlalchemy.engine import Connection
 
 from ..types import LogLine
 
-from .schema import (STEP_COMPLETE, S, E, LeaseLostError, InstanceInfo, StepRecord, ActivationState, TERMINATE_EVENT)
-from .statements import (_STEP_FIELDS, _FENCE, _RENEW, _LOAD_INSTANCE, _LOAD_STEPS, _LOAD_CRASHES, _SUSPEND, _BUFFERED, _WAKE_NOW, _COMPLETE, _FAIL, _PAUSE, _TERMINATE)
+from .schema import (STEP_COMPLETE, E, LeaseLostError, InstanceInfo, StepRecord, ActivationState, TERMINATE_EVENT)
+from .statements import (_STEP_FIELDS, _FENCE, _RENEW, _LOAD_INSTANCE, _LOAD_STEPS, _LOAD_CRASHES, _SUSPEND, _BUFFERED, _CONSUME, _RECEIVED, _WAKE_NOW, _COMPLETE, _FAIL, _PAUSE, _TERMINATE)
 
 
 class ActivationWrites:
@@ -114,24 +113,16 @@ class ActivationWrites:
         """Move the oldest buffered event of this type into the waiting step (the caller
         holds the lease). Returns ((type, payload_json, created_at), the step as recorded
         now), or None when nothing is buffered."""
-        row = conn.execute(
-            select(E.c.pk, E.c.payload_json, E.c.created_at)
-            .where(E.c.instance_pk == pk, E.c.type == event_type, E.c.consumed.is_(False))
-            .order_by(E.c.pk)
-            .limit(1)
-        ).first()
+        row = conn.execute(_BUFFERED, {"b_pk": pk, "b_type": event_type}).first()
         if row is None:
             return None
-        conn.execute(update(E).where(E.c.pk == row.pk).values(consumed=True))
+        conn.execute(_CONSUME, {"b_event": row.pk})
         result = (
             f'{{"type":{json.dumps(event_type)},"payload":{row.payload_json},'
             f'"timestamp":{json.dumps(row.created_at)}}}'
         )
-        conn.execute(
-            update(S)
-            .where(S.c.instance_pk == pk, S.c.name == step.name, S.c.seq == step.seq)
-            .values(status=STEP_COMPLETE, result_json=result, finished_at=now)
-        )
+        conn.execute(_RECEIVED, {"b_pk": pk, "b_name": step.name, "b_seq": step.seq,
+                                 "b_result": result, "b_now": now})
         recorded = replace(step, status=STEP_COMPLETE, result_json=result, finished_at=now)
         return (event_type, row.payload_json, row.created_at), recorded
 
