@@ -376,8 +376,6 @@ def test_a_step_run_at_once_still_times_out_on_the_trusted_side(driver):
 
 class RunsRefusedStep(WorkflowEntrypoint):
     async def run(self, event, step):
-        from dynwf_ray.sandbox import protocol
-
         channel = step._channel  # forge what a lying sandbox would send
         rid = channel.new_id()
         channel.send({"op": "do", "id": rid, "name": "bad", "count": 1, "retries": "not options",
@@ -394,6 +392,29 @@ def test_the_answer_of_a_step_run_at_once_that_its_step_refused_is_dropped(drive
     assert json.loads(d.info("r").output_json) == "still served"
     assert set(d.steps("r")) == {("after", 1)}  # nothing of 'bad' was recorded
     assert d.session is not None and d.session.healthy
+
+
+class BigResults(WorkflowEntrypoint):
+    async def run(self, event, step):
+        parts = [await step.do(f"part{i}", lambda i=i: str(i) * 900_000) for i in range(3)]
+        await step.sleep("nap", "1 second")
+        return [len(p) for p in parts] + [p[0] for p in parts]
+
+
+def test_a_message_larger_than_the_socket_takes_arrives_whole_and_in_order(driver):
+    """The host writes straight to the sandbox's socket, and what it does not take
+    through the event loop's writer: a 2.7 MB replay arrives whole."""
+    from dynwf_ray.sandbox import protocol
+
+    d = driver(BigResults)
+    d.binding.create(id="big", params={})
+    assert d.tick() == ["suspended"]
+    d.now += 2
+    sent = _spy(d)
+    assert d.tick() == ["complete"]
+    assert len(protocol.encode(sent[0])) > 2_700_000
+    import json
+    assert json.loads(d.info("big").output_json) == [900_000] * 3 + ["0", "1", "2"]
 
 
 class WaitsThenSteps(WorkflowEntrypoint):
@@ -504,7 +525,7 @@ def test_a_claim_reads_each_instance_its_own_crashes_and_termination(driver):
         d.binding.create(id=i, params={})
     assert d.tick(load=True) == ["suspended"] * 3
     d.binding.get("plain").send_event("other", {"n": 1})  # an event that is no termination
-    crashed, ending = d.info("crashed"), d.info("ending")
+    crashed = d.info("crashed")
     d.journal.count_crash(crashed.pk)
     d.journal.count_crash(crashed.pk)
     d.journal.terminate(d.tenant, "ending", d.now, rollback=True)
