@@ -33,7 +33,7 @@ from .journal import Journal
 from .loader import Loader
 from .package import package_class, pickled_modules, push
 from .sandbox.policy import SandboxLimits, TenantPolicy
-from .scheduler import Notifier, Scheduler
+from .scheduler import Notifier, Router, Scheduler
 from .tracing import tenant_telemetry
 from .types import Retention, validate_id
 
@@ -52,7 +52,7 @@ class Engine:
         self._scheduler = scheduler
         self._owns_ray = owns_ray
         self._clock: Callable[[], float] = time.time
-        self._notify = Notifier(self._send_notify)
+        self._notify = Notifier(Router(lambda: self._scheduler))
         self._health: tuple[float, dict] = (float("-inf"), {})  # (when fetched, health())
 
     @classmethod
@@ -321,9 +321,6 @@ class Engine:
             self.journal.close()
             if self._owns_ray:
                 ray.shutdown()
-
-    def _send_notify(self, tenant_id: str, version: str | None) -> None:
-        self._scheduler.notify.remote(tenant_id, version)
 
     def __enter__(self) -> "Engine":
         return self

@@ -501,9 +501,11 @@ class HostProcess:
         if host_id in self._hosts:
             await self._hosts[host_id].set_quota(slots)
 
-    async def wake(self, host_id: int) -> None:
-        if host_id in self._hosts:
-            await self._hosts[host_id].wake()
+    async def wake(self, host_id: int) -> bool:
+        """Work of the host's code may be due; False if this process has no such host
+        (any more), or it takes no more work."""
+        host = self._hosts.get(host_id)
+        return host is not None and await host.wake()
 
     async def stop(self, host_id: int) -> None:
         if host_id in self._hosts:
@@ -645,10 +647,12 @@ class InstanceHost:
         if self._wake is not None:
             self._wake.set()
 
-    async def wake(self) -> None:
-        """Work of this code may be due: look now."""
+    async def wake(self) -> bool:
+        """Work of this code may be due: look now. False once stopped (it takes no
+        more work)."""
         if self._wake is not None:
             self._wake.set()
+        return not self._stopping
 
     async def stop(self) -> None:
         """Take no more work; `serve` returns once the activations in progress end."""

@@ -47,7 +47,7 @@ from .errors import InvalidInputError
 from .host import HostProcess, HostSpec
 from .journal import Journal
 from .sessions import this_process
-from .scheduler import Notifier
+from .scheduler import Notifier, Router
 from .package import PACKAGE, Manifest, check_pip_allowed, runtime_env_for
 from .tracing import tenant_env
 
@@ -113,16 +113,13 @@ class HostBindingFactory:
 
     def __call__(self, journal: Journal) -> WorkflowBinding:
         return WorkflowBinding(
-            journal, self.tenant_id, notify=Notifier(self._notify), otel_env=self.otel_env
+            journal, self.tenant_id, notify=Notifier(Router(self._scheduler)), otel_env=self.otel_env
         )
 
-    def _notify(self, tenant_id: str, version: str | None) -> None:
-        try:
-            ray.get_actor(self.scheduler_name, namespace=self.namespace).notify.remote(
-                tenant_id, version
-            )
-        except ValueError:
-            pass  # no scheduler running: the instance is picked up by the next one's poll
+    def _scheduler(self) -> Any:
+        """The scheduler's handle (ValueError when none runs: the instance is picked up
+        by the next one's poll)."""
+        return ray.get_actor(self.scheduler_name, namespace=self.namespace)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4)

@@ -17,7 +17,8 @@ Two layers:
 The scheduler is off the hot path: hosts claim their own code's due instances
 (in batches) while they run fewer activations than their quota, and
 `notify(tenant, version)` (an instance created, an event sent) wakes the
-version's hosts directly when they have slots. It ticks when notified for a
+version's hosts directly when they have slots, and names them back: for a
+second, the caller's `Router` wakes them itself. It ticks when notified for a
 version with no such host (at most every `MIN_TICK` seconds), when a host
 starts or ends, at the next timer or lease expiry of any code (hosts take
 their own code's timers; the tick starts hosts for code that has none), every
@@ -142,6 +143,80 @@ class Notifier:
             self._pending.discard(key)
             self._last[key] = time.monotonic()
         self._send(*key)
+
+
+#: Seconds a caller wakes the hosts the scheduler named for a code version itself,
+#: before it asks the scheduler again.
+ROUTE_TTL = 1.0
+
+
+class Router:
+    """Where a caller's notifications go (what its `Notifier` sends).
+
+    The first notification for a code version goes to the scheduler, which wakes the
+    version's hosts that have slots and names them back (`Scheduler.notify`). For
+    `ttl` seconds after that the caller wakes those hosts itself: one Ray hop between
+    an event and the host that runs it instead of two, and no call to the scheduler.
+    Waking is harmless: a host claims only within its quota. A host that no longer
+    serves the version answers so (or is gone), and the scheduler is told instead; so
+    is a version whose hosts had no slot (the scheduler ticks for it). `scheduler`
+    returns the scheduler's actor handle (ValueError: no scheduler runs).
+    """
+
+    def __init__(self, scheduler: Callable[[], Any], ttl: float = ROUTE_TTL,
+                 clock: Callable[[], float] = time.monotonic):
+        self._scheduler = scheduler
+        self._ttl = ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._routes: dict[tuple[str, str], tuple[float, list[tuple[int, Any]]]] = {}
+
+    def __call__(self, tenant_id: str, version: str | None) -> None:
+        key = (tenant_id, version)
+        if version is not None:
+            with self._lock:
+                named = self._routes.get(key)  # type: ignore[arg-type]
+            if named is not None and self._clock() - named[0] < self._ttl:
+                for host_id, actor in named[1]:
+                    actor.wake.remote(host_id).future().add_done_callback(
+                        lambda done, k=key, n=named: self._woken(k, n, done))
+                return
+        try:
+            answer = self._scheduler().notify.remote(tenant_id, version, version is not None)
+        except ValueError:
+            return  # no scheduler runs: the next one's poll finds the work
+        if version is not None:
+            answer.future().add_done_callback(lambda done, k=key: self._named(k, done))
+
+    def _named(self, key: tuple[str, str], done: Any) -> None:
+        try:
+            hosts = done.result()
+        except Exception:  # noqa: BLE001 - the scheduler restarted meanwhile: ask again next time
+            hosts = None
+        with self._lock:
+            if hosts:
+                self._routes[key] = (self._clock(), hosts)
+            else:
+                self._routes.pop(key, None)
+            if len(self._routes) > 10_000:  # forget versions not heard of for a while
+                now = self._clock()
+                self._routes = {k: v for k, v in self._routes.items() if now - v[0] < self._ttl}
+
+    def _woken(self, key: tuple[str, str], named: tuple, done: Any) -> None:
+        try:
+            served = done.result()
+        except Exception:  # noqa: BLE001 - its process is gone
+            served = False
+        if not served:
+            with self._lock:
+                stale = self._routes.get(key) is named  # not a route named since
+                if stale:
+                    del self._routes[key]
+            if stale:  # once per stale route, not once per host of it
+                try:
+                    self(*key)
+                except Exception:  # noqa: BLE001 - Ray is shutting down: nobody waits
+                    pass
 
 
 class SchedulerCore:
@@ -290,8 +365,9 @@ class Scheduler:
     def ping(self) -> dict:
         return self._impl.ping()
 
-    def notify(self, tenant_id: str | None = None, version: str | None = None) -> None:
-        self._impl.notify(tenant_id, version)
+    def notify(self, tenant_id: str | None = None, version: str | None = None,
+               name_hosts: bool = False) -> list[tuple[int, Any]] | None:
+        return self._impl.notify(tenant_id, version, name_hosts)
 
     def retire(self, tenant_id: str) -> None:
         self._impl.retire(tenant_id)
@@ -366,20 +442,24 @@ class _RayScheduler:
         return {"owner": self.owner, "config": self.config.model_dump(),
                 "pool": vars(self.core.pool.config)}
 
-    def notify(self, tenant_id: str | None, version: str | None) -> None:
+    def notify(
+        self, tenant_id: str | None, version: str | None, name_hosts: bool = False,
+    ) -> list[tuple[int, Any]] | None:
         """New work may be due (created, event sent, resumed): the version's hosts look
-        now, and the next tick sees it."""
+        now, and the next tick sees it. With `name_hosts`, the hosts woken are named
+        back (host id, its process's handle), for the caller's `Router`."""
+        woken: list[tuple[int, Any]] = []
         if tenant_id is not None and version is not None:
             key = CodeKey(tenant_id, version)
-            woken = False
             for host_id, actor in list(self._by_key.get(key, ())):
                 host = self.core.pool.hosts.get(host_id)
                 if host is not None and host.quota > 0:
                     actor.wake.remote(host_id)
-                    woken = True
-            if woken:
-                return  # it runs at once; the next tick counts it in
-        self._loop.call_soon_threadsafe(self._wake.set)
+                    woken.append((host_id, actor))
+        if not woken:
+            self._loop.call_soon_threadsafe(self._wake.set)
+        # else it runs at once; the next tick counts it in
+        return woken if name_hosts else None
 
     def retire(self, tenant_id: str) -> None:
         """A tenant's settings changed: replace its hosts (running activations finish)."""

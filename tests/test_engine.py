@@ -13,6 +13,7 @@ import pytest
 import ray
 
 from dynwf_ray.journal import Journal
+from dynwf_ray.scheduler import ROUTE_TTL
 from dynwf_ray import (
     DuplicateInstanceError,
     Engine,
@@ -80,6 +81,33 @@ def test_create_run_and_status(engine, tenant):
         "condition": None, "rollback": [], "warning": None,
     }
     assert wf.get("hello-1").status() == status
+
+
+def test_callers_wake_the_hosts_the_scheduler_named_and_a_stale_route_falls_back(engine, tenant):
+    """Once the scheduler named a version's host, the engine's notifications wake it
+    directly (no call to the scheduler); after the host is deactivated, the route it
+    left is stale and the next instance still runs (the scheduler is told instead)."""
+    engine.register(tenant, Hello)
+    wf = engine.binding(tenant)
+    router = engine._notify._send
+    router._ttl = 60.0  # this test's routes do not expire; staleness is what it checks
+    asked = []
+    scheduler = router._scheduler
+    router._scheduler = lambda: (asked.append(1), scheduler())[1]
+    try:
+        wait_status(wf.create(params={"name": "a"}), "complete")  # the host is up now
+        wait_status(wf.create(params={"name": "b"}), "complete")  # named back
+        wait_until(lambda: any(k[0] == tenant for k in router._routes), 10, "a route")
+        before = len(asked)
+        inst = wf.create(params={"name": "c"})
+        assert len(asked) == before  # woken directly
+        assert wait_status(inst, "complete")["output"]["hello"] == "Hello, c!"
+        wait_until(lambda: tenant_hosts(engine, tenant) == 0, 30, "the host to be deactivated")
+        inst = wf.create(params={"name": "d"})
+        assert wait_status(inst, "complete")["output"]["hello"] == "Hello, d!"
+        assert len(asked) > before  # the stale route sent it to the scheduler
+    finally:
+        router._ttl, router._scheduler = ROUTE_TTL, scheduler
 
 
 def test_a_sandboxed_step_sees_its_effective_options(engine, tenant):

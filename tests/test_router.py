@@ -1,0 +1,141 @@
+"""Where notifications go (`scheduler.Router`), with plain fakes of Ray's handles.
+
+The scheduler names the hosts it woke; for the route's time to live the caller wakes
+them itself; a host that no longer serves the version, or is gone, sends the next
+notification to the scheduler again, and so does a version with no host named.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+from dynwf_ray.scheduler import Router
+
+
+class _Method:
+    """`handle.method`: `.remote(*args)` records the call; its result is `answer(*args)`."""
+
+    def __init__(self, answer):
+        self.calls: list[tuple] = []
+        self._answer = answer
+
+    def remote(self, *args):
+        self.calls.append(args)
+        done: Future = Future()
+        try:
+            done.set_result(self._answer(*args))
+        except Exception as exc:  # noqa: BLE001 - what the call raised reaches its future
+            done.set_exception(exc)
+        return _Ref(done)
+
+
+class _Ref:
+    def __init__(self, done: Future):
+        self._done = done
+
+    def future(self) -> Future:
+        return self._done
+
+
+class _Handle:
+    def __init__(self, **methods):
+        for name, answer in methods.items():
+            setattr(self, name, _Method(answer))
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _gone(*args):
+    raise RuntimeError("the actor died")
+
+
+def _setup(served=lambda host_id: True, named=None):
+    clock = _Clock()
+    host = _Handle(wake=served)
+    hosts = [(7, host)] if named is None else named
+    scheduler = _Handle(notify=lambda tenant, version, name: hosts if name else None)
+    return Router(lambda: scheduler, ttl=1.0, clock=clock), scheduler, host, clock
+
+
+def test_the_hosts_the_scheduler_named_are_woken_directly_until_the_route_expires():
+    route, scheduler, host, clock = _setup()
+    route("t", "v1")
+    assert scheduler.notify.calls == [("t", "v1", True)] and host.wake.calls == []
+    route("t", "v1")
+    clock.now += 0.9
+    route("t", "v1")
+    assert host.wake.calls == [(7,), (7,)]
+    assert len(scheduler.notify.calls) == 1  # no call to the scheduler meanwhile
+    clock.now += 0.2  # the route expired: ask again
+    route("t", "v1")
+    assert len(scheduler.notify.calls) == 2 and len(host.wake.calls) == 2
+
+
+def test_a_route_is_kept_per_code_version():
+    route, scheduler, host, _ = _setup()
+    route("t", "v1")
+    route("t", "v2")
+    route("u", "v1")
+    assert [c[:2] for c in scheduler.notify.calls] == [("t", "v1"), ("t", "v2"), ("u", "v1")]
+    assert host.wake.calls == []
+
+
+def test_a_host_that_no_longer_serves_the_version_sends_the_notification_to_the_scheduler():
+    answers = iter([True, False])
+    route, scheduler, host, _ = _setup(served=lambda host_id: next(answers))
+    route("t", "v1")  # named
+    route("t", "v1")  # woken: it serves
+    route("t", "v1")  # woken: it says it stopped, so the scheduler is told at once
+    assert len(host.wake.calls) == 2
+    assert scheduler.notify.calls == [("t", "v1", True)] * 2
+
+
+def test_a_host_process_that_is_gone_counts_as_not_serving():
+    route, scheduler, host, _ = _setup(served=_gone)
+    route("t", "v1")
+    route("t", "v1")
+    assert len(host.wake.calls) == 1 and len(scheduler.notify.calls) == 2
+
+
+def test_a_stale_route_of_several_hosts_tells_the_scheduler_once():
+    gone_a, gone_b = _Handle(wake=lambda h: False), _Handle(wake=lambda h: False)
+    route, scheduler, _, _ = _setup(named=[(1, gone_a), (2, gone_b)])
+    route("t", "v1")
+    route("t", "v1")
+    assert len(gone_a.wake.calls) == len(gone_b.wake.calls) == 1
+    assert len(scheduler.notify.calls) == 2  # the first, and one for the stale route
+
+
+def test_with_no_host_named_every_notification_goes_to_the_scheduler():
+    route, scheduler, host, _ = _setup(named=[])
+    route("t", "v1")
+    route("t", "v1")
+    assert len(scheduler.notify.calls) == 2 and host.wake.calls == []
+
+
+def test_a_notification_without_a_version_asks_for_no_names_and_keeps_no_route():
+    route, scheduler, host, _ = _setup()
+    route("t", None)
+    route("t", None)
+    assert scheduler.notify.calls == [("t", None, False)] * 2 and host.wake.calls == []
+
+
+def test_a_scheduler_that_restarted_meanwhile_leaves_no_route():
+    scheduler = _Handle(notify=_gone)
+    route = Router(lambda: scheduler, ttl=1.0, clock=_Clock())
+    route("t", "v1")
+    route("t", "v1")
+    assert len(scheduler.notify.calls) == 2
+
+
+def test_no_scheduler_running_is_not_an_error():
+    def missing():
+        raise ValueError("Failed to look up actor")
+
+    Router(missing)("t", "v1")  # the next scheduler's poll finds the work
