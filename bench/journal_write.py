@@ -23,7 +23,9 @@ own transaction as the engine runs it:
 - `claim_and_load_cpu_us`: `Journal.claim_and_load` of one due instance, as a host
   claims when it has one free slot;
 - `send_event_cpu_us`: `InstanceHandle.send_event` to a running instance (buffered);
-- `status_cpu_us`: `InstanceHandle.status`.
+- `status_cpu_us`: `InstanceHandle.status`;
+- `next_wake_at_cpu_us`: `Journal.next_wake_at(tenant, version)`, which a host asks
+  when it has slots left after a claim (of another tenant's 200 queued instances).
 
 Usage: python bench/journal_write.py [--writes 2000] [--runs 3]
 """
@@ -93,6 +95,11 @@ def one_run(n: int) -> dict[str, float]:
     handles = [binding.get(f"c{i}") for i in range(n)]
     out["send_event_cpu_us"] = _per_call(n, lambda i: handles[i].send_event("go", {"i": i}))
     out["status_cpu_us"] = _per_call(n, lambda i: handles[i].status())
+    queued = WorkflowBinding(journal, "q")
+    journal.save_code("q", version, kind, blob, now)
+    for i in range(200):
+        queued.create(id=f"q{i}")
+    out["next_wake_at_cpu_us"] = _per_call(n, lambda i: journal.next_wake_at("q", version))
 
     fence = _FENCE.compile(dialect=dialect)
     upsert = journal._upsert_step.compile(dialect=dialect)

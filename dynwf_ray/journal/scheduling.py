@@ -24,11 +24,11 @@ from sqlalchemy.engine import Connection
 
 
 from .schema import (STEP_WAITING, I, X, N, KEEP_ENDED_SESSIONS, lease_owner_prefix, Claim, SessionInfo, InstanceInfo, StepRecord, ActivationState)
-from .statements import (_INFO_COLS, _CLEAR_WAITS, _LOAD_STEPS_OF, _NEXT_TIMER, _NEXT_LEASE_EXPIRY, _claim_statement, _SLEPT)
-
-_N_INFO = len(_INFO_COLS)
+from .statements import (_INFO_COLS, _CLEAR_WAITS, _LOAD_STEPS_OF, _NEXT_TIMER, _NEXT_LEASE_EXPIRY, _NEXT_TIMER_OF, _NEXT_LEASE_EXPIRY_OF, _claim_statement, _SLEPT)
 
 from .faults import retried
+
+_N_INFO = len(_INFO_COLS)  # the claim returns these columns, then a crash count and a flag
 
 
 def _end_sleeps(
@@ -174,13 +174,13 @@ class Scheduling:
         Ordered index walks that stop at the first row (a MIN with a filter, or over
         a CASE expression, scans every instance: 25 ms at 100,000 of them).
         """
-        timer_q, lease_q = _NEXT_TIMER, _NEXT_LEASE_EXPIRY
+        timer_q, lease_q, params = _NEXT_TIMER, _NEXT_LEASE_EXPIRY, {}
         if tenant_id is not None and code_version is not None:
-            same = and_(I.c.tenant_id == tenant_id, I.c.code_version == code_version)
-            timer_q, lease_q = timer_q.where(same), lease_q.where(same)
+            timer_q, lease_q = _NEXT_TIMER_OF, _NEXT_LEASE_EXPIRY_OF
+            params = {"b_tenant": tenant_id, "b_version": code_version}
         with self._read() as conn:
-            timer = conn.execute(timer_q).scalar()
-            lease = conn.execute(lease_q).scalar()
+            timer = conn.execute(timer_q, params).scalar()
+            lease = conn.execute(lease_q, params).scalar()
         return min((t for t in (timer, lease) if t is not None), default=None)
 
     @retried

@@ -62,6 +62,10 @@ _NEXT_LEASE_EXPIRY = (
     .order_by(I.c.lease_expires_at)
     .limit(1)
 )
+# The same, of one code version's instances (what its host waits for).
+_OF_VERSION = (I.c.tenant_id == bindparam("b_tenant"), I.c.code_version == bindparam("b_version"))
+_NEXT_TIMER_OF = _NEXT_TIMER.where(*_OF_VERSION)
+_NEXT_LEASE_EXPIRY_OF = _NEXT_LEASE_EXPIRY.where(*_OF_VERSION)
 _FENCED = and_(I.c.pk == bindparam("b_pk"), I.c.lease_token == bindparam("b_token"))
 _LOAD_INSTANCE = select(*_INFO_COLS).where(I.c.pk == bindparam("b_pk"))
 _LOAD_STEPS = select(*_STEP_COLS).where(S.c.instance_pk == bindparam("b_pk"))
@@ -180,4 +184,3 @@ def _claim_statement(by_tenant: bool, by_version: bool, skip_locked: bool):
             exists().where(E.c.instance_pk == _CLAIMED_PK, E.c.type == TERMINATE_EVENT),
         )
     )
-
