@@ -27,7 +27,8 @@ A `HostProcess` is the Ray actor hosts live in: the loader keeps one per node
 for code without pip packages (hosts of every tenant share it), more on
 PostgreSQL, and one per pip runtime env (where Ray put those packages). Its
 hosts share its journal connection and so its group commit: one writer per
-process commits for all of them.
+process commits for all of them. Callers on its machine wake its hosts with a
+datagram to its wake socket (`wakeup.py`) rather than a Ray call.
 
 Telemetry stays on this side: step spans are built here, the tenant's own
 spans arrive from the sandbox as data, and both are exported with the
@@ -57,7 +58,7 @@ from typing import Any, Callable
 
 import ray
 
-from . import tracing
+from . import tracing, wakeup
 from .activation import activate
 from .journal import ActivationState, Journal
 from .metrics import ActivityCounts
@@ -105,6 +106,7 @@ class HostReport:
     process: str  # its host process: "<node id>:<pid>"
     journal: dict[str, Any]  # its process's journal health (`JournalHealth.snapshot`)
     blocked: int  # instances whose activation a journal fault interrupted, not yet released
+    wakes: dict[str, int]  # wakes of its process's hosts by datagram so far (`wakeup.STATS`)
 
 
 def _tenant_env(manifest: Manifest) -> dict[str, str]:
@@ -434,13 +436,16 @@ class HostProcess:
     gone for good: its engine stopped, or the driver that owned the engine died."""
 
     def __init__(self, database_url: str, loader: tuple[str, str, str] | None = None,
-                 env: str | None = None):
+                 env: str | None = None, scheduler: tuple[str, str] | None = None):
         self._journal = Journal(database_url, create_tables=False)
         self._hosts: dict[int, InstanceHost] = {}
         self._adding: dict[int, asyncio.Future] = {}
         self._loader = loader  # (name, namespace, actor id) of the loader that owns it
         self._env = env  # its pip runtime env (JSON), for a restarted loader
+        self._scheduler = scheduler  # (name, namespace): where wakes for no host here go
+        self._scheduler_handle: Any = None
         self._watching = False
+        self._listener: wakeup.WakeListener | None = None
         sweep_scratch()
 
     async def add(self, host_id: int, spec: HostSpec) -> str:
@@ -448,6 +453,7 @@ class HostProcess:
         Returns the id of the node it runs on. A second call for the same host (Ray
         retried the loader's call after restarting it) starts nothing more."""
         self._watch_loader()
+        self._listen()
         if host_id not in self._hosts:
             adding = self._adding.get(host_id)
             if adding is None:
@@ -459,13 +465,43 @@ class HostProcess:
 
     async def describe(self) -> dict[str, Any]:
         """What a restarted loader needs: {"node_id", "pid", "env", "loader_id",
-        "hosts": [[host id, tenant, version], ...]}, hosts being added included."""
+        "hosts": [[host id, tenant, version], ...]}, hosts being added included; and
+        "wakes", its `wakeup.STATS`."""
         await asyncio.gather(*list(self._adding.values()), return_exceptions=True)
         return {
             "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
             "env": self._env, "loader_id": self._loader[2] if self._loader else None,
             "hosts": [[i, *h.code] for i, h in self._hosts.items()],
+            "wakes": dict(wakeup.STATS),
         }
+
+    def _listen(self) -> None:
+        """Take wakes by datagram from callers on this machine (`wakeup`)."""
+        if self._listener is None:
+            self._listener = wakeup.WakeListener(
+                ray.get_runtime_context().get_actor_id(), self._wake_host, self._forward)
+            self._listener.start(asyncio.get_running_loop())
+
+    def _wake_host(self, host_id: int) -> bool:
+        host = self._hosts.get(host_id)
+        return host is not None and host.wake()
+
+    def _forward(self, tenant_id: str, version: str) -> None:
+        """A wake for a host this process does not (any more) run: the scheduler's."""
+        if self._scheduler is None:
+            return
+        if self._scheduler_handle is not None:
+            self._scheduler_handle.notify.remote(tenant_id, version)
+            return
+
+        def find_and_notify() -> None:  # a GCS lookup: off the loop
+            name, namespace = self._scheduler
+            try:
+                self._scheduler_handle = ray.get_actor(name, namespace=namespace)
+                self._scheduler_handle.notify.remote(tenant_id, version)
+            except Exception:  # noqa: BLE001 - none runs now: the next one's poll finds the work
+                log.debug("no scheduler to pass a wake on to", exc_info=True)
+        asyncio.get_running_loop().run_in_executor(None, find_and_notify)
 
     def _watch_loader(self) -> None:
         if not self._watching and self._loader is not None:
@@ -492,6 +528,8 @@ class HostProcess:
                             "its driver died): ending %d host(s) and this process", len(self._hosts))
                 for host_id in list(self._hosts):
                     await self.end(host_id, 1.0)
+                if self._listener is not None:
+                    self._listener.close()
                 os._exit(0)
 
     async def serve(self, host_id: int) -> HostReport:
@@ -505,7 +543,7 @@ class HostProcess:
         """Work of the host's code may be due; False if this process has no such host
         (any more), or it takes no more work."""
         host = self._hosts.get(host_id)
-        return host is not None and await host.wake()
+        return host is not None and host.wake()
 
     async def stop(self, host_id: int) -> None:
         if host_id in self._hosts:
@@ -647,7 +685,7 @@ class InstanceHost:
         if self._wake is not None:
             self._wake.set()
 
-    async def wake(self) -> bool:
+    def wake(self) -> bool:
         """Work of this code may be due: look now. False once stopped (it takes no
         more work)."""
         if self._wake is not None:
@@ -667,7 +705,7 @@ class InstanceHost:
         return HostReport(
             outcomes, counts, len(self._running), self._journal.write_stats(),
             f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}",
-            self._journal.health.snapshot(), len(self._blocked),
+            self._journal.health.snapshot(), len(self._blocked), dict(wakeup.STATS),
         )
 
     async def _activate_one(self, pk: int, token: int, state: ActivationState) -> None:

@@ -337,7 +337,8 @@ class Loader:
             actor = HostProcess.options(
                 name=f"{self._prefix}{uuid.uuid4().hex[:16]}", namespace=cfg.namespace,
                 lifetime="detached", **options,
-            ).remote(cfg.database_url, (cfg.loader_name, cfg.namespace, self._id), env)
+            ).remote(cfg.database_url, (cfg.loader_name, cfg.namespace, self._id), env,
+                     (cfg.scheduler_name, cfg.namespace))
             process = _Process(actor, env, node)
             self._processes.append(process)
             return process

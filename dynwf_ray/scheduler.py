@@ -18,7 +18,8 @@ The scheduler is off the hot path: hosts claim their own code's due instances
 (in batches) while they run fewer activations than their quota, and
 `notify(tenant, version)` (an instance created, an event sent) wakes the
 version's hosts directly when they have slots, and names them back: for a
-second, the caller's `Router` wakes them itself. It ticks when notified for a
+second, the caller's `Router` wakes them itself (by a datagram when they run on
+the caller's machine: `wakeup.py`). It ticks when notified for a
 version with no such host (at most every `MIN_TICK` seconds), when a host
 starts or ends, at the next timer or lease expiry of any code (hosts take
 their own code's timers; the tick starts hosts for code that has none), every
@@ -60,6 +61,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
+from . import wakeup
 from .config import EngineConfig
 from .errors import JournalUnavailableError
 from .health import JournalHealth, merge
@@ -145,42 +147,60 @@ class Notifier:
         self._send(*key)
 
 
-#: Seconds a caller wakes the hosts the scheduler named for a code version itself,
-#: before it asks the scheduler again.
-ROUTE_TTL = 1.0
+#: Seconds after which a caller that uses a route asks the scheduler to name the version's
+#: hosts again (it still wakes those it knows meanwhile), and after which a route unused
+#: is forgotten.
+ROUTE_TTL, ROUTE_MAX_AGE = 1.0, 60.0
 
 
 class Router:
     """Where a caller's notifications go (what its `Notifier` sends).
 
     The first notification for a code version goes to the scheduler, which wakes the
-    version's hosts that have slots and names them back (`Scheduler.notify`). For
-    `ttl` seconds after that the caller wakes those hosts itself: one Ray hop between
-    an event and the host that runs it instead of two, and no call to the scheduler.
-    Waking is harmless: a host claims only within its quota. A host that no longer
-    serves the version answers so (or is gone), and the scheduler is told instead; so
-    is a version whose hosts had no slot (the scheduler ticks for it). `scheduler`
-    returns the scheduler's actor handle (ValueError: no scheduler runs).
+    version's hosts that have slots and names them back (`Scheduler.notify`). From then
+    on the caller wakes those hosts itself: by a datagram to a host process on the same
+    machine (`wakeup`), else by one Ray hop. A route in use is refreshed from the
+    scheduler every `ttl` seconds (that notification wakes the hosts twice), so hosts
+    started since are named too; one unused for `max_age` is forgotten. Waking is
+    harmless: a host claims only within its quota. A host that no longer serves the
+    version answers so (or is gone), and the scheduler is told instead (a host process
+    woken by datagram tells it itself); so is a version whose hosts had no slot (the
+    scheduler ticks for it). `scheduler` returns the scheduler's actor handle
+    (ValueError: no scheduler runs); `address_of` a host process's wake socket (None:
+    none on this machine).
     """
 
     def __init__(self, scheduler: Callable[[], Any], ttl: float = ROUTE_TTL,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 address_of: Callable[[Any], str | None] = wakeup.address_of,
+                 max_age: float = ROUTE_MAX_AGE):
         self._scheduler = scheduler
         self._ttl = ttl
+        self._max_age = max_age
         self._clock = clock
+        self._address_of = address_of
+        self._datagrams = wakeup.WakeSender()
         self._lock = threading.Lock()
-        self._routes: dict[tuple[str, str], tuple[float, list[tuple[int, Any]]]] = {}
+        # (tenant, version) -> (when named or refreshed, [(host id, its process's handle,
+        # its wake socket)])
+        self._routes: dict[tuple[str, str], tuple[float, list[tuple[int, Any, str | None]]]] = {}
 
     def __call__(self, tenant_id: str, version: str | None) -> None:
         key = (tenant_id, version)
+        ask = True
         if version is not None:
+            now = self._clock()
             with self._lock:
                 named = self._routes.get(key)  # type: ignore[arg-type]
-            if named is not None and self._clock() - named[0] < self._ttl:
-                for host_id, actor in named[1]:
-                    actor.wake.remote(host_id).future().add_done_callback(
-                        lambda done, k=key, n=named: self._woken(k, n, done))
-                return
+                if named is not None and now - named[0] >= self._max_age:
+                    named = None
+                ask = named is None or now - named[0] >= self._ttl
+                if named is not None and ask:  # one refresh per ttl, not one per call
+                    named = self._routes[key] = (now, named[1])  # type: ignore[index]
+            if named is not None:
+                self._wake(key, named)
+        if not ask:
+            return
         try:
             answer = self._scheduler().notify.remote(tenant_id, version, version is not None)
         except ValueError:
@@ -188,11 +208,21 @@ class Router:
         if version is not None:
             answer.future().add_done_callback(lambda done, k=key: self._named(k, done))
 
+    def _wake(self, key: tuple[str, str], named: tuple) -> None:
+        tenant_id, version = key
+        for host_id, actor, path in named[1]:
+            if path is not None and self._datagrams.send(path, host_id, tenant_id, version):
+                continue
+            actor.wake.remote(host_id).future().add_done_callback(
+                lambda done, n=named: self._woken(key, n, done))
+
     def _named(self, key: tuple[str, str], done: Any) -> None:
         try:
             hosts = done.result()
         except Exception:  # noqa: BLE001 - the scheduler restarted meanwhile: ask again next time
             hosts = None
+        if hosts:
+            hosts = [(host_id, actor, self._address_of(actor)) for host_id, actor in hosts]
         with self._lock:
             if hosts:
                 self._routes[key] = (self._clock(), hosts)
@@ -200,7 +230,7 @@ class Router:
                 self._routes.pop(key, None)
             if len(self._routes) > 10_000:  # forget versions not heard of for a while
                 now = self._clock()
-                self._routes = {k: v for k, v in self._routes.items() if now - v[0] < self._ttl}
+                self._routes = {k: v for k, v in self._routes.items() if now - v[0] < self._max_age}
 
     def _woken(self, key: tuple[str, str], named: tuple, done: Any) -> None:
         try:
@@ -423,6 +453,7 @@ class _RayScheduler:
         self._by_key: dict[CodeKey, list[tuple[int, Any]]] = {}  # ready hosts, for notify
         self._counters = {"activations": 0, "warm_starts": 0, "outcomes": {}}
         self._writes: dict[str, dict] = {}  # host process -> its journal's write stats
+        self._wakes: dict[str, dict] = {}  # host process -> its wakes by datagram
         self.metrics = EngineMetrics(
             cfg.telemetry_env, cfg.metrics_port, cfg.metrics_host,
             self._hosts_by_tenant, self.journal.count_by_tenant_status,
@@ -483,6 +514,8 @@ class _RayScheduler:
                      "max_activations": pool.config.max_activations,
                      "cold_start_estimate_s": round(pool.cold_start_s, 3)},
             "journal_writes": writes,
+            "wakes": {k: sum(w.get(k, 0) for w in list(self._wakes.values()))
+                      for k in wakeup.STATS},
             **{k: v for k, v in self._counters.items()},
             **self.core.counters,
             "session": self.session.epoch,
@@ -730,6 +763,7 @@ class _RayScheduler:
             return
         host.running = report.running
         self._writes[report.process] = report.writes  # one journal per host process
+        self._wakes[report.process] = report.wakes
         self._health[report.process] = (time.monotonic(), report.journal)
         self._blocked[host_id] = report.blocked
         outcomes = self._counters["outcomes"]

@@ -357,6 +357,22 @@ def ray_files(ctx):
 
 
 @attack
+def wake_sockets(ctx):
+    """The host processes' wake sockets (`wakeup.py`): list their directory, send a wake."""
+    out: dict = {f"listdir {ctx['dir']}": _listdir(ctx["dir"])}
+    for path in ctx["sockets"]:
+        def send(path=path):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                s.sendto(b"1\0victim\0v1", path)
+                return "sent"
+            finally:
+                s.close()
+        out[f"send {os.path.basename(path)}"] = _try(send)
+    return out
+
+
+@attack
 def signals(ctx):
     """Signal a process the test started, the trusted hosts and another tenant's sandbox."""
     out: dict = {}

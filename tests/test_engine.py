@@ -85,8 +85,9 @@ def test_create_run_and_status(engine, tenant):
 
 def test_callers_wake_the_hosts_the_scheduler_named_and_a_stale_route_falls_back(engine, tenant):
     """Once the scheduler named a version's host, the engine's notifications wake it
-    directly (no call to the scheduler); after the host is deactivated, the route it
-    left is stale and the next instance still runs (the scheduler is told instead)."""
+    directly (no call to the scheduler), by datagram: the host process runs on this
+    machine. After the host is deactivated, the route it left is stale and the next
+    instance still runs: the host process passes the wake on to the scheduler."""
     engine.register(tenant, Hello)
     wf = engine.binding(tenant)
     router = engine._notify._send
@@ -98,14 +99,18 @@ def test_callers_wake_the_hosts_the_scheduler_named_and_a_stale_route_falls_back
         wait_status(wf.create(params={"name": "a"}), "complete")  # the host is up now
         wait_status(wf.create(params={"name": "b"}), "complete")  # named back
         wait_until(lambda: any(k[0] == tenant for k in router._routes), 10, "a route")
-        before = len(asked)
+        before, wakes = len(asked), engine.stats()["wakes"]
         inst = wf.create(params={"name": "c"})
         assert len(asked) == before  # woken directly
         assert wait_status(inst, "complete")["output"]["hello"] == "Hello, c!"
+        wait_until(lambda: engine.stats()["wakes"]["by_datagram"] > wakes["by_datagram"], 10,
+                   "the host process to report a wake by datagram")
         wait_until(lambda: tenant_hosts(engine, tenant) == 0, 30, "the host to be deactivated")
         inst = wf.create(params={"name": "d"})
         assert wait_status(inst, "complete")["output"]["hello"] == "Hello, d!"
-        assert len(asked) > before  # the stale route sent it to the scheduler
+        assert len(asked) == before  # the route was still the caller's: its process passed it on
+        process = next(v for k, v in router._routes.items() if k[0] == tenant)[1][0][1]
+        assert ray.get(process.describe.remote())["wakes"]["forwarded"] >= 1
     finally:
         router._ttl, router._scheduler = ROUTE_TTL, scheduler
 

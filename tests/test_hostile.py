@@ -49,7 +49,7 @@ import ray
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from dynwf_ray import InvalidInputError
+from dynwf_ray import InvalidInputError, wakeup
 from dynwf_ray.journal import sqlite_url_path
 
 from .conftest import PG_URL, TERMINAL, wait_status, wait_until
@@ -643,6 +643,18 @@ def test_ray_token_and_session_files_are_out_of_reach(arena):
     session = ray._private.worker._global_node.get_session_dir_path()
     r = arena.run("ray_files", ctx={"session_dir": session})
     for where, res in _results(r["output"]):
+        assert not _succeeded(res), (where, _succeeded(res))
+
+
+def test_wake_sockets_are_out_of_reach(arena):
+    """List the host processes' wake sockets' directory and send a wake to each socket in
+    it (the attacker's own host process has one)."""
+    directory = os.path.dirname(wakeup.address("x"))
+    sockets = [os.path.join(directory, n) for n in sorted(os.listdir(directory))]
+    assert sockets, "no wake socket to attack"
+    r = arena.run("wake_sockets", ctx={"dir": directory, "sockets": sockets})
+    for where, res in _results(r["output"]):
+        assert len(res) == len(sockets) + 1, res
         assert not _succeeded(res), (where, _succeeded(res))
 
 

@@ -1,12 +1,15 @@
 """Where notifications go (`scheduler.Router`), with plain fakes of Ray's handles.
 
 The scheduler names the hosts it woke; for the route's time to live the caller wakes
-them itself; a host that no longer serves the version, or is gone, sends the next
-notification to the scheduler again, and so does a version with no host named.
+them itself, by datagram when their process's wake socket is on this machine; a host
+that no longer serves the version, or is gone, sends the next notification to the
+scheduler again, and so does a version with no host named.
 """
 
 from __future__ import annotations
 
+import socket
+import tempfile
 from concurrent.futures import Future
 
 from dynwf_ray.scheduler import Router
@@ -55,15 +58,16 @@ def _gone(*args):
     raise RuntimeError("the actor died")
 
 
-def _setup(served=lambda host_id: True, named=None):
+def _setup(served=lambda host_id: True, named=None, address=None):
     clock = _Clock()
     host = _Handle(wake=served)
     hosts = [(7, host)] if named is None else named
     scheduler = _Handle(notify=lambda tenant, version, name: hosts if name else None)
-    return Router(lambda: scheduler, ttl=1.0, clock=clock), scheduler, host, clock
+    router = Router(lambda: scheduler, ttl=1.0, clock=clock, address_of=lambda actor: address)
+    return router, scheduler, host, clock
 
 
-def test_the_hosts_the_scheduler_named_are_woken_directly_until_the_route_expires():
+def test_the_hosts_the_scheduler_named_are_woken_directly_and_the_route_refreshed_each_ttl():
     route, scheduler, host, clock = _setup()
     route("t", "v1")
     assert scheduler.notify.calls == [("t", "v1", True)] and host.wake.calls == []
@@ -72,9 +76,18 @@ def test_the_hosts_the_scheduler_named_are_woken_directly_until_the_route_expire
     route("t", "v1")
     assert host.wake.calls == [(7,), (7,)]
     assert len(scheduler.notify.calls) == 1  # no call to the scheduler meanwhile
-    clock.now += 0.2  # the route expired: ask again
+    clock.now += 0.2  # a ttl since it was named: woken still, and the scheduler asked again
     route("t", "v1")
-    assert len(scheduler.notify.calls) == 2 and len(host.wake.calls) == 2
+    route("t", "v1")
+    assert len(scheduler.notify.calls) == 2 and len(host.wake.calls) == 4
+
+
+def test_a_route_unused_for_its_max_age_is_forgotten():
+    route, scheduler, host, clock = _setup()
+    route("t", "v1")
+    clock.now += 60.0
+    route("t", "v1")
+    assert len(scheduler.notify.calls) == 2 and host.wake.calls == []
 
 
 def test_a_route_is_kept_per_code_version():
@@ -139,3 +152,25 @@ def test_no_scheduler_running_is_not_an_error():
         raise ValueError("Failed to look up actor")
 
     Router(missing)("t", "v1")  # the next scheduler's poll finds the work
+
+
+def test_a_host_process_on_this_machine_is_woken_by_datagram_not_by_ray():
+    with tempfile.TemporaryDirectory(dir="/tmp") as d:
+        inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        inbox.bind(f"{d}/w.sock")
+        inbox.settimeout(5)
+        route, scheduler, host, _ = _setup(address=f"{d}/w.sock")
+        route("t", "v1")  # named
+        route("t", "v1")
+        assert inbox.recv(512) == b"7\0t\0v1"
+        assert host.wake.calls == [] and len(scheduler.notify.calls) == 1
+        inbox.close()  # its process is gone: Ray is tried, which finds it gone too
+        route("t", "v1")
+        assert host.wake.calls == [(7,)]
+
+
+def test_a_wake_socket_that_is_not_on_this_machine_means_ray():
+    route, scheduler, host, _ = _setup(address="/nonexistent/dynwf-wake/w.sock")
+    route("t", "v1")
+    route("t", "v1")
+    assert host.wake.calls == [(7,)] and len(scheduler.notify.calls) == 1
