@@ -666,6 +666,8 @@ class InstanceHost:
             if self._retry_at > time.monotonic():
                 timeout = min(timeout, self._retry_at - time.monotonic())
             elif free > len(claims):
+                if claims:  # let the new activations start before this read blocks the loop
+                    await asyncio.sleep(0)
                 try:
                     due = self._journal.next_wake_at(tenant_id, version)
                 except JournalUnavailableError:
