@@ -33,6 +33,7 @@ and its counts (see `tracing.py`, `logs.py`, `metrics.py`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any, Callable, Literal, Mapping, Protocol
@@ -99,12 +100,16 @@ async def activate(
     counts: ActivityCounts | None = None,
     warm: bool | None = None,
     state: ActivationState | None = None,
+    ending: Callable[[], None] | None = None,
 ) -> Outcome:
     """Run one activation of `code` (a workflow class, run in this process with `env`,
     or a `Runner`). With `tracing`, its spans are emitted; with `capture_logs` (a
     `LogCapture` must be installed in the process), what it prints is stored; a
     runner that captures output itself hands it to `step.log`. `state`: what
-    `Journal.claim_and_load` read for this activation (else it is read here)."""
+    `Journal.claim_and_load` read for this activation (else it is read here).
+    `ending` is called once the run is over and the write that records how it ended
+    is queued, before that write commits: the caller may give its slot to the next
+    activation, whose claim can then share the commit."""
     runner: Runner = InProcess(code, env) if isinstance(code, type) else code
     if state is None:
         try:
@@ -151,9 +156,12 @@ async def activate(
                                      trace_id=trace_id_of(info.trace_context)))
             try:
                 # The outcome, the last lines printed and the crash count: one commit.
-                await journal.grouped.end_activation(
+                ended = asyncio.ensure_future(journal.grouped.end_activation(
                     write, pk, lines, keep_logs, outcome == "crashed", state.crashes > 0,
-                )
+                ))
+                if ending is not None:
+                    ending()
+                await ended
             except LeaseLostError:
                 outcome, error = "lease_lost", None
             except JournalUnavailableError:

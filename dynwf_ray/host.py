@@ -592,6 +592,7 @@ class InstanceHost:
         self._stopping = False
         self._running: dict[int, int] = {}  # pk -> lease token of the activations in progress
         self._blocked: dict[int, int] = {}  # pk -> token of activations a journal fault ended
+        self._ending: set[int] = set()  # pks of activations whose last write is committing
         self._faults = 0  # journal faults in a row (the backoff grows with them)
         self._retry_at = 0.0  # monotonic time before which no journal work is tried again
         self._wake: asyncio.Event | None = None
@@ -616,7 +617,9 @@ class InstanceHost:
 
         Claims are batched (all free slots in one claim), leases of the activations in
         progress are renewed together every third of the lease TTL, and all of it goes
-        through the journal's group commit with the activations' own writes.
+        through the journal's group commit with the activations' own writes. A slot is
+        free once its activation's last write is queued (`_free_slot`), so the next
+        claim can share that write's commit.
 
         Serving runs once: a later call (a restarted scheduler adopting this host, its
         predecessor's call gone with it) waits for the same serving to end.
@@ -630,7 +633,7 @@ class InstanceHost:
         journal, (tenant_id, version) = self._journal.grouped, self.code
         renew_every = self._lease_ttl / 3
         next_renewal = time.monotonic() + renew_every
-        while not (self._stopping and not self._running and not self._blocked):
+        while not (self._stopping and not self._running and not self._blocked and not self._ending):
             self._wake.clear()
             free = 0 if self._stopping else self._quota - len(self._running) - len(self._blocked)
             claims = []
@@ -705,7 +708,7 @@ class InstanceHost:
         counts, self._counts = self._counts, ActivityCounts()
         outcomes, self._outcomes = self._outcomes, {}
         return HostReport(
-            outcomes, counts, len(self._running), self._journal.write_stats(),
+            outcomes, counts, len(self._running) + len(self._ending), self._journal.write_stats(),
             f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}",
             self._journal.health.snapshot(), len(self._blocked), dict(wakeup.STATS),
         )
@@ -718,7 +721,7 @@ class InstanceHost:
                 self._journal, pk, token, self._sandboxes,
                 lease_ttl=self._lease_ttl, tracing=self._tracing, capture_logs=True,
                 keep_logs=self._keep_logs, counts=self._counts, warm=self._activations > 1,
-                state=state,
+                state=state, ending=lambda: self._free_slot(pk),
             )
             blocked = outcome == "journal_unavailable"
         except Exception:  # noqa: BLE001 - a fault of the platform, never the tenant's
@@ -726,12 +729,21 @@ class InstanceHost:
             outcome, blocked = "crashed", True
         finally:
             self._running.pop(pk, None)
+            self._ending.discard(pk)
             if self._wake is not None:
                 self._wake.set()
         if blocked:  # released after a backoff
             self._blocked[pk] = token
             self._journal_fault()
         self._outcomes[outcome] = self._outcomes.get(outcome, 0) + 1
+
+    def _free_slot(self, pk: int) -> None:
+        """The activation's run is over and its last write queued: its slot may serve
+        the next claim, which can then share that write's commit."""
+        if self._running.pop(pk, None) is not None:
+            self._ending.add(pk)
+            if self._wake is not None:
+                self._wake.set()
 
     def _journal_fault(self) -> None:
         """The journal failed: try again after a backoff that grows with each fault."""

@@ -511,3 +511,20 @@ def test_storage_stats_say_how_the_instances_table_is_kept(journal, tenant):
                               "autovacuums", "table_bytes", "index_bytes"}
         assert stats["table_bytes"] > 0 and stats["index_bytes"] > 0
         assert stats["hot_updates"] <= stats["updates"]
+
+
+class Quick(WorkflowEntrypoint):
+    async def run(self, event, step):
+        return await step.do("one", lambda: 1)
+
+
+def test_an_activation_says_it_is_ending_before_its_last_write_commits(journal, tenant):
+    """`ending` lets a host give the slot to its next claim while the write that records
+    the outcome commits (the claim can share that commit): when it is called the run is
+    over and nothing of its end is committed yet; when `activate` returns, it is."""
+    seen = []
+    d = Driver(journal, tenant, Quick, ending=lambda: seen.append(d.info("q").status))
+    d.binding.create(id="q")
+    assert d.tick() == ["complete"]
+    assert seen == ["running"]
+    assert d.info("q").status == "complete"
