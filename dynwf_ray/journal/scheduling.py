@@ -24,11 +24,10 @@ from sqlalchemy.engine import Connection
 
 
 from .schema import (STEP_WAITING, I, X, N, KEEP_ENDED_SESSIONS, lease_owner_prefix, Claim, SessionInfo, InstanceInfo, StepRecord, ActivationState)
-from .statements import (_INFO_COLS, _CLEAR_WAITS, _LOAD_STEPS_OF, _NEXT_TIMER, _NEXT_LEASE_EXPIRY, _NEXT_TIMER_OF, _NEXT_LEASE_EXPIRY_OF, _claim_statement, _SLEPT)
+from .statements import (_starting, _CLEAR_WAITS, _LOAD_STEPS_OF, _NEXT_TIMER, _NEXT_LEASE_EXPIRY, _NEXT_TIMER_OF, _NEXT_LEASE_EXPIRY_OF, _claim_statement, _SLEPT)
 
 from .faults import retried
 
-_N_INFO = len(_INFO_COLS)  # the claim returns these columns, then a crash count and a flag
 
 
 def _end_sleeps(
@@ -93,8 +92,7 @@ class Scheduling:
             "b_now": now, "b_limit": limit, "b_owner": owner, "b_until": now + lease_ttl,
             "b_tenant": tenant_id, "b_version": code_version,
         }
-        return [(InstanceInfo(*row[:_N_INFO]), row[_N_INFO] or 0, bool(row[_N_INFO + 1]))
-                for row in conn.execute(stmt, params).all()]
+        return [_starting(row) for row in conn.execute(stmt, params).all()]
 
     def _claim_and_load(
         self, conn: Connection, now: float, limit: int, owner: str, lease_ttl: float,

@@ -1,6 +1,9 @@
 """SQL statements the hot paths run, built once (bind parameters are prefixed with b_)."""
 
 from __future__ import annotations
+
+from typing import Any
+
 from ..types import InstanceStatus
 
 
@@ -67,7 +70,26 @@ _OF_VERSION = (I.c.tenant_id == bindparam("b_tenant"), I.c.code_version == bindp
 _NEXT_TIMER_OF = _NEXT_TIMER.where(*_OF_VERSION)
 _NEXT_LEASE_EXPIRY_OF = _NEXT_LEASE_EXPIRY.where(*_OF_VERSION)
 _FENCED = and_(I.c.pk == bindparam("b_pk"), I.c.lease_token == bindparam("b_token"))
-_LOAD_INSTANCE = select(*_INFO_COLS).where(I.c.pk == bindparam("b_pk"))
+
+
+def _activation_extras(pk: Any) -> tuple:
+    """What an activation starts from besides the instance's row: its count of
+    activations that crashed in a row, and whether a termination is pending (`pk`: the
+    instance's pk, a column or a bind). Read with the row, by `_LOAD_INSTANCE` and by
+    the claim's RETURNING; `_starting` reads them back."""
+    return (select(X.c.crashes).where(X.c.instance_pk == pk).scalar_subquery(),
+            exists().where(E.c.instance_pk == pk, E.c.type == TERMINATE_EVENT))
+
+
+def _starting(row: Any) -> tuple[InstanceInfo, int, bool]:
+    """A row of `_INFO_COLS` then `_activation_extras`: the instance, its crash count,
+    whether it is being terminated."""
+    n = len(_INFO_COLS)
+    return InstanceInfo(*row[:n]), row[n] or 0, bool(row[n + 1])
+
+
+_LOAD_INSTANCE = select(*_INFO_COLS, *_activation_extras(bindparam("b_pk"))).where(
+    I.c.pk == bindparam("b_pk"))
 _LOAD_STEPS = select(*_STEP_COLS).where(S.c.instance_pk == bindparam("b_pk"))
 # What `create` runs: the tenant's newest code, then the insert.
 _LATEST_VERSION = select(T.c.latest_version).where(T.c.tenant_id == bindparam("b_tenant"))
@@ -95,7 +117,6 @@ _CLEAR_WAITS = (
     .where(I.c.pk.in_(bindparam("b_pks", expanding=True)), I.c.waiting_for.is_not(None))
     .values(waiting_for=None)
 )
-_LOAD_CRASHES = select(X.c.crashes).where(X.c.instance_pk == bindparam("b_pk"))
 _SUSPEND = (
     update(I)
     .where(_FENCED)
@@ -178,9 +199,5 @@ def _claim_statement(by_tenant: bool, by_version: bool, skip_locked: bool):
         )
         # Each claimed row as it is now, its crash count and whether it is being
         # terminated: what its activation starts from, without reading it again.
-        .returning(
-            *_INFO_COLS,
-            select(X.c.crashes).where(X.c.instance_pk == _CLAIMED_PK).scalar_subquery(),
-            exists().where(E.c.instance_pk == _CLAIMED_PK, E.c.type == TERMINATE_EVENT),
-        )
+        .returning(*_INFO_COLS, *_activation_extras(_CLAIMED_PK))
     )

@@ -9,16 +9,13 @@ import json
 from dataclasses import replace
 from typing import Any, Sequence
 
-from sqlalchemy import (
-    delete,
-    select,
-)
+from sqlalchemy import delete
 from sqlalchemy.engine import Connection
 
 from ..types import LogLine
 
-from .schema import (STEP_COMPLETE, E, LeaseLostError, InstanceInfo, StepRecord, ActivationState, TERMINATE_EVENT)
-from .statements import (_STEP_FIELDS, _FENCE, _RENEW, _LOAD_INSTANCE, _LOAD_STEPS, _LOAD_CRASHES, _SUSPEND, _BUFFERED, _CONSUME, _RECEIVED, _WAKE_NOW, _COMPLETE, _FAIL, _PAUSE, _TERMINATE)
+from .schema import (STEP_COMPLETE, E, LeaseLostError, StepRecord, ActivationState, TERMINATE_EVENT)
+from .statements import (_STEP_FIELDS, _FENCE, _RENEW, _LOAD_INSTANCE, _LOAD_STEPS, _starting, _SUSPEND, _BUFFERED, _CONSUME, _RECEIVED, _WAKE_NOW, _COMPLETE, _FAIL, _PAUSE, _TERMINATE)
 
 
 class ActivationWrites:
@@ -43,12 +40,8 @@ class ActivationWrites:
             if row is None or row.lease_token != token:
                 raise LeaseLostError(f"instance pk={pk}: lease token {token} is not current")
             steps = conn.execute(_LOAD_STEPS, {"b_pk": pk}).all()
-            crashes = conn.execute(_LOAD_CRASHES, {"b_pk": pk}).scalar() or 0
-            terminating = conn.execute(
-                select(E.c.pk).where(E.c.instance_pk == pk, E.c.type == TERMINATE_EVENT).limit(1)
-            ).first() is not None
-        return ActivationState(InstanceInfo(*row), [StepRecord(*s) for s in steps], crashes,
-                               terminating)
+        info, crashes, terminating = _starting(row)
+        return ActivationState(info, [StepRecord(*s) for s in steps], crashes, terminating)
 
     def renew_leases(self, leases: Sequence[tuple[int, int]], now: float, lease_ttl: float) -> None:
         """Extend several held leases at once (those lost or given up are left alone)."""
