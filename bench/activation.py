@@ -46,7 +46,7 @@ def activation_samples(
         inst.send_event("poke", {})
         out = wait_until(
             lambda: (s := inst.status())["status"] == "complete" and s["output"], 120,
-            "completion", interval=0.001,
+            "completion", interval=0.01,  # latency is stamped in the sandbox, not here
         )
         if i:  # the first sample warms up imports and the host
             latencies.append(out["resumed_at"] - sent)
