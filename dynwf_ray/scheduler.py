@@ -17,9 +17,9 @@ Two layers:
 The scheduler is off the hot path: hosts claim their own code's due instances
 (in batches) while they run fewer activations than their quota, and
 `notify(tenant, version)` (an instance created, an event sent) wakes the
-version's hosts directly when they have slots, and names them back: for a
-second, the caller's `Router` wakes them itself (by a datagram when they run on
-the caller's machine: `wakeup.py`). It ticks when notified for a
+version's hosts directly when they have slots, and names them back: from then
+on the caller's `Router` wakes them itself (by a datagram when they run on the
+caller's machine: `wakeup.py`), asking again each second. It ticks when notified for a
 version with no such host (at most every `MIN_TICK` seconds), when a host
 starts or ends, at the next timer or lease expiry of any code (hosts take
 their own code's timers; the tick starts hosts for code that has none), every
@@ -147,9 +147,9 @@ class Notifier:
         self._send(*key)
 
 
-#: Seconds after which a caller that uses a route asks the scheduler to name the version's
-#: hosts again (it still wakes those it knows meanwhile), and after which a route unused
-#: is forgotten.
+#: Seconds after which a caller that uses a route asks the scheduler to name the
+#: version's hosts again (it still wakes those it knows meanwhile); seconds after which
+#: a route not used is forgotten.
 ROUTE_TTL, ROUTE_MAX_AGE = 1.0, 60.0
 
 

@@ -164,9 +164,7 @@ class WakeListener:
         while self._sock is not None:
             try:
                 data = self._sock.recv(512)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            except OSError:  # nothing more queued (BlockingIOError), or the socket closed
                 return
             wake = _decode(data)
             if wake is None:
