@@ -535,3 +535,52 @@ def test_a_claim_reads_each_instance_its_own_crashes_and_termination(driver):
     assert got == {"plain": (0, False), "crashed": (2, False), "ending": (0, True)}
     assert all(s.info.lease_token == d.info(s.info.instance_id).lease_token for s in states)
     assert {s.info.status for s in states} == {"running"}
+
+
+class _SocketOnly:
+    """A fake of template.Sandbox that is only its socket."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def kill(self) -> None:
+        pass
+
+
+def test_messages_to_a_sandbox_keep_their_order_when_its_socket_is_full():
+    """`_send` writes straight to the socket while nothing is queued; a frame that does
+    not fit is queued on the transport, and every later one goes behind it, even when
+    the socket has room again before the transport wrote the rest."""
+    from dynwf_ray.sandbox import protocol
+
+    messages = [{"t": "ok", "id": 1, "value": "x" * 300_000}]  # more than the socket holds
+    messages += [{"t": "ok", "id": i, "value": i} for i in range(2, 50)]
+    total = sum(len(protocol.encode(m)) for m in messages)
+
+    async def main() -> bytes:
+        ours, theirs = socket.socketpair()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        session = SandboxSession(_SocketOnly(ours), tenant_id="t", limits=SandboxLimits())
+        session._reader, session._writer = await asyncio.open_unix_connection(sock=ours)
+        session._send(messages[0])
+        assert session._writer.transport.get_write_buffer_size() > 0
+        received = bytearray()
+        while True:  # empty the socket: room again, while the rest is still queued
+            try:
+                received += theirs.recv(1 << 20, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+        for m in messages[1:]:
+            session._send(m)
+        while len(received) < total:  # the loop writes what is queued meanwhile
+            received += await asyncio.wait_for(asyncio.to_thread(theirs.recv, 1 << 20), 10)
+        session._writer.close()
+        theirs.close()
+        return bytes(received)
+
+    data, got = asyncio.run(main()), []
+    while data:
+        length = int.from_bytes(data[:4], "big")
+        got.append(protocol.decode(data[4:4 + length]))
+        data = data[4 + length:]
+    assert got == messages

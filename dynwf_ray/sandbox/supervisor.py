@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -224,8 +225,23 @@ class SandboxSession:
         return reason or "the sandbox process ended"
 
     def _send(self, message: dict[str, Any]) -> None:
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(protocol.encode(message))
+        """Send a message. While nothing is queued, the frame goes to the socket at once
+        with `socket.send`, which lets go of the GIL during the system call (the event
+        loop's transport may hold it while the kernel wakes the sandbox); what does not
+        fit is queued on the transport behind it, so the order holds."""
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            return
+        frame = protocol.encode(message)
+        if not writer.transport.get_write_buffer_size():
+            try:
+                frame = frame[self.sandbox.sock.send(frame, socket.MSG_NOSIGNAL):]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:  # the sandbox is gone: the reader finds out and says why
+                return
+        if frame:
+            writer.write(frame)
 
     # -- one activation --------------------------------------------------------
 
