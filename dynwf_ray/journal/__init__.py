@@ -84,7 +84,9 @@ from .schema import (
 )
 from .schema import S
 from .scheduling import Scheduling
-from .statements import _STEP_FIELDS
+from .statements import (
+    _COMPLETE, _FAIL, _FENCE, _PAUSE, _RENEW, _STEP_FIELDS, _SUSPEND, _TERMINATE, Prepared,
+)
 from .writes import ActivationWrites
 
 __all__ = [
@@ -118,6 +120,13 @@ class Journal(CodeStore, Instances, Scheduling, ActivationWrites, LogLines, Acce
                 f: ins.excluded[f] for f in _STEP_FIELDS if f not in ("name", "seq", "started_at")
             },
         )
+        # The step path's statements, run on the driver's connection (`Prepared`).
+        dialect = self.engine.dialect
+        self._prepared = {
+            stmt: Prepared(stmt, dialect)
+            for stmt in (_FENCE, _RENEW, _SUSPEND, _COMPLETE, _FAIL, _PAUSE, _TERMINATE)
+        }
+        self._prepared_upsert_step = Prepared(self._upsert_step, dialect, ["instance_pk", *_STEP_FIELDS])
         if create_tables:  # upgrade the schema to this code's (migrations/); hosts do not
             where = self.engine.url.render_as_string(hide_password=True)
             try:

@@ -27,9 +27,9 @@ class ActivationWrites:
         when less than half of it is left); returns pause_requested."""
         params = {"b_pk": pk, "b_token": token, "b_until": now + lease_ttl}
         if renew:
-            row = conn.execute(_RENEW, params).first()
+            row = self._prepared[_RENEW].run(conn, params).fetchone()
         else:
-            row = conn.execute(_FENCE, {**params, "b_refresh": now + lease_ttl / 2}).first()
+            row = self._prepared[_FENCE].run(conn, {**params, "b_refresh": now + lease_ttl / 2}).fetchone()
         if row is None:
             raise LeaseLostError(f"instance pk={pk}: lease token {token} is no longer current")
         return bool(row[0])
@@ -76,7 +76,7 @@ class ActivationWrites:
         values = {f: getattr(step, f) for f in _STEP_FIELDS}
         values["instance_pk"] = pk
         pause = self._fence(conn, pk, token, now, lease_ttl)
-        conn.execute(self._upsert_step, values)
+        self._prepared_upsert_step.run(conn, values)
         if logs:
             self._insert_logs(conn, pk, logs, keep_logs)
         return pause
@@ -130,16 +130,15 @@ class ActivationWrites:
         with self._write() as conn:
             self._suspend(conn, pk, token, wake_at, waiting_for, now)
 
-    @staticmethod
     def _suspend(
-        conn: Connection, pk: int, token: int, wake_at: float | None, waiting_for: str | None,
-        now: float,
+        self, conn: Connection, pk: int, token: int, wake_at: float | None,
+        waiting_for: str | None, now: float,
     ) -> None:
         params = {
             "b_pk": pk, "b_token": token, "b_wake_at": wake_at,
             "b_waiting_for": waiting_for, "b_now": now,
         }
-        if not conn.execute(_SUSPEND, params).rowcount:
+        if not self._prepared[_SUSPEND].run(conn, params).rowcount:
             raise LeaseLostError(f"instance pk={pk}: lease lost before suspending")
         if waiting_for is not None:
             if conn.execute(_BUFFERED, {"b_pk": pk, "b_type": waiting_for}).first():
@@ -158,9 +157,9 @@ class ActivationWrites:
         with self._write() as conn:
             self._finish(conn, _FAIL, pk, token, now, b_error_name=error_name, b_error_message=message)
 
-    @staticmethod
-    def _finish(conn: Connection, stmt: Any, pk: int, token: int, now: float, **params: Any) -> None:
-        if not conn.execute(stmt, {"b_pk": pk, "b_token": token, "b_now": now, **params}).rowcount:
+    def _finish(self, conn: Connection, stmt: Any, pk: int, token: int, now: float, **params: Any) -> None:
+        params = {"b_pk": pk, "b_token": token, "b_now": now, **params}
+        if not self._prepared[stmt].run(conn, params).rowcount:
             raise LeaseLostError(f"instance pk={pk}: lease lost before finishing")
 
     def _end_activation(
