@@ -309,7 +309,15 @@ def test_transient_faults_are_tried_again_and_others_are_not():
         calls["full"] += 1
         raise JournalUnavailableError("disk full", "database or disk is full")
 
+    @retried
+    def always_locked():
+        calls["always"] = calls.get("always", 0) + 1
+        raise JournalUnavailableError("locked", "database is locked")
+
     assert locked_twice() == "written" and calls["locked"] == 3
+    with pytest.raises(JournalUnavailableError, match="locked"):
+        always_locked()
+    assert calls["always"] == 4  # then the caller hears
     with pytest.raises(JournalUnavailableError, match="disk full"):
         full()
     assert calls["full"] == 1  # not transient: the caller hears at once

@@ -4,7 +4,11 @@ tries a call again when the cause is transient (a lock, a serialization failure)
 
 from __future__ import annotations
 
+import functools
+import random
 import sqlite3
+import time
+from typing import Callable, ParamSpec, TypeVar
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine as SAEngine
@@ -13,6 +17,9 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponen
 from ..errors import JournalUnavailableError
 from ..health import JournalHealth
 from .dialect import _WriterLock
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class _Tx:
@@ -121,12 +128,39 @@ def unavailable(exc: BaseException) -> JournalUnavailableError | None:
 #: database chose this transaction to abort, the pool had no connection free.
 TRANSIENT = frozenset({"locked", "serialization failure", "busy"})
 
-#: Retry a journal call that failed for a transient cause: 4 tries in all, 10 ms
-#: doubling to 200 ms apart, with jitter; then the error goes to the caller. Each try
-#: is a transaction of its own that rolled back, so trying again is safe.
-retried = retry(
-    retry=retry_if_exception(lambda e: isinstance(e, JournalUnavailableError) and e.cause in TRANSIENT),
-    stop=stop_after_attempt(4),
-    wait=wait_exponential_jitter(multiplier=0.01, max=0.2, jitter=0.01),
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, JournalUnavailableError) and exc.cause in TRANSIENT
+
+
+#: The tries after the first: 3 more, 20 ms doubling to 200 ms apart, with jitter.
+_AFTER_THE_FIRST = retry(
+    retry=retry_if_exception(_transient),
+    stop=stop_after_attempt(3),
+    wait=wait_exponential_jitter(multiplier=0.02, max=0.2, jitter=0.01),
     reraise=True,
 )
+
+
+def retried(fn: Callable[P, R]) -> Callable[P, R]:
+    """Retry a journal call that failed for a transient cause: 4 tries in all, 10 ms
+    doubling to 200 ms apart, with jitter; then the error goes to the caller. Each try
+    is a transaction of its own that rolled back, so trying again is safe.
+
+    The first try is a plain call and only a failure goes to tenacity's policy: its
+    bookkeeping (a copy of the policy, a call state, a future) cost the group-commit
+    writer about a quarter of its time, paid on every commit."""
+    again = _AFTER_THE_FIRST(fn)
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except JournalUnavailableError as exc:
+            if not _transient(exc):
+                raise
+        time.sleep(0.01 + random.uniform(0, 0.01))
+        return again(*args, **kwargs)
+
+    return call
