@@ -75,7 +75,7 @@ from .code import CodeStore
 from .dialect import _LOCK_STATS, connect, sqlite_url_path
 from .faults import _Tx, unavailable
 from .group_commit import GroupCommit
-from .instances import Instances
+from .instances import CREATED_COLUMNS, Instances
 from .log_lines import LogLines
 from .schema import (
     KEEP_ENDED_SESSIONS, STEP_COMPLETE, STEP_FAILED, STEP_RETRYING, STEP_WAITING,
@@ -85,7 +85,8 @@ from .schema import (
 from .schema import S
 from .scheduling import Scheduling
 from .statements import (
-    _COMPLETE, _FAIL, _FENCE, _PAUSE, _RENEW, _STEP_FIELDS, _SUSPEND, _TERMINATE, Prepared,
+    _COMPLETE, _FAIL, _FENCE, _INSERT_INSTANCE, _PAUSE, _RENEW, _STEP_FIELDS, _SUSPEND, _TERMINATE,
+    Prepared,
 )
 from .writes import ActivationWrites
 
@@ -127,6 +128,7 @@ class Journal(CodeStore, Instances, Scheduling, ActivationWrites, LogLines, Acce
             for stmt in (_FENCE, _RENEW, _SUSPEND, _COMPLETE, _FAIL, _PAUSE, _TERMINATE)
         }
         self._prepared_upsert_step = Prepared(self._upsert_step, dialect, ["instance_pk", *_STEP_FIELDS])
+        self._prepared_create = Prepared(_INSERT_INSTANCE, dialect, list(CREATED_COLUMNS))
         if create_tables:  # upgrade the schema to this code's (migrations/); hosts do not
             where = self.engine.url.render_as_string(hide_password=True)
             try:

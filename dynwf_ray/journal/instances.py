@@ -34,6 +34,14 @@ from .statements import (_INFO_COLS, _STEP_COLS, _LOAD_STEPS, _GET_INSTANCE, _LO
 from .faults import retried
 
 
+#: The columns a new instance's row is written with (the others start NULL).
+CREATED_COLUMNS = (
+    "tenant_id", "instance_id", "code_version", "params_json", "metadata_json", "status",
+    "created_at", "updated_at", "wake_at", "pause_requested", "lease_token", "activations",
+    "trace_context", "trace_caller",
+)
+
+
 class Instances:
     # -- creating and reading instances ------------------------------------
 
@@ -54,13 +62,10 @@ class Instances:
         otherwise an existing id raises DuplicateInstanceError. Returns the ids inserted.
         """
         rows = [
-            dict(
-                tenant_id=tenant_id, instance_id=iid, code_version=code_version,
-                params_json=params, metadata_json=meta, status=InstanceStatus.queued,
-                created_at=now, updated_at=now, wake_at=now, pause_requested=False,
-                lease_token=0, activations=0, trace_context=trace_context,
-                trace_caller=trace_caller,
-            )
+            dict(zip(CREATED_COLUMNS, (
+                tenant_id, iid, code_version, params, meta, InstanceStatus.queued,
+                now, now, now, False, 0, 0, trace_context, trace_caller,
+            )))
             for iid, params, meta, trace_context, trace_caller in items
         ]
         if not rows:
@@ -84,10 +89,11 @@ class Instances:
                 rows = fresh
                 if rows:
                     conn.execute(_INSERT_INSTANCE, rows)
-            else:
+            else:  # one by one, as a webhook creates them: the statement precompiled
                 try:
-                    conn.execute(_INSERT_INSTANCE, rows)
-                except IntegrityError:
+                    for row in rows:
+                        self._prepared_create.run(conn, row)
+                except (IntegrityError, conn.dialect.dbapi.IntegrityError):
                     raise DuplicateInstanceError(
                         f"tenant {tenant_id!r} already has an instance with id "
                         f"{rows[0]['instance_id']!r}"

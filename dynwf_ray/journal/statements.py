@@ -45,6 +45,8 @@ class Prepared:
 
     def __init__(self, stmt: Any, dialect: Dialect, column_keys: list[str] | None = None):
         compiled = stmt.compile(dialect=dialect, column_keys=column_keys)
+        if compiled.insert_prefetch or compiled.update_prefetch:  # SQLAlchemy would fill them
+            raise ValueError(f"a column default is computed when {compiled.string!r} runs")
         self.sql = compiled.string
         self._names = compiled.positiontup  # SQLite's ? marks in order; None: named (psycopg)
         self._fixed: dict[str, Any] = {}
