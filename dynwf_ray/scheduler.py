@@ -111,40 +111,70 @@ def pool_config(config: EngineConfig, cpus: float, memory_bytes: float) -> PoolC
 
 
 class Notifier:
-    """What callers use to `notify` the scheduler: the first notification for a code
-    version goes at once, then at most one more per `window` seconds (the last of a
-    burst, sent when the window ends), so a burst of creates costs a few Ray calls
-    instead of one each, and no notification waits longer than `window`."""
+    """What callers use to `notify` the scheduler, coalesced per code version.
 
-    def __init__(self, send: Callable[[str, str | None], Any], window: float = 0.02):
+    Each version has a bucket of `burst` notifications that refills at one per `window`
+    seconds: a notification that finds one goes at once; the rest of a burst wait for
+    the next to refill, and only one of them is sent then (the work they announce is in
+    the journal; one wake finds all of it). So a steady stream of creates costs at most
+    one notification per `window`, none waits longer than `window`, and an event sent
+    a few milliseconds after its instance was created is not held back by the create's
+    notification. `later(delay, fn, *args)` runs fn after delay seconds (a daemon
+    `threading.Timer`); tests pass a fake, and a fake `clock`."""
+
+    def __init__(self, send: Callable[[str, str | None], Any], window: float = 0.02,
+                 burst: int = 4, clock: Callable[[], float] = time.monotonic,
+                 later: Callable[..., Any] | None = None):
         self._send = send
         self._window = window
+        self._burst = burst
+        self._clock = clock
+        self._later = later or _timer
         self._lock = threading.Lock()
-        self._last: dict[tuple[str, str | None], float] = {}
+        # (tenant, version) -> (notifications in its bucket, when it was last filled)
+        self._buckets: dict[tuple[str, str | None], tuple[float, float]] = {}
         self._pending: set[tuple[str, str | None]] = set()
 
     def __call__(self, tenant_id: str, version: str | None) -> None:
         key = (tenant_id, version)
-        now = time.monotonic()
         with self._lock:
-            last = self._last.get(key)
-            if last is not None and now - last < self._window:
-                if key not in self._pending:
-                    self._pending.add(key)
-                    timer = threading.Timer(last + self._window - now, self._trailing, (key,))
-                    timer.daemon = True
-                    timer.start()
+            if key in self._pending:
+                return  # the one to be sent covers this one
+            tokens = self._take(key)
+            if tokens is not None:
+                self._pending.add(key)
+                self._later((1 - tokens) * self._window, self._trailing, key)
                 return
-            self._last[key] = now
-            if len(self._last) > 10_000:  # forget versions not heard of for a while
-                self._last = {k: t for k, t in self._last.items() if now - t < 1.0}
         self._send(tenant_id, version)
+
+    def _take(self, key: tuple[str, str | None]) -> float | None:
+        """Take a notification from the key's bucket (None), or say how full it is."""
+        now = self._clock()
+        tokens, filled = self._buckets.get(key, (float(self._burst), now))
+        tokens = min(float(self._burst), tokens + (now - filled) / self._window)
+        if tokens >= 1:
+            self._buckets[key] = (tokens - 1, now)
+            if len(self._buckets) > 10_000:  # forget versions not heard of for a while
+                self._buckets = {k: b for k, b in self._buckets.items()
+                                 if now - b[1] < self._burst * self._window}
+            return None
+        self._buckets[key] = (tokens, now)
+        return tokens
 
     def _trailing(self, key: tuple[str, str | None]) -> None:
         with self._lock:
             self._pending.discard(key)
-            self._last[key] = time.monotonic()
+            now = self._clock()
+            tokens, filled = self._buckets.get(key, (1.0, now))
+            tokens = min(float(self._burst), tokens + (now - filled) / self._window)
+            self._buckets[key] = (max(0.0, tokens - 1), now)
         self._send(*key)
+
+
+def _timer(delay: float, fn: Callable[..., Any], *args: Any) -> None:
+    timer = threading.Timer(delay, fn, args)
+    timer.daemon = True
+    timer.start()
 
 
 #: Seconds after which a caller that uses a route asks the scheduler to name the

@@ -1,4 +1,5 @@
-"""Where notifications go (`scheduler.Router`), with plain fakes of Ray's handles.
+"""Where notifications go (`scheduler.Router`), with plain fakes of Ray's handles; and
+how a caller's notifications are coalesced (`scheduler.Notifier`), on a fake clock.
 
 The scheduler names the hosts it woke; for the route's time to live the caller wakes
 them itself, by datagram when their process's wake socket is on this machine; a host
@@ -12,7 +13,7 @@ import socket
 import tempfile
 from concurrent.futures import Future
 
-from dynwf_ray.scheduler import Router
+from dynwf_ray.scheduler import Notifier, Router
 
 
 class _Method:
@@ -174,3 +175,66 @@ def test_a_wake_socket_that_is_not_on_this_machine_means_ray():
     route("t", "v1")
     route("t", "v1")
     assert host.wake.calls == [(7,)] and len(scheduler.notify.calls) == 1
+
+
+class _Later:
+    """A fake of `Notifier`'s timer: holds (due time, fn, args) until `run_due`."""
+
+    def __init__(self, clock):
+        self.clock, self.timers = clock, []
+
+    def __call__(self, delay, fn, *args):
+        self.timers.append((self.clock[0] + delay, fn, args))
+
+    def run_due(self):
+        due = [t for t in self.timers if t[0] <= self.clock[0] + 1e-9]
+        self.timers = [t for t in self.timers if t not in due]
+        for _, fn, args in due:
+            fn(*args)
+
+
+def _notifier(window=0.02, burst=4):
+    clock, sent = [0.0], []
+    later = _Later(clock)
+    notify = Notifier(lambda t, v: sent.append((clock[0], t, v)), window=window, burst=burst,
+                      clock=lambda: clock[0], later=later)
+    return notify, clock, later, sent
+
+
+def test_a_burst_of_notifications_goes_at_once_then_one_per_window():
+    notify, clock, later, sent = _notifier()
+    for _ in range(10):
+        notify("t", "v")
+    assert len(sent) == 4 and len(later.timers) == 1  # the other 6: one, when one refills
+    clock[0] = later.timers[0][0]
+    later.run_due()
+    assert len(sent) == 5 and sent[-1] == (clock[0], "t", "v") and abs(clock[0] - 0.02) < 1e-9
+    notify("other", "v")  # another version has a bucket of its own
+    assert sent[-1][1] == "other"
+
+
+def test_a_steady_stream_costs_one_notification_per_window_and_none_waits_longer():
+    notify, clock, later, sent = _notifier()
+    waits = []
+    for i in range(2000):  # one per millisecond for two seconds
+        clock[0] = i * 0.001
+        later.run_due()
+        before = len(sent)
+        notify("t", "v")
+        if len(sent) == before:  # held: the timer that covers it is due within a window
+            waits.append(max(t[0] for t in later.timers) - clock[0])
+    assert 4 + 2.0 / 0.02 - 2 <= len(sent) <= 4 + 2.0 / 0.02 + 1
+    assert max(waits) <= 0.02 + 1e-9
+
+
+def test_an_event_just_after_its_create_is_not_held_back():
+    """The warm activation benchmark's case: a create, then an event 10 ms later."""
+    notify, clock, later, sent = _notifier()
+    notify("t", "v")
+    clock[0] = 0.010
+    notify("t", "v")
+    assert [s[0] for s in sent] == [0.0, 0.010] and not later.timers
+    clock[0] = 5.0  # after a quiet while, the bucket is full again
+    for _ in range(4):
+        notify("t", "v")
+    assert len(sent) == 6 and not later.timers
