@@ -129,7 +129,6 @@ def unavailable(exc: BaseException) -> JournalUnavailableError | None:
 TRANSIENT = frozenset({"locked", "serialization failure", "busy"})
 
 
-
 def _transient(exc: BaseException) -> bool:
     return isinstance(exc, JournalUnavailableError) and exc.cause in TRANSIENT
 

@@ -20,8 +20,6 @@ from sqlalchemy import (
     select,
     update,
 )
-
-
 from sqlalchemy.engine import Connection, Dialect
 
 from .schema import (STEP_COMPLETE, TERMINATE_EVENT, I, S, E, L, T, X, InstanceInfo, StepRecord)
@@ -66,6 +64,7 @@ class Prepared:
             values[name] = process(values[name])
         args = values if self._names is None else [values[name] for name in self._names]
         return conn.connection.driver_connection.execute(self.sql, args)
+
 
 _INFO_COLS = [getattr(I.c, f) for f in InstanceInfo.__dataclass_fields__]
 _STEP_COLS = [getattr(S.c, f) for f in StepRecord.__dataclass_fields__ if f != "instance_pk"]
