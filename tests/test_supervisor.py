@@ -243,6 +243,33 @@ def test_the_workflows_binding_works_from_the_sandbox_and_secrets_are_redacted(d
     assert "token is [secret]" in messages and not any("s3cr3t" in m for m in messages)
 
 
+class CallsFromThreads(WorkflowEntrypoint):
+    async def run(self, event, step):
+        import asyncio as aio
+        from concurrent.futures import ThreadPoolExecutor
+
+        wf = self.env["WORKFLOWS"]
+
+        def blocked():  # the loop waits here while two worker threads call the binding
+            with ThreadPoolExecutor(2) as pool:
+                return sorted(pool.map(lambda i: wf.create(id=f"t{i}").id, range(2)))
+
+        made = await step.do("from workers", blocked)
+        # and from a thread while the loop is free to read
+        seen = await step.do("from to_thread", lambda: aio.to_thread(lambda: wf.get("t0").status()["status"]))
+        return {"made": made, "seen": seen}
+
+
+def test_binding_calls_from_other_threads_get_their_answers(driver):
+    """A blocking binding call reads its own reply, whichever thread makes it and
+    whether or not the sandbox's event loop is blocked meanwhile."""
+    d = driver(CallsFromThreads)
+    d.binding.create(id="p", params={})
+    assert d.tick() == ["complete"]
+    import json
+    assert json.loads(d.info("p").output_json) == {"made": ["t0", "t1"], "seen": "queued"}
+
+
 def _channel_socket():
     import gc
     for obj in gc.get_objects():
