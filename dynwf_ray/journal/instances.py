@@ -19,7 +19,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
 
 from ..errors import (
     DuplicateInstanceError,
@@ -93,7 +92,7 @@ class Instances:
                 try:
                     for row in rows:
                         self._prepared_create.run(conn, row)
-                except (IntegrityError, conn.dialect.dbapi.IntegrityError):
+                except conn.dialect.dbapi.IntegrityError:  # the driver's: Prepared runs on it
                     raise DuplicateInstanceError(
                         f"tenant {tenant_id!r} already has an instance with id "
                         f"{rows[0]['instance_id']!r}"
