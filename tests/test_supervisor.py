@@ -562,6 +562,8 @@ def test_a_claim_reads_each_instance_its_own_crashes_and_termination(driver):
     assert got == {"plain": (0, False), "crashed": (2, False), "ending": (0, True)}
     assert all(s.info.lease_token == d.info(s.info.instance_id).lease_token for s in states)
     assert {s.info.status for s in states} == {"running"}
+    # read as their types, as SQLAlchemy reads them (SQLite gives a boolean as 0 or 1)
+    assert all(s.info.pause_requested is False and type(s.crashes) is int for s in states)
 
 
 class _SocketOnly:

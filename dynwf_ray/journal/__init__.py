@@ -85,8 +85,8 @@ from .schema import (
 from .schema import S
 from .scheduling import Scheduling
 from .statements import (
-    _COMPLETE, _FAIL, _FENCE, _INSERT_INSTANCE, _PAUSE, _RENEW, _STEP_FIELDS, _SUSPEND, _TERMINATE,
-    Prepared,
+    _BUFFERED, _CLEAR_WAIT, _COMPLETE, _CONSUME, _FAIL, _FENCE, _INSERT_EVENT, _INSERT_INSTANCE,
+    _LOCK_INSTANCE, _PAUSE, _RECEIVED, _RENEW, _SLEPT, _STEP_FIELDS, _SUSPEND, _TERMINATE, _WAKE_NOW, Prepared,
 )
 from .writes import ActivationWrites
 
@@ -110,7 +110,7 @@ class Journal(CodeStore, Instances, Scheduling, ActivationWrites, LogLines, Acce
         self.health = JournalHealth()
         self.engine, self._writers, dialect_insert = connect(url, synchronous)
         self._dialect_insert = dialect_insert
-        self._claims: dict[tuple[bool, bool], Any] = {}
+        self._claims: dict[tuple[bool, bool], Prepared] = {}
         self._group: GroupCommit | None = None
         # Same pool; connections from it begin with BEGIN IMMEDIATE on SQLite.
         self._write_engine = self.engine.execution_options(dynwf_write=True)
@@ -125,10 +125,15 @@ class Journal(CodeStore, Instances, Scheduling, ActivationWrites, LogLines, Acce
         dialect = self.engine.dialect
         self._prepared = {
             stmt: Prepared(stmt, dialect)
-            for stmt in (_FENCE, _RENEW, _SUSPEND, _COMPLETE, _FAIL, _PAUSE, _TERMINATE)
+            for stmt in (_FENCE, _RENEW, _SUSPEND, _COMPLETE, _FAIL, _PAUSE, _TERMINATE,
+                         _SLEPT, _CLEAR_WAIT, _BUFFERED, _CONSUME, _RECEIVED, _WAKE_NOW,
+                         _LOCK_INSTANCE)
         }
+        self._steps_of: dict[int, Prepared] = {}  # by the number of instances claimed
         self._prepared_upsert_step = Prepared(self._upsert_step, dialect, ["instance_pk", *_STEP_FIELDS])
         self._prepared_create = Prepared(_INSERT_INSTANCE, dialect, list(CREATED_COLUMNS))
+        self._prepared_event = Prepared(
+            _INSERT_EVENT, dialect, ["instance_pk", "type", "payload_json", "created_at", "consumed"])
         if create_tables:  # upgrade the schema to this code's (migrations/); hosts do not
             where = self.engine.url.render_as_string(hide_password=True)
             try:

@@ -28,7 +28,7 @@ from ..errors import (
 )
 
 from .schema import (STEP_COMPLETE, MAX_ROW_ID, I, S, E, C, L, X, InstanceInfo, StepRecord, ActivationState, TERMINATE_EVENT)
-from .statements import (_INFO_COLS, _STEP_COLS, _LOAD_STEPS, _GET_INSTANCE, _LOCK_INSTANCE, _INSERT_EVENT, _LOAD_ROLLBACKS, _WAKE_NOW, _INSERT_INSTANCE)
+from .statements import (_INFO_COLS, _STEP_COLS, _LOAD_STEPS, _GET_INSTANCE, _LOCK_INSTANCE, _LOAD_ROLLBACKS, _WAKE_NOW, _INSERT_INSTANCE)
 
 from .faults import retried
 
@@ -245,12 +245,12 @@ class Instances:
                 raise InvalidStateError(
                     f"instance {instance_id!r} is {info.status}; it accepts no more events"
                 )
-            conn.execute(_INSERT_EVENT, {
+            self._prepared_event.run(conn, {
                 "instance_pk": info.pk, "type": event_type, "payload_json": payload_json,
                 "created_at": now, "consumed": False,
             })
             if info.waiting_for == event_type and info.status == InstanceStatus.waiting:
-                conn.execute(_WAKE_NOW, {"b_pk": info.pk, "b_now": now})
+                self._prepared[_WAKE_NOW].run(conn, {"b_pk": info.pk, "b_now": now})
             return info
 
     @retried
@@ -428,7 +428,7 @@ class Instances:
 
     def _lock_instance(self, conn: Connection, tenant_id: str, instance_id: str) -> InstanceInfo:
         # The update takes the row lock on PostgreSQL (see module docstring).
-        row = conn.execute(_LOCK_INSTANCE, {"b_tenant": tenant_id, "b_instance": instance_id}).first()
-        if row is None:
+        rows = self._prepared[_LOCK_INSTANCE].rows(conn, {"b_tenant": tenant_id, "b_instance": instance_id})
+        if not rows:
             raise InstanceNotFoundError(f"no instance {instance_id!r} for tenant {tenant_id!r}")
-        return InstanceInfo(*row)
+        return InstanceInfo(*rows[0])

@@ -24,31 +24,25 @@ from sqlalchemy.engine import Connection
 
 
 from .schema import (STEP_WAITING, I, X, N, KEEP_ENDED_SESSIONS, lease_owner_prefix, Claim, SessionInfo, InstanceInfo, StepRecord, ActivationState)
-from .statements import (_starting, _CLEAR_WAITS, _LOAD_STEPS_OF, _NEXT_TIMER, _NEXT_LEASE_EXPIRY, _NEXT_TIMER_OF, _NEXT_LEASE_EXPIRY_OF, _claim_statement, _SLEPT)
+from .statements import (Prepared, _starting, _CLEAR_WAIT, _NEXT_TIMER, _NEXT_LEASE_EXPIRY, _NEXT_TIMER_OF, _NEXT_LEASE_EXPIRY_OF, _claim_statement, _steps_of, _SLEPT)
 
 from .faults import retried
 
 
 
 def _end_sleeps(
-    conn: Connection, pk: int, steps: list[StepRecord], now: float,
+    slept: Prepared, conn: Connection, pk: int, steps: list[StepRecord], now: float,
 ) -> tuple[tuple[str, int, float, float], ...]:
     """Record the end of the instance's sleeps whose time has come (their records in
-    `steps` replaced); returns (name, count, began, ended) of each."""
+    `steps` replaced; `slept`: `_SLEPT` prepared); returns (name, count, began, ended) of each."""
     ended = []
     for i, r in enumerate(steps):
         if r.kind == "sleep" and r.finished_at is None and r.result_json is not None \
                 and json.loads(r.result_json) <= now:
-            conn.execute(_SLEPT, {"b_pk": pk, "b_name": r.name, "b_seq": r.seq, "b_now": now})
+            slept.run(conn, {"b_pk": pk, "b_name": r.name, "b_seq": r.seq, "b_now": now})
             steps[i] = replace(r, finished_at=now)
             ended.append((r.name, r.seq, r.started_at, now))
     return tuple(ended)
-
-
-def _clear_waits(conn: Connection, pks: list[int]) -> None:
-    """A claimed instance waits for nothing any more (until it suspends again)."""
-    if pks:
-        conn.execute(_CLEAR_WAITS, {"b_pks": pks})
 
 
 class Scheduling:
@@ -72,7 +66,7 @@ class Scheduling:
         tenant_id: str | None = None, code_version: str | None = None,
     ) -> list[Claim]:
         rows = self._claim_keeping_waits(conn, now, limit, owner, lease_ttl, tenant_id, code_version)
-        _clear_waits(conn, [info.pk for info, _, _ in rows])
+        self._clear_waits(conn, [info.pk for info, _, _ in rows])
         return [Claim(i.pk, i.lease_token, i.tenant_id, i.instance_id, i.code_version)
                 for i, _, _ in rows]
 
@@ -85,14 +79,21 @@ class Scheduling:
         if limit <= 0:
             return []
         key = (tenant_id is not None, code_version is not None)
-        stmt = self._claims.get(key)
-        if stmt is None:
-            stmt = self._claims[key] = _claim_statement(*key, skip_locked=not self.is_sqlite)
-        params = {
-            "b_now": now, "b_limit": limit, "b_owner": owner, "b_until": now + lease_ttl,
-            "b_tenant": tenant_id, "b_version": code_version,
-        }
-        return [_starting(row) for row in conn.execute(stmt, params).all()]
+        claim = self._claims.get(key)
+        if claim is None:
+            claim = self._claims[key] = Prepared(
+                _claim_statement(*key, skip_locked=not self.is_sqlite), self.engine.dialect)
+        params = {"b_now": now, "b_limit": limit, "b_owner": owner, "b_until": now + lease_ttl}
+        if tenant_id is not None:
+            params["b_tenant"] = tenant_id
+        if code_version is not None:
+            params["b_version"] = code_version
+        return [_starting(row) for row in claim.rows(conn, params)]
+
+    def _clear_waits(self, conn: Connection, pks: list[int]) -> None:
+        """Claimed instances wait for nothing any more (until they suspend again)."""
+        for pk in pks:
+            self._prepared[_CLEAR_WAIT].run(conn, {"b_pk": pk})
 
     def _claim_and_load(
         self, conn: Connection, now: float, limit: int, owner: str, lease_ttl: float,
@@ -112,7 +113,10 @@ class Scheduling:
             return []
         pks = [info.pk for info, _, _ in claimed]
         steps: dict[int, list[StepRecord]] = {pk: [] for pk in pks}
-        for row in conn.execute(_LOAD_STEPS_OF, {"b_pks": pks}):
+        steps_of = self._steps_of.get(len(pks))
+        if steps_of is None:
+            steps_of = self._steps_of[len(pks)] = Prepared(_steps_of(len(pks)), self.engine.dialect)
+        for row in steps_of.rows(conn, {f"b_pk{i}": pk for i, pk in enumerate(pks)}):
             steps[row[0]].append(StepRecord(*row[1:]))
         states, waiting = [], []
         for info, crashes, terminating in claimed:
@@ -121,9 +125,9 @@ class Scheduling:
                 waiting.append(pk)
                 taken = self._take_awaited(conn, pk, steps[pk], info.waiting_for, now)
                 info = replace(info, waiting_for=None)
-            ended = _end_sleeps(conn, pk, steps[pk], now)
+            ended = _end_sleeps(self._prepared[_SLEPT], conn, pk, steps[pk], now)
             states.append(ActivationState(info, steps[pk], crashes, terminating, taken, ended))
-        _clear_waits(conn, waiting)
+        self._clear_waits(conn, waiting)
         return states
 
     def _take_awaited(

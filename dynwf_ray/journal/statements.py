@@ -39,10 +39,13 @@ class Prepared:
     same type processors SQLAlchemy would use. A driver's error is what `faults.unavailable`
     already reads, as it reads SQLAlchemy's."""
 
-    __slots__ = ("sql", "_names", "_fixed", "_process")
+    __slots__ = ("sql", "_names", "_fixed", "_process", "_dialect", "_types", "_convert")
 
     def __init__(self, stmt: Any, dialect: Dialect, column_keys: list[str] | None = None):
         compiled = stmt.compile(dialect=dialect, column_keys=column_keys)
+        self._dialect = dialect
+        self._types = [c.type.dialect_impl(dialect) for c in getattr(stmt, "exported_columns", ())]
+        self._convert: list[tuple[int, Any]] | None = None
         if compiled.insert_prefetch or compiled.update_prefetch:  # SQLAlchemy would fill them
             raise ValueError(f"a column default is computed when {compiled.string!r} runs")
         self.sql = compiled.string
@@ -64,6 +67,25 @@ class Prepared:
             values[name] = process(values[name])
         args = values if self._names is None else [values[name] for name in self._names]
         return conn.connection.driver_connection.execute(self.sql, args)
+
+    def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[Any]:
+        """`run`, then every row it returned, its values converted as SQLAlchemy would
+        (SQLite gives a boolean as 0 or 1). The converters depend on the types the driver
+        reports (PostgreSQL's numeric ones do), so they are chosen at the first run."""
+        cursor = self.run(conn, params)
+        rows = cursor.fetchall()
+        if self._convert is None:
+            found = [t.result_processor(self._dialect, d[1]) for t, d in zip(self._types, cursor.description)]
+            self._convert = [(i, f) for i, f in enumerate(found) if f is not None]
+        if not self._convert:
+            return rows
+        converted = []
+        for row in rows:
+            row = list(row)
+            for i, convert in self._convert:
+                row[i] = convert(row[i])
+            converted.append(row)
+        return converted
 
 
 _INFO_COLS = [getattr(I.c, f) for f in InstanceInfo.__dataclass_fields__]
@@ -152,14 +174,17 @@ _LAST_LINE = (
     select(L.c.message).where(L.c.instance_pk == bindparam("b_pk"), L.c.stream == bindparam("b_stream"))
     .order_by(L.c.pk.desc()).limit(1)
 )
-# The steps of the instances a claim took (`b_pks`: their pks).
-_LOAD_STEPS_OF = select(S.c.instance_pk, *_STEP_COLS).where(
-    S.c.instance_pk.in_(bindparam("b_pks", expanding=True)))
-_CLEAR_WAITS = (
-    update(I)
-    .where(I.c.pk.in_(bindparam("b_pks", expanding=True)), I.c.waiting_for.is_not(None))
-    .values(waiting_for=None)
-)
+
+
+def _steps_of(n: int) -> Any:
+    """The steps of the `n` instances a claim took (`b_pk0`, `b_pk1`, ...: their pks): a
+    statement per count, so that each can be compiled once (`Prepared`)."""
+    pks = [bindparam(f"b_pk{i}", type_=Integer) for i in range(n)]
+    return select(S.c.instance_pk, *_STEP_COLS).where(S.c.instance_pk.in_(pks))
+
+
+_CLEAR_WAIT = update(I).where(I.c.pk == bindparam("b_pk"), I.c.waiting_for.is_not(None)).values(
+    waiting_for=None)
 _SUSPEND = (
     update(I)
     .where(_FENCED)

@@ -99,25 +99,25 @@ class ActivationWrites:
         taken = self._take_buffered(conn, pk, step, event_type, now)
         return None if taken is None else taken[0]
 
-    @staticmethod
     def _take_buffered(
-        conn: Connection, pk: int, step: StepRecord, event_type: str, now: float,
+        self, conn: Connection, pk: int, step: StepRecord, event_type: str, now: float,
     ) -> tuple[tuple[str, str, float], StepRecord] | None:
         """Move the oldest buffered event of this type into the waiting step (the caller
         holds the lease). Returns ((type, payload_json, created_at), the step as recorded
         now), or None when nothing is buffered."""
-        row = conn.execute(_BUFFERED, {"b_pk": pk, "b_type": event_type}).first()
+        row = self._prepared[_BUFFERED].run(conn, {"b_pk": pk, "b_type": event_type}).fetchone()
         if row is None:
             return None
-        conn.execute(_CONSUME, {"b_event": row.pk})
+        event_pk, payload_json, created_at = row
+        self._prepared[_CONSUME].run(conn, {"b_event": event_pk})
         result = (
-            f'{{"type":{json.dumps(event_type)},"payload":{row.payload_json},'
-            f'"timestamp":{json.dumps(row.created_at)}}}'
+            f'{{"type":{json.dumps(event_type)},"payload":{payload_json},'
+            f'"timestamp":{json.dumps(created_at)}}}'
         )
-        conn.execute(_RECEIVED, {"b_pk": pk, "b_name": step.name, "b_seq": step.seq,
-                                 "b_result": result, "b_now": now})
+        self._prepared[_RECEIVED].run(conn, {"b_pk": pk, "b_name": step.name, "b_seq": step.seq,
+                                             "b_result": result, "b_now": now})
         recorded = replace(step, status=STEP_COMPLETE, result_json=result, finished_at=now)
-        return (event_type, row.payload_json, row.created_at), recorded
+        return (event_type, payload_json, created_at), recorded
 
     def suspend(
         self, pk: int, token: int, wake_at: float | None, waiting_for: str | None, now: float
@@ -141,8 +141,8 @@ class ActivationWrites:
         if not self._prepared[_SUSPEND].run(conn, params).rowcount:
             raise LeaseLostError(f"instance pk={pk}: lease lost before suspending")
         if waiting_for is not None:
-            if conn.execute(_BUFFERED, {"b_pk": pk, "b_type": waiting_for}).first():
-                conn.execute(_WAKE_NOW, {"b_pk": pk, "b_now": now})
+            if self._prepared[_BUFFERED].run(conn, {"b_pk": pk, "b_type": waiting_for}).fetchone():
+                self._prepared[_WAKE_NOW].run(conn, {"b_pk": pk, "b_now": now})
 
     def pause_now(self, pk: int, token: int, now: float) -> None:
         """The activation stopped at a step boundary because a pause was requested."""
