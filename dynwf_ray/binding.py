@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from pydantic import ValidationError
 
-from .errors import InvalidInputError, InvalidStateError, JournalUnavailableError, UnknownTenantError
+from .errors import InvalidInputError, InvalidStateError, JournalUnavailableError
 from .journal import Journal
 from .logs import PLATFORM_STREAM
 from .tracing import end_instance_trace, new_trace_context
@@ -229,13 +229,14 @@ class WorkflowBinding:
 
     def create(self, id: str | None = None, params: Any = None) -> InstanceHandle:
         """Create an instance (id optional; a duplicate id raises DuplicateInstanceError)."""
-        version = self._version()
-        item = self._item(_options(id=id, params=params), version)
-        self._journal.create_instances(
-            self.tenant_id, version, [item], self._clock(), skip_existing=False
+        instance_id, params_json, trace = self._item(_options(id=id, params=params))
+        version, _ = self._journal.create_on_latest(
+            self.tenant_id,
+            lambda version: [(instance_id, params_json, self._metadata_json(version), *trace)],
+            self._clock(), skip_existing=False,
         )
         self._notify(self.tenant_id, version)
-        return InstanceHandle(self, item[0], "created")
+        return InstanceHandle(self, instance_id, "created")
 
     def create_batch(self, items: Iterable[Mapping[str, Any]]) -> list[InstanceHandle]:
         """Create up to 100 instances at once, in one transaction. Each item gets a
@@ -248,13 +249,12 @@ class WorkflowBinding:
             raise InvalidInputError(
                 f"create_batch takes at most {MAX_BATCH} instances, got {len(items)}"
             )
-        version = self._version()
         rows, handles = [], []
         for i, item in enumerate(items):
             try:
                 if not isinstance(item, Mapping):
                     raise InvalidInputError(f"item {i}: expected a mapping, got {type(item).__name__}")
-                row = self._item(_options(**dict(item)), version)
+                row = self._item(_options(**dict(item)))
             except InvalidInputError as exc:
                 given = item.get("id") if isinstance(item, Mapping) else None
                 handles.append(InstanceHandle(
@@ -262,9 +262,14 @@ class WorkflowBinding:
                 continue
             rows.append(row)
             handles.append(InstanceHandle(self, row[0]))
-        created = set(self._journal.create_instances(
-            self.tenant_id, version, rows, self._clock(), skip_existing=True
-        )) if rows else set()
+
+        def stored(version: str) -> list:
+            metadata_json = self._metadata_json(version)
+            return [(iid, params_json, metadata_json, *trace) for iid, params_json, trace in rows]
+
+        version, ids = self._journal.create_on_latest(
+            self.tenant_id, stored, self._clock(), skip_existing=True)
+        created = set(ids)
         for handle in handles:
             if handle.outcome is None:
                 handle.outcome = "created" if handle.id in created else "existed"
@@ -304,23 +309,17 @@ class WorkflowBinding:
             return [r.model_dump() if hasattr(r, "model_dump") else r for r in result]
         return result
 
-    def _version(self) -> str:
-        version = self._journal.latest_version(self.tenant_id)
-        if version is None:
-            raise UnknownTenantError(
-                f"tenant {self.tenant_id!r} has no workflow code; register or push it first"
-            )
-        return version
-
-    def _item(
-        self, options: CreateOptions, version: str
-    ) -> tuple[str, str, str, str | None, str | None]:
-        """The envelope persisted with the instance, and its trace identity:
-        (id, params_json, metadata_json, trace_context, trace_caller)."""
+    def _item(self, options: CreateOptions) -> tuple[str, str, tuple[str | None, str | None]]:
+        """What is persisted of one instance besides its envelope: (id, params_json,
+        its trace identity (trace_context, trace_caller))."""
         instance_id = options.id or uuid.uuid4().hex
         params_json = to_json(options.params, f"params of instance {instance_id!r}")
-        metadata = {**self._metadata, "tenant_id": self.tenant_id, "code_version": version}
-        return (instance_id, params_json, json.dumps(metadata), *new_trace_context())
+        return instance_id, params_json, new_trace_context()
+
+    def _metadata_json(self, version: str) -> str:
+        """The envelope's metadata persisted with each instance (the code version is the
+        tenant's newest, read in the create's transaction)."""
+        return json.dumps({**self._metadata, "tenant_id": self.tenant_id, "code_version": version})
 
     def _end_trace(self, info: Any, status: str, now: float) -> None:
         if self._otel_env is not None:

@@ -18,10 +18,12 @@ from dynwf_ray import (
     InvalidInputError,
     InvalidStateError,
     NonRetryableError,
+    UnknownTenantError,
     WorkflowEntrypoint,
     WorkflowTimeoutError,
 )
 from dynwf_ray.activation import activate
+from dynwf_ray.binding import WorkflowBinding
 from dynwf_ray.cli import main
 from dynwf_ray.journal import LeaseLostError, StepRecord
 from dynwf_ray.types import LogLine
@@ -344,6 +346,18 @@ def test_bindings_create_get_and_errors(journal, tenant):
     other.binding.create(id="dup")  # ids are per tenant
     auto = d.binding.create(params={"a": 1})
     assert len(auto.id) == 32
+    # a create runs on the newest code, read in its own transaction, and says so in its
+    # envelope; instances created before stay on theirs
+    journal.save_code(tenant, "v2", "test", b"", d.now)
+    d.binding.create(id="newer")
+    newer = journal.get_instance(tenant, "newer")
+    assert (newer.code_version, json.loads(newer.metadata_json)["code_version"]) == ("v2", "v2")
+    assert journal.get_instance(tenant, "dup").code_version == "v1"
+    assert [h.outcome for h in d.binding.create_batch([{"id": "b1"}, {"id": "dup"}])] == [
+        "created", "existed"]
+    assert json.loads(journal.get_instance(tenant, "b1").metadata_json)["code_version"] == "v2"
+    with pytest.raises(UnknownTenantError, match=f"tenant '{tenant}none' has no workflow code"):
+        WorkflowBinding(journal, tenant + "none").create()
 
 
 def test_releasing_a_lease_already_given_up_changes_nothing(journal, tenant):

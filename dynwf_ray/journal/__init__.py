@@ -85,7 +85,7 @@ from .schema import (
 from .schema import S
 from .scheduling import Scheduling
 from .statements import (
-    _BUFFERED, _CLEAR_WAIT, _COMPLETE, _CONSUME, _FAIL, _FENCE, _INSERT_EVENT, _INSERT_INSTANCE,
+    _BUFFERED, _CLEAR_WAIT, _COMPLETE, _LATEST_VERSION, _CONSUME, _FAIL, _FENCE, _INSERT_EVENT, _INSERT_INSTANCE,
     _LOCK_INSTANCE, _PAUSE, _RECEIVED, _RENEW, _SLEPT, _STEP_FIELDS, _SUSPEND, _TERMINATE, _WAKE_NOW, Prepared,
 )
 from .writes import ActivationWrites
@@ -127,7 +127,7 @@ class Journal(CodeStore, Instances, Scheduling, ActivationWrites, LogLines, Acce
             stmt: Prepared(stmt, dialect)
             for stmt in (_FENCE, _RENEW, _SUSPEND, _COMPLETE, _FAIL, _PAUSE, _TERMINATE,
                          _SLEPT, _CLEAR_WAIT, _BUFFERED, _CONSUME, _RECEIVED, _WAKE_NOW,
-                         _LOCK_INSTANCE)
+                         _LOCK_INSTANCE, _LATEST_VERSION)
         }
         self._steps_of: dict[int, Prepared] = {}  # by the number of instances claimed
         self._prepared_upsert_step = Prepared(self._upsert_step, dialect, ["instance_pk", *_STEP_FIELDS])

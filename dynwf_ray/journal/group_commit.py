@@ -86,9 +86,13 @@ class GroupCommit:
                     return
                 batch, self._queue = self._queue, []
             results = self._commit(batch)
+            # One wake-up per event loop (a host process has one), not one per write.
+            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
             for (_, _, loop, future), result in zip(batch, results):
+                by_loop.setdefault(loop, []).append((future, result))
+            for loop, settled in by_loop.items():
                 try:
-                    loop.call_soon_threadsafe(_settle, future, result)
+                    loop.call_soon_threadsafe(_settle, settled)
                 except RuntimeError:  # that caller's loop is closed: nobody waits
                     pass
 
@@ -130,11 +134,11 @@ class GroupCommit:
             return False, exc
 
 
-def _settle(future: asyncio.Future, result: tuple[bool, Any]) -> None:
-    if future.done():
-        return
-    ok, value = result
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
+def _settle(settled: list[tuple[asyncio.Future, tuple[bool, Any]]]) -> None:
+    for future, (ok, value) in settled:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..types import TERMINAL, InstanceStatus
 
 import json
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from sqlalchemy import (
     and_,
@@ -25,10 +25,11 @@ from ..errors import (
     InstanceNotFoundError,
     InvalidInputError,
     InvalidStateError,
+    UnknownTenantError,
 )
 
 from .schema import (STEP_COMPLETE, MAX_ROW_ID, I, S, E, C, L, X, InstanceInfo, StepRecord, ActivationState, TERMINATE_EVENT)
-from .statements import (_INFO_COLS, _STEP_COLS, _LOAD_STEPS, _GET_INSTANCE, _LOCK_INSTANCE, _LOAD_ROLLBACKS, _WAKE_NOW, _INSERT_INSTANCE)
+from .statements import (_INFO_COLS, _STEP_COLS, _LOAD_STEPS, _GET_INSTANCE, _LOCK_INSTANCE, _LOAD_ROLLBACKS, _WAKE_NOW, _INSERT_INSTANCE, _LATEST_VERSION)
 
 from .faults import retried
 
@@ -60,6 +61,42 @@ class Instances:
         With skip_existing, ids the tenant already has are left alone (create_batch);
         otherwise an existing id raises DuplicateInstanceError. Returns the ids inserted.
         """
+        if not items:
+            return []
+        with self._write() as conn:
+            return self._insert_instances(conn, tenant_id, code_version, items, now, skip_existing)
+
+    @retried
+    def create_on_latest(
+        self,
+        tenant_id: str,
+        items: Callable[[str], Sequence[tuple[str, str, str, str | None, str | None]]],
+        now: float,
+        *,
+        skip_existing: bool,
+    ) -> tuple[str, list[str]]:
+        """`create_instances` on the tenant's newest code version, read in the same
+        transaction (what a binding's `create` does: one transaction, not a read and then
+        a write). `items(version)` gives the rows; it runs inside the transaction, so it
+        should be cheap. Returns (the version, the ids inserted); UnknownTenantError when
+        the tenant has no code."""
+        with self._write() as conn:
+            row = self._prepared[_LATEST_VERSION].run(conn, {"b_tenant": tenant_id}).fetchone()
+            if row is None or row[0] is None:
+                raise UnknownTenantError(
+                    f"tenant {tenant_id!r} has no workflow code; register or push it first"
+                )
+            version = row[0]
+            rows = items(version)
+            return version, (
+                self._insert_instances(conn, tenant_id, version, rows, now, skip_existing) if rows else []
+            )
+
+    def _insert_instances(
+        self, conn: Connection, tenant_id: str, code_version: str,
+        items: Sequence[tuple[str, str, str, str | None, str | None]], now: float,
+        skip_existing: bool,
+    ) -> list[str]:
         rows = [
             dict(zip(CREATED_COLUMNS, (
                 tenant_id, iid, code_version, params, meta, InstanceStatus.queued,
@@ -67,36 +104,33 @@ class Instances:
             )))
             for iid, params, meta, trace_context, trace_caller in items
         ]
-        if not rows:
-            return []
-        with self._write() as conn:
-            if skip_existing:
-                existing = set(
-                    conn.execute(
-                        select(I.c.instance_id).where(
-                            I.c.tenant_id == tenant_id,
-                            I.c.instance_id.in_([r["instance_id"] for r in rows]),
-                        )
-                    ).scalars()
-                )
-                seen: set[str] = set()
-                fresh = []
-                for r in rows:
-                    if r["instance_id"] not in existing and r["instance_id"] not in seen:
-                        seen.add(r["instance_id"])
-                        fresh.append(r)
-                rows = fresh
-                if rows:
-                    conn.execute(_INSERT_INSTANCE, rows)
-            else:  # one by one, as a webhook creates them: the statement precompiled
-                try:
-                    for row in rows:
-                        self._prepared_create.run(conn, row)
-                except conn.dialect.dbapi.IntegrityError:  # the driver's: Prepared runs on it
-                    raise DuplicateInstanceError(
-                        f"tenant {tenant_id!r} already has an instance with id "
-                        f"{rows[0]['instance_id']!r}"
-                    ) from None
+        if skip_existing:
+            existing = set(
+                conn.execute(
+                    select(I.c.instance_id).where(
+                        I.c.tenant_id == tenant_id,
+                        I.c.instance_id.in_([r["instance_id"] for r in rows]),
+                    )
+                ).scalars()
+            )
+            seen: set[str] = set()
+            fresh = []
+            for r in rows:
+                if r["instance_id"] not in existing and r["instance_id"] not in seen:
+                    seen.add(r["instance_id"])
+                    fresh.append(r)
+            rows = fresh
+            if rows:
+                conn.execute(_INSERT_INSTANCE, rows)
+        else:  # one by one, as a webhook creates them: the statement precompiled
+            try:
+                for row in rows:
+                    self._prepared_create.run(conn, row)
+            except conn.dialect.dbapi.IntegrityError:  # the driver's: Prepared runs on it
+                raise DuplicateInstanceError(
+                    f"tenant {tenant_id!r} already has an instance with id "
+                    f"{rows[0]['instance_id']!r}"
+                ) from None
         return [r["instance_id"] for r in rows]
 
     def get_instance(self, tenant_id: str, instance_id: str) -> InstanceInfo | None:

@@ -156,7 +156,7 @@ def _starting(row: Any) -> tuple[InstanceInfo, int, bool]:
 _LOAD_INSTANCE = select(*_INFO_COLS, *_activation_extras(bindparam("b_pk"))).where(
     I.c.pk == bindparam("b_pk"))
 _LOAD_STEPS = select(*_STEP_COLS).where(S.c.instance_pk == bindparam("b_pk"))
-# What `create` runs: the tenant's newest code, then the insert.
+# What `create` runs, in one transaction: the tenant's newest code, then the insert.
 _LATEST_VERSION = select(T.c.latest_version).where(T.c.tenant_id == bindparam("b_tenant"))
 _INSERT_INSTANCE = insert(I)
 # A caller's reads and writes of one instance (status, send_event, pause, ...).
