@@ -457,8 +457,9 @@ class HostProcess:
         if host_id not in self._hosts:
             adding = self._adding.get(host_id)
             if adding is None:
-                adding = self._adding[host_id] = asyncio.ensure_future(
-                    asyncio.to_thread(InstanceHost, self._journal, spec))
+                adding = self._adding[host_id] = asyncio.ensure_future(asyncio.to_thread(
+                    InstanceHost, self._journal, spec,
+                    lambda: self._tell_scheduler("short_of_slots", host_id)))
                 adding.add_done_callback(lambda _: self._adding.pop(host_id, None))
             self._hosts.setdefault(host_id, await asyncio.shield(adding))
         return ray.get_runtime_context().get_node_id()
@@ -488,20 +489,25 @@ class HostProcess:
 
     def _forward(self, tenant_id: str, version: str) -> None:
         """A wake for a host this process does not (any more) run: the scheduler's."""
+        self._tell_scheduler("notify", tenant_id, version)
+
+    def _tell_scheduler(self, method: str, *args: Any) -> None:
+        """Call the scheduler's `method` without waiting (a wake passed on, or a host
+        short of slots); lost when no scheduler runs: its next tick sees the work."""
         if self._scheduler is None:
             return
         if self._scheduler_handle is not None:
-            self._scheduler_handle.notify.remote(tenant_id, version)
+            getattr(self._scheduler_handle, method).remote(*args)
             return
 
-        def find_and_notify() -> None:  # a GCS lookup: off the loop
+        def find_and_call() -> None:  # a GCS lookup: off the loop
             name, namespace = self._scheduler
             try:
                 self._scheduler_handle = ray.get_actor(name, namespace=namespace)
-                self._scheduler_handle.notify.remote(tenant_id, version)
-            except Exception:  # noqa: BLE001 - none runs now: the next one's poll finds the work
-                log.debug("no scheduler to pass a wake on to", exc_info=True)
-        asyncio.get_running_loop().run_in_executor(None, find_and_notify)
+                getattr(self._scheduler_handle, method).remote(*args)
+            except Exception:  # noqa: BLE001 - none runs now: its next tick finds the work
+                log.debug("no scheduler to tell %s", method, exc_info=True)
+        asyncio.get_running_loop().run_in_executor(None, find_and_call)
 
     def _watch_loader(self) -> None:
         if not self._watching and self._loader is not None:
@@ -577,8 +583,12 @@ class InstanceHost:
     scheduler calls it again to adopt the host), `set_quota`, `wake`, `stop` and
     `report`, through its `HostProcess`."""
 
-    def __init__(self, journal: Journal, spec: HostSpec):
+    def __init__(self, journal: Journal, spec: HostSpec,
+                 short_of_slots: Callable[[], None] | None = None):
         tenant_id, version = spec.tenant_id, spec.version
+        # Told once per quota when a wake finds every slot taken (see `wake`).
+        self._short_of_slots = short_of_slots
+        self._said_short = False
         sandbox = spec.sandbox or {}
         self._journal = journal
         self._tracing = tracing.tracing_for(spec.otel_env or {}, tenant_id, version)
@@ -686,15 +696,21 @@ class InstanceHost:
 
     async def set_quota(self, slots: int) -> None:
         """Run up to `slots` activations at once (fewer: those running finish)."""
-        self._quota = slots
+        self._quota, self._said_short = slots, False
         if self._wake is not None:
             self._wake.set()
 
     def wake(self) -> bool:
         """Work of this code may be due: look now. False once stopped (it takes no
-        more work)."""
+        more work). A wake that finds every slot of the quota taken tells the scheduler
+        (once per quota), which shares capacity again at once when it could give more:
+        a quota set while the version was quiet would otherwise hold until its next tick."""
         if self._wake is not None:
             self._wake.set()
+        if (self._short_of_slots is not None and not self._said_short and not self._stopping
+                and len(self._running) + len(self._blocked) >= self._quota > 0):
+            self._said_short = True
+            self._short_of_slots()
         return not self._stopping
 
     async def stop(self) -> None:

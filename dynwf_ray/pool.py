@@ -172,6 +172,17 @@ class HostPool:
         return [self._stop(h, "settings changed") for h in list(self.hosts.values())
                 if h.key.tenant_id == tenant_id and not h.stopping]
 
+    def could_give_more(self, host_id: int) -> bool:
+        """A host runs as many activations as its quota and has more work of its code
+        waiting: True when a tick could raise its quota (it is below what one host may
+        run), so that sharing again now is worth it. Capacity lent to idle hosts comes
+        back only at a tick, so without this a version whose load just rose works with
+        the quota of its quiet time until the next one."""
+        host = self.hosts.get(host_id)
+        if host is None or host.stopping or not host.ready:
+            return False
+        return 0 <= host.quota < min(self.config.host_concurrency, self.config.max_activations)
+
     @property
     def cold_start_s(self) -> float:
         return self._cold_start_s if self._cold_start_s is not None else self.config.cold_start_s

@@ -431,6 +431,9 @@ class Scheduler:
                name_hosts: bool = False) -> list[tuple[int, Any]] | None:
         return self._impl.notify(tenant_id, version, name_hosts)
 
+    def short_of_slots(self, host_id: int) -> None:
+        self._impl.short_of_slots(host_id)
+
     def retire(self, tenant_id: str) -> None:
         self._impl.retire(tenant_id)
 
@@ -523,6 +526,12 @@ class _RayScheduler:
             self._loop.call_soon_threadsafe(self._wake.set)
         # else it runs at once; the next tick counts it in
         return woken if name_hosts else None
+
+    def short_of_slots(self, host_id: int) -> None:
+        """The host is at its quota with work of its code waiting: tick soon (coalesced
+        with other reasons to, MIN_TICK apart) when that could raise its quota."""
+        if self.core.pool.could_give_more(host_id):
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     def retire(self, tenant_id: str) -> None:
         """A tenant's settings changed: replace its hosts (running activations finish)."""

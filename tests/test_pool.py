@@ -90,6 +90,23 @@ def test_idle_capacity_is_lent_to_warm_hosts_and_quotas_stay_put():
     assert quotas(p)[C] == 1 and quotas(p)[B] == 1 and quotas(p)[A] == 32
 
 
+def test_a_host_short_of_slots_is_worth_a_tick_only_when_one_could_raise_its_quota():
+    """A version that was quiet while capacity was scarce has a quota of 1; when its
+    load rises, its host (every slot taken, more waiting) asks, and a tick now gives it
+    the capacity back. A host at what one host may run is not worth a tick."""
+    p = pool(max_activations=16, host_concurrency=16)
+    bring_up(p, 0.0, {A: Want(1, 0), B: Want(1, 0), C: Want(1, 0)})
+    bring_up(p, 10.0, {B: Want(100, 0), C: Want(100, 0)})
+    (a,) = [h for h in p.hosts.values() if h.key == A]
+    assert a.quota == 1 and p.could_give_more(a.id)
+    p.tick(20.0, {A: Want(500, 1)})  # the tick it asked for: B and C went quiet
+    assert a.quota == 16 and not p.could_give_more(a.id)
+    assert not p.could_give_more(999)  # a host the pool does not know (ended)
+    p.tick(21.0, {A: Want(500, 16)})
+    p.stop_version("a")
+    assert not p.could_give_more(a.id)  # stopping: it takes no more work
+
+
 # --- hosts follow demand -------------------------------------------------------------
 
 
