@@ -7,8 +7,11 @@ journal: demand read from it, and crash counts kept in it.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from dynwf_ray.host import InstanceHost
 from dynwf_ray.journal import Journal
 from dynwf_ray.journal.schema import lease_owner_prefix
 from dynwf_ray.pool import CodeKey, HostPool, PoolConfig, Quota, Start, Stop, Want, fair_shares
@@ -105,6 +108,28 @@ def test_a_host_short_of_slots_is_worth_a_tick_only_when_one_could_raise_its_quo
     p.tick(21.0, {A: Want(500, 16)})
     p.stop_version("a")
     assert not p.could_give_more(a.id)  # stopping: it takes no more work
+
+
+def test_a_host_says_it_is_short_of_slots_once_per_quota():
+    """The host's half: a wake that finds every slot taken tells the scheduler once,
+    until a new quota comes; a wake with a free slot, or to a stopping host, tells
+    nothing. (The host is built without its sandboxes: only its slots matter here.)"""
+    told = []
+    host = InstanceHost.__new__(InstanceHost)
+    host._wake, host._stopping, host._running, host._blocked = None, False, {}, {}
+    host._short_of_slots, host._said_short = lambda: told.append(1), False
+    asyncio.run(host.set_quota(2))
+    host._running = {1: 1}
+    assert host.wake() and told == []  # a slot is free: it claims, nothing to ask
+    host._blocked = {2: 1}
+    host.wake(), host.wake()
+    assert told == [1]  # every slot taken: once, however many wakes
+    asyncio.run(host.set_quota(2))  # any quota set since lets it ask again
+    host.wake()
+    assert told == [1, 1]
+    asyncio.run(host.set_quota(3))
+    host._stopping = True
+    assert not host.wake() and told == [1, 1]  # a free slot, and stopping anyway
 
 
 # --- hosts follow demand -------------------------------------------------------------
