@@ -20,8 +20,10 @@ The scheduler is off the hot path: hosts claim their own code's due instances
 version's hosts directly when they have slots, and names them back: from then
 on the caller's `Router` wakes them itself (by a datagram when they run on the
 caller's machine: `wakeup.py`), asking again each second. It ticks when notified for a
-version with no such host (at most every `MIN_TICK` seconds), when a host
-starts or ends, at the next timer or lease expiry of any code (hosts take
+version with no such host (at most every `MIN_TICK` seconds), when a host that
+runs as many activations as its quota says it is short of slots and a tick could
+raise that quota (`short_of_slots`), when a host starts or ends, at the next timer
+or lease expiry of any code (hosts take
 their own code's timers; the tick starts hosts for code that has none), every
 `BACKLOG_TICK` while a backlog lasts, and every `poll_interval`.
 
