@@ -64,7 +64,7 @@ transaction that fails leaves nothing written. Each journal's `health`
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from .. import migrations
 from ..errors import JournalSchemaError
@@ -110,7 +110,6 @@ class Journal(CodeStore, Instances, Scheduling, ActivationWrites, LogLines, Acce
         self.health = JournalHealth()
         self.engine, self._writers, dialect_insert = connect(url, synchronous)
         self._dialect_insert = dialect_insert
-        self._claims: dict[tuple[bool, bool], Prepared] = {}
         self._group: GroupCommit | None = None
         # Same pool; connections from it begin with BEGIN IMMEDIATE on SQLite.
         self._write_engine = self.engine.execution_options(dynwf_write=True)
@@ -123,13 +122,14 @@ class Journal(CodeStore, Instances, Scheduling, ActivationWrites, LogLines, Acce
         )
         # The step path's statements, run on the driver's connection (`Prepared`).
         dialect = self.engine.dialect
-        self._prepared = {
+        # By statement; statements built per shape (a claim's filters, how many instances
+        # it took) are added by key when first run (`_prepare`).
+        self._prepared: dict[Any, Prepared] = {
             stmt: Prepared(stmt, dialect)
             for stmt in (_FENCE, _RENEW, _SUSPEND, _COMPLETE, _FAIL, _PAUSE, _TERMINATE,
                          _SLEPT, _CLEAR_WAIT, _BUFFERED, _CONSUME, _RECEIVED, _WAKE_NOW,
                          _LOCK_INSTANCE, _LATEST_VERSION)
         }
-        self._steps_of: dict[int, Prepared] = {}  # by the number of instances claimed
         self._prepared_upsert_step = Prepared(self._upsert_step, dialect, ["instance_pk", *_STEP_FIELDS])
         self._prepared_create = Prepared(_INSERT_INSTANCE, dialect, list(CREATED_COLUMNS))
         self._prepared_event = Prepared(
@@ -150,6 +150,13 @@ class Journal(CodeStore, Instances, Scheduling, ActivationWrites, LogLines, Acce
                 if error is None:
                     raise
                 raise error from exc
+
+    def _prepare(self, key: Any, build: Callable[[], Any]) -> Prepared:
+        """The compiled statement kept under `key`, built and compiled at its first use."""
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            prepared = self._prepared[key] = Prepared(build(), self.engine.dialect)
+        return prepared
 
     def check_schema(self) -> str:
         """The journal's schema revision; JournalSchemaError unless it is this code's

@@ -79,10 +79,7 @@ class Scheduling:
         if limit <= 0:
             return []
         key = (tenant_id is not None, code_version is not None)
-        claim = self._claims.get(key)
-        if claim is None:
-            claim = self._claims[key] = Prepared(
-                _claim_statement(*key, skip_locked=not self.is_sqlite), self.engine.dialect)
+        claim = self._prepare(("claim", key), lambda: _claim_statement(*key, skip_locked=not self.is_sqlite))
         params = {"b_now": now, "b_limit": limit, "b_owner": owner, "b_until": now + lease_ttl}
         if tenant_id is not None:
             params["b_tenant"] = tenant_id
@@ -113,9 +110,7 @@ class Scheduling:
             return []
         pks = [info.pk for info, _, _ in claimed]
         steps: dict[int, list[StepRecord]] = {pk: [] for pk in pks}
-        steps_of = self._steps_of.get(len(pks))
-        if steps_of is None:
-            steps_of = self._steps_of[len(pks)] = Prepared(_steps_of(len(pks)), self.engine.dialect)
+        steps_of = self._prepare(("steps of", len(pks)), lambda: _steps_of(len(pks)))
         for row in steps_of.rows(conn, {f"b_pk{i}": pk for i, pk in enumerate(pks)}):
             steps[row[0]].append(StepRecord(*row[1:]))
         states, waiting = [], []

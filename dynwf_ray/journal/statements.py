@@ -1,5 +1,5 @@
 """SQL statements the hot paths run, built once (bind parameters are prefixed with b_),
-and `Prepared`: the step path's few statements, compiled once for the journal's dialect."""
+and `Prepared`: the activation path's statements, compiled once for the journal's dialect."""
 
 from __future__ import annotations
 
