@@ -270,6 +270,92 @@ def test_binding_calls_from_other_threads_get_their_answers(driver):
     assert json.loads(d.info("p").output_json) == {"made": ["t0", "t1"], "seen": "queued"}
 
 
+def test_the_channel_is_read_by_its_loop_or_by_a_blocked_request():
+    """The sandbox's channel alone, with a plain fake supervisor on a thread: the event
+    loop reads the replies; a blocking request reads its own, from the loop's thread
+    (the loop is blocked) or from another one (the loop stops reading meanwhile and
+    reads again after); frames split or packed together arrive whole and in order;
+    and a blocked request that is never answered ends with the activation."""
+    import threading
+
+    from dynwf_ray.sandbox import protocol
+
+    import selectors
+
+    removed: list = []
+
+    class Watched(selectors.DefaultSelector):  # what the loop stops watching
+        def unregister(self, fileobj):  # noqa: ANN001, ANN202
+            removed.append(fileobj)
+            return super().unregister(fileobj)
+
+    ours, theirs = socket.socketpair()
+    loop = asyncio.SelectorEventLoop(Watched())
+    channel = runtime._Channel(theirs, loop)
+    seen: list[int] = []
+
+    def supervisor() -> None:  # answers a request with ten times its id, but not "quiet" ones
+        while (m := protocol.recv(ours)) is not None:
+            if m.get("quiet"):
+                continue
+            reply = protocol.encode({"t": "ok", "id": m["id"], "value": m["id"] * 10})
+            if m.get("split"):  # one frame in two writes
+                ours.sendall(reply[:3])
+                ours.sendall(reply[3:])
+            elif m.get("packed"):  # a reply and an extra message in one write
+                ours.sendall(reply + protocol.encode({"t": "extra", "n": m["id"]}))
+            else:
+                ours.sendall(reply)
+
+    threading.Thread(target=supervisor, daemon=True).start()
+    channel.on_message = lambda m: seen.append(m["n"])
+
+    def ask(**flags) -> dict:
+        return {"op": "bind", "id": channel.new_id(), **flags}
+
+    async def main() -> list:
+        channel.start_reading()
+        got = [await channel.request(ask())]  # the loop reads
+        got.append(channel.request_sync(ask(split=True)))  # the loop's thread, blocked, reads
+        with channel._reading:  # as a thread reading for its request holds it:
+            ours.sendall(protocol.encode({"t": "extra", "n": 0}))
+            deadline = time.monotonic() + 10
+            while not removed and time.monotonic() < deadline:
+                await asyncio.sleep(0)  # the loop, told there is data, stops reading
+        assert removed
+        # Another thread's request reads the waiting message and its reply, then hands back.
+        got.append(await asyncio.to_thread(channel.request_sync, ask(packed=True)))
+        got.append(await asyncio.wait_for(channel.request(ask(packed=True)), 10))  # the loop reads again
+        await asyncio.sleep(0)  # the extra messages were handed to the loop
+        return got
+
+    try:
+        assert loop.run_until_complete(main()) == [10, 20, 30, 40]
+        assert seen == [0, 3, 4]
+
+        ended: list[BaseException] = []
+
+        def unanswered() -> None:
+            try:
+                channel.request_sync(ask(quiet=True))
+            except BaseException as exc:  # noqa: BLE001 - what the activation's end raises
+                ended.append(exc)
+
+        waiting = threading.Thread(target=unanswered)
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while not channel._pending and time.monotonic() < deadline:
+            time.sleep(0.001)
+        loop.call_soon(channel.fail_pending)  # what an `end` from the supervisor does
+        loop.run_until_complete(asyncio.sleep(0))
+        waiting.join(10)
+        assert not waiting.is_alive() and [type(e) for e in ended] == [runtime._Over]
+    finally:
+        loop.close()
+        theirs.close()
+        ours.close()
+
+
 def _channel_socket():
     import gc
     for obj in gc.get_objects():

@@ -34,6 +34,7 @@ import inspect
 import json
 import logging
 import os
+import select
 import socket
 import sys
 import threading
@@ -58,7 +59,10 @@ class _Over(BaseException):
 
 
 class _Channel:
-    """Requests and replies over the socket. A reader thread receives; any thread sends."""
+    """Requests and replies over the socket. Any thread sends. The event loop reads
+    (`_on_readable`), except while a blocking request reads its own reply
+    (`request_sync`): whoever reads holds `_reading`, and routes every message it
+    receives to whoever waits for it."""
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop):
         self.sock = sock
@@ -66,6 +70,9 @@ class _Channel:
         self._send_lock = threading.Lock()
         self._next_id = 0
         self._pending: dict[int, Any] = {}  # id -> asyncio.Future | [threading.Event, reply]
+        self._reading = threading.Lock()
+        self._received = bytearray()  # bytes of a frame not yet whole
+        self._loop_thread: int | None = None
         self.lines: list[list[Any]] = []
         self._chars = 0
         self.spans: list[dict[str, Any]] = []
@@ -114,14 +121,22 @@ class _Channel:
             self._pending.pop(message["id"], None)
 
     def request_sync(self, message: dict[str, Any]) -> Any:
-        """A blocking request (binding calls are synchronous for tenant code)."""
+        """A blocking request (binding calls are synchronous for tenant code). Its
+        thread reads the channel until the reply comes: the event loop may be the one
+        blocked, or be waiting for this thread."""
         waiter: list[Any] = [threading.Event(), None]
         self._pending[message["id"]] = waiter
         self.send(message)
+        on_loop = threading.get_ident() == self._loop_thread
         try:
-            waiter[0].wait()
+            while not waiter[0].is_set():
+                with self._reading:
+                    if not waiter[0].is_set():
+                        self._receive(_INLINE if on_loop else _ELSEWHERE)
         finally:
             self._pending.pop(message["id"], None)
+            if not on_loop:  # the loop may have stopped reading while this thread did
+                self.loop.call_soon_threadsafe(self.start_reading)
         return _reply_value(waiter[1])
 
     def fail_pending(self) -> None:
@@ -133,28 +148,84 @@ class _Channel:
                 waiter.set_exception(_Over())
         self._pending.clear()
 
-    def read_forever(self) -> None:
-        while True:
-            try:
-                message = protocol.recv(self.sock)
-            except OSError:
-                message = None
-            if message is None:  # the supervisor is gone: so is our purpose
-                os._exit(0)
-            kind = message.get("t")
-            if message.get("ask_first") is True:
-                self.ask_first = True
-            if kind in ("ok", "err", "call"):
-                waiter = self._pending.get(message.get("id"))
-                if isinstance(waiter, list):
-                    waiter[1] = message
-                    waiter[0].set()
-                elif waiter is not None:
-                    self.loop.call_soon_threadsafe(_deliver, waiter, message)
-            elif kind == "exit":
-                os._exit(0)
+    def start_reading(self) -> None:
+        """(On the event loop's thread.) Read the channel whenever it has data."""
+        self._loop_thread = threading.get_ident()
+        self.loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        if not self._reading.acquire(blocking=False):
+            # A blocking request on another thread reads; it hands back when answered.
+            self.loop.remove_reader(self.sock.fileno())
+            return
+        try:
+            self._receive(_ON_LOOP)
+        finally:
+            self._reading.release()
+
+    def _receive(self, where: int) -> None:
+        """Read what the socket holds (waiting for it, except on the loop: it was told
+        there is some) and route each whole message received."""
+        try:
+            if where == _ON_LOOP:
+                data = self.sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
+            elif where == _ELSEWHERE and not select.select([self.sock], [], [], _RECHECK_S)[0]:
+                return  # nothing yet: the caller looks whether it was answered meanwhile
             else:
-                self.loop.call_soon_threadsafe(self.on_message, message)
+                data = self.sock.recv(_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the supervisor is gone: so is our purpose
+            os._exit(0)
+        received = self._received
+        received += data
+        start = 0
+        try:
+            while len(received) - start >= 4:
+                end = start + 4 + int.from_bytes(received[start:start + 4], "big")
+                if len(received) < end:
+                    break
+                frame, start = bytes(received[start + 4:end]), end
+                self._route(protocol.decode(frame), where)
+        finally:
+            del received[:start]
+
+    def _route(self, message: dict[str, Any], where: int) -> None:
+        """Hand a message to whoever waits for it: a blocked thread at once; the event
+        loop at once when it is the reader, else soon (its thread may be busy)."""
+        kind = message.get("t")
+        if message.get("ask_first") is True:
+            self.ask_first = True
+        if kind in ("ok", "err", "call"):
+            waiter = self._pending.get(message.get("id"))
+            if isinstance(waiter, list):
+                waiter[1] = message
+                waiter[0].set()
+            elif waiter is not None:
+                self._on_loop(where, _deliver, waiter, message)
+        elif kind == "exit":
+            os._exit(0)
+        else:
+            self._on_loop(where, self.on_message, message)
+
+    def _on_loop(self, where: int, fn: Callable[..., None], *args: Any) -> None:
+        if where == _ON_LOOP:
+            fn(*args)
+        elif where == _INLINE:
+            self.loop.call_soon(fn, *args)
+        else:
+            self.loop.call_soon_threadsafe(fn, *args)
+
+
+#: Who reads the channel (`_Channel._receive`): the event loop, when it has data; a
+#: blocking request on the loop's thread; one on another thread.
+_ON_LOOP, _INLINE, _ELSEWHERE = 0, 1, 2
+_READ_SIZE = 1 << 16
+#: How often a thread waiting for its reply looks whether it came another way (the
+#: activation ended, or the loop's reader answered it).
+_RECHECK_S = 0.05
 
 
 def _deliver(future: asyncio.Future, message: dict[str, Any]) -> None:
@@ -597,7 +668,7 @@ class _Runtime:
             self.channel.send({"op": "boot_error", "name": type(exc).__name__,
                                "message": (str(exc) or repr(exc))[: protocol.MAX_TEXT]})
             return
-        threading.Thread(target=self.channel.read_forever, name="dynwf-channel", daemon=True).start()
+        self.channel.start_reading()
         self.channel.send({"op": "ready"})
         self.loop.run_forever()
 
