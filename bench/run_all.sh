@@ -14,6 +14,7 @@ run throughput --creates 10000 --workflows 300 --one-by-one 200 --runs 3 "$@"
 run fairness --flood 10000 --samples 40 "$@"
 run activation --warm 50 --cold 10 "$@"
 run sandbox --spawns 60 --samples 20 "$@"
+run sandbox_activation --activations 3000 --rounds 3   # no journal
 run timers --instances 10000 "$@"
 run tenants --samples 20 --tenants 100000 "$@"
 run steady --rate 100 --tenants 3 --warmup 30 --seconds 300 "$@"
