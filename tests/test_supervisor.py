@@ -676,9 +676,9 @@ def test_messages_to_a_sandbox_keep_their_order_when_its_socket_is_full():
         ours, theirs = socket.socketpair()
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         session = SandboxSession(_SocketOnly(ours), tenant_id="t", limits=SandboxLimits())
-        session._reader, session._writer = await asyncio.open_unix_connection(sock=ours)
+        await session._connect()
         session._send(messages[0])
-        assert session._writer.transport.get_write_buffer_size() > 0
+        assert session._transport.get_write_buffer_size() > 0
         received = bytearray()
         while True:  # empty the socket: room again, while the rest is still queued
             try:
@@ -689,7 +689,7 @@ def test_messages_to_a_sandbox_keep_their_order_when_its_socket_is_full():
             session._send(m)
         while len(received) < total:  # the loop writes what is queued meanwhile
             received += await asyncio.wait_for(asyncio.to_thread(theirs.recv, 1 << 20), 10)
-        session._writer.close()
+        session._transport.close()
         theirs.close()
         return bytes(received)
 

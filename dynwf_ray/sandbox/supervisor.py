@@ -113,6 +113,46 @@ class _Activation:
     dropped: set[int] = field(default_factory=set)  # calls run at once that no step took
 
 
+class _Frames(asyncio.Protocol):
+    """Internal: cuts what the sandbox sends into messages as it arrives and hands each
+    to its session (`_received`), with no task of its own; then why reading ended: the
+    sandbox closed its channel (`_Lost`), or broke the framing (a ProtocolError)."""
+
+    def __init__(self, session: "SandboxSession"):
+        self._session = session
+        self._buffer = bytearray()  # the start of a frame not yet whole
+        self.done = False  # nothing more is handed on
+
+    def data_received(self, data: bytes) -> None:
+        if self.done:
+            return
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        try:
+            while not self.done and len(buffer) - start >= 4:
+                end = start + 4 + protocol.frame_length(bytes(buffer[start:start + 4]), protocol.MAX_SANDBOX_FRAME)
+                if len(buffer) < end:
+                    break
+                body, start = bytes(buffer[start + 4:end]), end
+                self._hand(protocol.decode(body))
+        except protocol.ProtocolError as exc:
+            self._hand(exc)
+        finally:
+            del buffer[:start]
+
+    def eof_received(self) -> None:
+        self.connection_lost(None)  # and the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done:
+            self._hand(_Lost(self._session._death_reason(), limit=False))
+
+    def _hand(self, item: dict[str, Any] | BaseException) -> None:
+        if not self._session._received(item) or isinstance(item, BaseException):
+            self.done = True
+
+
 class SandboxSession:
     """One live sandbox and the activations it runs (one at a time)."""
 
@@ -136,9 +176,9 @@ class SandboxSession:
         self._tracing = tracing
         self.healthy = True
         self.activations = 0
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._read_task: asyncio.Task | None = None
+        self._transport: asyncio.Transport | None = None
+        self._frames: _Frames | None = None
+        self._boot: asyncio.Queue | None = None  # what arrives before `ready`
         self._current: _Activation | None = None
         self._closed_reason: str | None = None
 
@@ -147,7 +187,7 @@ class SandboxSession:
     async def start(self) -> None:
         """Wait until the sandbox imported the tenant's code. Raises TenantError if it
         did not (the message names the cause)."""
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=self.sandbox.sock)
+        await self._connect()
         try:
             message = await asyncio.wait_for(self._boot_reply(), BOOT_TIMEOUT)
         except (asyncio.TimeoutError, _Lost, protocol.ProtocolError) as exc:
@@ -166,13 +206,25 @@ class SandboxSession:
         if message.get("op") != "ready":
             self.close()
             raise TenantError("SandboxProtocolError", f"expected 'ready', got {message.get('op')!r}")
-        self._read_task = asyncio.ensure_future(self._read_forever())
+        early, self._boot = self._boot, None
+        if not early.empty():
+            self.close("a message arrived while no activation ran")
+
+    async def _connect(self) -> None:
+        self._boot = asyncio.Queue()
+        self._frames = _Frames(self)
+        self._transport, _ = await asyncio.get_running_loop().create_unix_connection(
+            lambda: self._frames, sock=self.sandbox.sock
+        )
 
     async def _boot_reply(self) -> dict[str, Any]:
         """The sandbox's `ready` or `boot_error`; what the tenant's code printed while it
         was imported belongs to no activation and is dropped (at most 1,000 messages)."""
+        assert self._boot is not None
         for _ in range(1000):
-            message = await self._read()
+            message = await self._boot.get()
+            if isinstance(message, BaseException):
+                raise message
             if message.get("op") not in ("log", "spans"):
                 return message
         raise protocol.ProtocolError("too many messages before 'ready'")
@@ -186,35 +238,23 @@ class SandboxSession:
             self.sandbox.kill()
         except Exception:  # noqa: BLE001 - already gone
             pass
-        if self._writer is not None:
-            self._writer.close()
-        if self._read_task is not None and self._read_task is not _current_task():
-            self._read_task.cancel()
+        if self._frames is not None:
+            self._frames.done = True
+        if self._transport is not None:
+            self._transport.close()
 
-    async def _read(self) -> dict[str, Any]:
-        assert self._reader is not None
-        try:
-            header = await self._reader.readexactly(4)
-            body = await self._reader.readexactly(
-                protocol.frame_length(header, protocol.MAX_SANDBOX_FRAME)
-            )
-        except (asyncio.IncompleteReadError, ConnectionError):
-            raise _Lost(self._death_reason(), limit=False) from None
-        return protocol.decode(body)
-
-    async def _read_forever(self) -> None:
-        while True:
-            try:
-                message: Any = await self._read()
-            except (_Lost, protocol.ProtocolError) as exc:
-                message = exc
-            current = self._current
-            if current is None:
-                self.close("a message arrived while no activation ran")
-                return
-            current.queue.put_nowait(("message", message))
-            if isinstance(message, BaseException):
-                return
+    def _received(self, item: dict[str, Any] | BaseException) -> bool:
+        """A message from the sandbox, or why no more can be read (`_Lost`, or a
+        ProtocolError). Returns whether to read on."""
+        if self._boot is not None:
+            self._boot.put_nowait(item)
+            return True
+        current = self._current
+        if current is None:
+            self.close("a message arrived while no activation ran")
+            return False
+        current.queue.put_nowait(("message", item))
+        return not isinstance(item, BaseException)
 
     def _death_reason(self) -> str:
         try:
@@ -229,11 +269,11 @@ class SandboxSession:
         with `socket.send`, which lets go of the GIL during the system call (the event
         loop's transport may hold it while the kernel wakes the sandbox); what does not
         fit is queued on the transport behind it, so the order holds."""
-        writer = self._writer
-        if writer is None or writer.is_closing():
+        transport = self._transport
+        if transport is None or transport.is_closing():
             return
         frame = protocol.encode(message)
-        if not writer.transport.get_write_buffer_size():
+        if not transport.get_write_buffer_size():
             try:
                 frame = frame[self.sandbox.sock.send(frame, socket.MSG_NOSIGNAL):]
             except (BlockingIOError, InterruptedError):
@@ -241,7 +281,7 @@ class SandboxSession:
             except OSError:  # the sandbox is gone: the reader finds out and says why
                 return
         if frame:
-            writer.write(frame)
+            transport.write(frame)
 
     # -- one activation --------------------------------------------------------
 
@@ -622,13 +662,6 @@ async def _tick(queue: asyncio.Queue) -> None:
     while True:
         await asyncio.sleep(_WATCH_EVERY)
         queue.put_nowait(("tick", None))
-
-
-def _current_task() -> asyncio.Task | None:
-    try:
-        return asyncio.current_task()
-    except RuntimeError:
-        return None
 
 
 def _raise(exc: BaseException) -> Any:
