@@ -83,7 +83,7 @@ def frame_length(header: bytes, limit: int) -> int:
     return length
 
 
-# -- blocking I/O (the sandbox side) ------------------------------------------------
+# -- blocking I/O (what a sandbox sends; one reply a host waits for when it validates code) --
 
 
 def send(sock: socket.socket, message: dict[str, Any]) -> None:
