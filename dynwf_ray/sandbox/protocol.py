@@ -46,7 +46,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from typing import Any
+from typing import Any, Iterator
 
 #: Largest message a sandbox may send: a step result (1 MiB) plus room for its frame.
 MAX_SANDBOX_FRAME = 1024 * 1024 + 64 * 1024
@@ -81,6 +81,19 @@ def frame_length(header: bytes, limit: int) -> int:
     if length > limit:
         raise ProtocolError(f"a message of {length} bytes is over the limit of {limit} bytes")
     return length
+
+
+def cut_frames(buffer: bytearray, limit: int) -> Iterator[bytes]:
+    """The bodies of the whole frames at the start of `buffer` (bytes received as they
+    came), each removed from it before it is yielded; a frame not yet whole stays.
+    Raises ProtocolError at a header over `limit`, before its body arrives."""
+    while len(buffer) >= _HEADER.size:
+        end = _HEADER.size + frame_length(bytes(buffer[:_HEADER.size]), limit)
+        if len(buffer) < end:
+            return
+        body = bytes(buffer[_HEADER.size:end])
+        del buffer[:end]
+        yield body
 
 
 # -- blocking I/O (what a sandbox sends; one reply a host waits for when it validates code) --

@@ -179,18 +179,9 @@ class _Channel:
             data = b""
         if not data:  # the supervisor is gone: so is our purpose
             os._exit(0)
-        received = self._received
-        received += data
-        start = 0
-        try:
-            while len(received) - start >= 4:
-                end = start + 4 + int.from_bytes(received[start:start + 4], "big")
-                if len(received) < end:
-                    break
-                frame, start = bytes(received[start + 4:end]), end
-                self._route(protocol.decode(frame), where)
-        finally:
-            del received[:start]
+        self._received += data
+        for body in protocol.cut_frames(self._received, 1 << 32):
+            self._route(protocol.decode(body), where)
 
     def _route(self, message: dict[str, Any], where: int) -> None:
         """Hand a message to whoever waits for it: a blocked thread at once; the event

@@ -126,20 +126,14 @@ class _Frames(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.done:
             return
-        buffer = self._buffer
-        buffer += data
-        start = 0
+        self._buffer += data
         try:
-            while not self.done and len(buffer) - start >= 4:
-                end = start + 4 + protocol.frame_length(bytes(buffer[start:start + 4]), protocol.MAX_SANDBOX_FRAME)
-                if len(buffer) < end:
-                    break
-                body, start = bytes(buffer[start + 4:end]), end
+            for body in protocol.cut_frames(self._buffer, protocol.MAX_SANDBOX_FRAME):
                 self._hand(protocol.decode(body))
+                if self.done:
+                    return
         except protocol.ProtocolError as exc:
             self._hand(exc)
-        finally:
-            del buffer[:start]
 
     def eof_received(self) -> None:
         self.connection_lost(None)  # and the transport closes
