@@ -11,6 +11,9 @@
   webhook handler creates work as it comes) and `batches_per_s` (`create_batch`
   of 100), and `twenty_tenants_per_s`: 20 pushed tenants at once, instances
   created one by one in turn.
+- `one_by_one_create_call`: how long each `create` of the one-by-one runs took (all
+  runs together): what the creating caller waits while the engine runs the instances
+  created before it.
 - `*_cold_starts_per_run`: hosts started during each run (after the warm-up).
 - `dbos`: `bench/peers/dbos_three_step.py` run in `.venv-dbos` (made by
   `bench/peers/setup_dbos.sh`) when it exists, with the same counts, and the
@@ -34,7 +37,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import RUN, arg, database_url, emit, wait_until  # noqa: E402
+from bench._common import RUN, arg, database_url, emit, summary_ms, wait_until  # noqa: E402
 from bench.workflows import ThreeSteps, pushed_tenant_dir  # noqa: E402
 from dynwf_ray import Engine  # noqa: E402
 from dynwf_ray.binding import WorkflowBinding  # noqa: E402
@@ -59,9 +62,12 @@ def create_rate(url: str, total: int) -> list[float]:
     return rates
 
 
-def run_workflows(engine: Engine, tenants: list[str], run: str, n: int, batch: bool) -> float:
+def run_workflows(engine: Engine, tenants: list[str], run: str, n: int, batch: bool,
+                  waits: list[float] | None = None) -> float:
     """Create n instances (in batches of 100, or one by one, tenants in turn); rate =
-    n / (last completion - first create).
+    n / (last completion - first create). One by one, `waits` gets how long each
+    `create` took: what a caller such as a webhook handler waits while the engine runs
+    the instances created before.
 
     Completion is watched cheaply, so that watching takes little of the CPU the engine
     runs on: the last instance created is polled by id (one row), and only once it has
@@ -76,7 +82,10 @@ def run_workflows(engine: Engine, tenants: list[str], run: str, n: int, batch: b
         last = bindings[((n - 1) // 100) % len(bindings)].get(f"{RUN}-{run}-{n - 1}")
     else:
         for i in range(n):
+            began = time.perf_counter()
             bindings[i % len(bindings)].create(id=f"{RUN}-{run}-{i}")
+            if waits is not None:
+                waits.append(time.perf_counter() - began)
         last = bindings[(n - 1) % len(bindings)].get(f"{RUN}-{run}-{n - 1}")
     wait_until(lambda: last.status()["status"] in TERMINAL, 600, "the last workflow to end",
                interval=0.005)
@@ -108,10 +117,12 @@ def three_step(url: str, one_by_one: int, batched: int, runs: int, **tuning) -> 
         }
         rates: dict[str, list[float]] = {k: [] for k in kinds}
         cold: dict[str, list[int]] = {k: [] for k in kinds}
+        create_waits: list[float] = []
         for r in range(runs):
             for kind, (tenants, n, batch) in kinds.items():
                 before = engine.stats()["cold_starts"]
-                rates[kind].append(run_workflows(engine, tenants, f"{kind}{r}", n, batch))
+                waits = create_waits if kind == "one_by_one" else None
+                rates[kind].append(run_workflows(engine, tenants, f"{kind}{r}", n, batch, waits))
                 cold[kind].append(engine.stats()["cold_starts"] - before)
         stats = engine.stats()
     finally:
@@ -122,6 +133,7 @@ def three_step(url: str, one_by_one: int, batched: int, runs: int, **tuning) -> 
         out[f"{kind}_runs_per_s"] = [round(r, 1) for r in rates[kind]]
         out[f"{kind}_instances"] = n
         out[f"{kind}_cold_starts_per_run"] = cold[kind]
+    out["one_by_one_create_call"] = summary_ms(create_waits)
     out.update({
         "activations": stats["activations"], "cold_starts": stats["cold_starts"],
         "pool": stats["pool"], "journal_writes": stats["journal_writes"],

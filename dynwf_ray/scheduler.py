@@ -52,6 +52,7 @@ each transition once.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import logging
 import os
@@ -123,8 +124,8 @@ class Notifier:
     a few milliseconds after its instance was created is not held back by the create's
     notification. With datagram wakes a notification is cheap, and the window short (5 ms:
     with 20 ms, the warm activation benchmark's events waited 5-10 ms for it).
-    `later(delay, fn, *args)` runs fn after delay seconds (a daemon
-    `threading.Timer`); tests pass a fake, and a fake `clock`."""
+    `later(delay, fn, *args)` runs fn after delay seconds (by default on the
+    process's one `_Later` thread); tests pass a fake, and a fake `clock`."""
 
     def __init__(self, send: Callable[[str, str | None], Any], window: float = 0.005,
                  burst: int = 4, clock: Callable[[], float] = time.monotonic,
@@ -133,7 +134,7 @@ class Notifier:
         self._window = window
         self._burst = burst
         self._clock = clock
-        self._later = later or _timer
+        self._later = later or _LATER
         self._lock = threading.Lock()
         # (tenant, version) -> (notifications in its bucket, when it was last filled)
         self._buckets: dict[tuple[str, str | None], tuple[float, float]] = {}
@@ -175,10 +176,41 @@ class Notifier:
         self._send(*key)
 
 
-def _timer(delay: float, fn: Callable[..., Any], *args: Any) -> None:
-    timer = threading.Timer(delay, fn, args)
-    timer.daemon = True
-    timer.start()
+class _Later:
+    """Internal: runs `fn(*args)` `delay` seconds from now, on one daemon thread per
+    process (started at the first call). A thread per call (`threading.Timer`) cost a
+    thread start for each trailing notification, up to one per version every 5 ms under
+    steady creates, and the creating caller waited for each to start. What `fn` raises
+    is logged; the thread goes on."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: list[tuple[float, int, Callable[..., Any], tuple]] = []  # a heap
+        self._count = 0  # orders calls due at the same moment
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, delay: float, fn: Callable[..., Any], *args: Any) -> None:
+        with self._cond:
+            self._count += 1
+            heapq.heappush(self._due, (time.monotonic() + delay, self._count, fn, args))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="dynwf-later", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    self._cond.wait(self._due[0][0] - time.monotonic() if self._due else None)
+                _, _, fn, args = heapq.heappop(self._due)
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - one failed call must not end the others
+                log.exception("a delayed call (%s) failed", getattr(fn, "__qualname__", fn))
+
+
+_LATER = _Later()
 
 
 #: Seconds after which a caller that uses a route asks the scheduler to name the

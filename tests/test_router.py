@@ -1,5 +1,6 @@
 """Where notifications go (`scheduler.Router`), with plain fakes of Ray's handles; and
-how a caller's notifications are coalesced (`scheduler.Notifier`), on a fake clock.
+how a caller's notifications are coalesced (`scheduler.Notifier`), on a fake clock; and
+the one thread per process that sends the held-back ones (`scheduler._Later`).
 
 The scheduler names the hosts it woke; for the route's time to live the caller wakes
 them itself, by datagram when their process's wake socket is on this machine; a host
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import socket
 import tempfile
+import threading
 from concurrent.futures import Future
 
+from dynwf_ray import scheduler
 from dynwf_ray.scheduler import Notifier, Router
 
 
@@ -238,3 +241,26 @@ def test_an_event_just_after_its_create_is_not_held_back():
     for _ in range(4):
         notify("t", "v")
     assert len(sent) == 6 and not later.timers
+
+
+def test_delayed_calls_run_in_time_order_on_one_thread_and_a_failure_stops_none(caplog):
+    """The default `later` of a Notifier: one thread, started once, runs every call."""
+    later = scheduler._Later()
+    ran, done = [], threading.Event()
+
+    def note(name):
+        ran.append((name, threading.current_thread() is later._thread))
+        if len(ran) == 3:
+            done.set()
+
+    def broken():
+        raise RuntimeError("a failing call")
+
+    later(0.06, note, "c")
+    later(0.0, broken)
+    later(0.02, note, "a")
+    later(0.04, note, "b")
+    assert done.wait(10)
+    assert ran == [("a", True), ("b", True), ("c", True)]
+    assert "a delayed call" in caplog.text and "a failing call" in caplog.text
+
