@@ -98,18 +98,15 @@ _HELD = (
     I.c.pk == bindparam("b_pk"), I.c.lease_token == bindparam("b_token"),
     I.c.lease_expires_at.is_not(None),  # held: not given up by a suspend or finish
 )
-# A step's write: the token must still be ours (the row stays locked until commit). The
-# lease is extended only once less than half of it is left (the host renews its leases
-# every third of it): otherwise no column changes that an index covers, so on PostgreSQL
-# the update is HOT and writes no index entry. `updated_at` tracks status changes, not steps.
+# A step's write: the token must still be ours, read with the row locked until commit
+# (FOR UPDATE on PostgreSQL; SQLite's writer holds the whole file). A read, not an update:
+# the row and its indexes are written only when the lease must be extended (`_RENEW`,
+# once less than half of it is left; the host renews its leases every third of it).
+# `updated_at` tracks status changes, not steps.
 _FENCE = (
-    update(I)
+    select(I.c.pause_requested, I.c.lease_expires_at)
     .where(*_HELD)
-    .values(lease_expires_at=case(
-        (I.c.lease_expires_at < bindparam("b_refresh"), bindparam("b_until")),
-        else_=I.c.lease_expires_at,
-    ))
-    .returning(I.c.pause_requested)
+    .with_for_update()
 )
 # The host's periodic renewal and a long step's heartbeat: always extend.
 _RENEW = (

@@ -25,11 +25,12 @@ class ActivationWrites:
                renew: bool = False) -> bool:
         """Check that the lease is still ours, and extend it (`renew`: always; else only
         when less than half of it is left); returns pause_requested."""
-        params = {"b_pk": pk, "b_token": token, "b_until": now + lease_ttl}
+        params = {"b_pk": pk, "b_token": token}
+        if not renew:
+            row = self._prepared[_FENCE].run(conn, params).fetchone()
+            renew = row is not None and row[1] < now + lease_ttl / 2
         if renew:
-            row = self._prepared[_RENEW].run(conn, params).fetchone()
-        else:
-            row = self._prepared[_FENCE].run(conn, {**params, "b_refresh": now + lease_ttl / 2}).fetchone()
+            row = self._prepared[_RENEW].run(conn, {**params, "b_until": now + lease_ttl}).fetchone()
         if row is None:
             raise LeaseLostError(f"instance pk={pk}: lease token {token} is no longer current")
         return bool(row[0])
