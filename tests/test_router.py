@@ -263,4 +263,3 @@ def test_delayed_calls_run_in_time_order_on_one_thread_and_a_failure_stops_none(
     assert done.wait(10)
     assert ran == [("a", True), ("b", True), ("c", True)]
     assert "a delayed call" in caplog.text and "a failing call" in caplog.text
-
