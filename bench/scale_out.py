@@ -1,0 +1,86 @@
+"""Workflows per second against host processes: does the engine use more cores?
+
+One engine per invocation, with its default configuration except `--host-processes N`
+(left out: the default, which depends on the journal and the node's CPUs). `--tenants T`
+pushed tenants (16 by default, so that each gets its own host and the hosts spread over
+the processes) run 3-step workflows created in batches of 100, tenants in turn: a load
+that keeps every host busy, where `bench/throughput.py` measures what one creating
+caller gets. After a warm-up of the same size, `--runs` runs of `--workflows` each; the
+rate of a run is instances / (last completion - first create), as in throughput.py.
+
+Also per run: hosts started (cold starts), and the machine's busy cores (all processes,
+from /proc/stat: which share of the machine the run used). After the runs: the pool's
+hosts and host processes, and the journal's write and lock-wait counters.
+
+Usage: python bench/scale_out.py [--host-processes N] [--tenants 16] [--workflows 4000]
+       [--runs 3] [--database-url URL]
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench._common import arg, database_url, emit  # noqa: E402
+from bench.throughput import run_workflows  # noqa: E402
+from bench.workflows import pushed_tenant_dir  # noqa: E402
+from dynwf_ray import Engine  # noqa: E402
+
+
+def busy_jiffies() -> tuple[int, float]:
+    """(jiffies every CPU spent busy since boot, now): /proc/stat's first line less idle and iowait."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields[:8]) - idle, time.monotonic()
+
+
+def busy_cores(before: tuple[int, float], after: tuple[int, float]) -> float:
+    return (after[0] - before[0]) / os.sysconf("SC_CLK_TCK") / (after[1] - before[1])
+
+
+def main() -> None:
+    processes = arg("--host-processes", None)
+    tenants = [f"so{i}" for i in range(arg("--tenants", 16))]
+    n = arg("--workflows", 4000)
+    runs = arg("--runs", 3)
+    url = database_url()
+    tuning = {"host_processes": processes} if processes else {}
+    engine = Engine.start(database_url=url, name=f"bench-scale-out-{os.getpid()}", **tuning)
+    try:
+        for t in tenants:
+            engine.push_tenant(t, pushed_tenant_dir("three", t))
+        warm_up = run_workflows(engine, tenants, "warmup", n, batch=True)
+        rates, cores, cold = [], [], []
+        for r in range(runs):
+            before, began = engine.stats()["cold_starts"], busy_jiffies()
+            rates.append(run_workflows(engine, tenants, f"run{r}", n, batch=True))
+            cores.append(busy_cores(began, busy_jiffies()))
+            cold.append(engine.stats()["cold_starts"] - before)
+        stats = engine.stats()
+    finally:
+        engine.stop()
+    emit("scale_out", {
+        "journal": url.split(":")[0],
+        "config": tuning or "default",
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "tenants": len(tenants),
+        "workflows_per_run": n,
+        "per_s": round(statistics.median(rates), 1),
+        "runs_per_s": [round(x, 1) for x in rates],
+        "warm_up_per_s": round(warm_up, 1),
+        "busy_cores_per_run": [round(x, 2) for x in cores],
+        "cold_starts_per_run": cold,
+        "host_processes": stats.get("host_processes"),
+        "hosts": stats.get("live_hosts"),
+        "pool": stats["pool"],
+        "journal_writes": stats["journal_writes"],
+    })
+
+
+if __name__ == "__main__":
+    main()
