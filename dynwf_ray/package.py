@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray import cloudpickle
 
 from .entrypoint import WorkflowEntrypoint
-from .errors import InvalidInputError
+from .errors import InvalidInputError, SandboxUnavailableError
 from .sandbox.runtime import check_class
 
 PICKLED_CLASS = "pickled-class"
@@ -291,6 +291,9 @@ def push(
                 timeout=PUSH_TIMEOUT,
             )
         except RayTaskError as exc:
+            if isinstance(exc.cause, SandboxUnavailableError):  # the node's fault, not the code's
+                raise SandboxUnavailableError(
+                    f"tenant {tenant_id!r}: its code could not be checked: {exc.cause}") from None
             cause = exc.cause if isinstance(exc.cause, InvalidInputError) else exc
             raise InvalidInputError(f"tenant {tenant_id!r} code at {str(path)!r}: {cause}") from None
         except RuntimeEnvSetupError as exc:

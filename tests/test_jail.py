@@ -497,3 +497,23 @@ def test_cgroup_that_cannot_be_made_names_the_directory(tmp_path):
     layout = jail._Layout(1, {"pids": str(tmp_path / "gone"), "memory": str(tmp_path / "m")})
     with pytest.raises(SandboxUnavailableError, match="cannot make the sandbox's cgroup.*gone"):
         jail.Cgroup.create(layout, "7-1", SandboxLimits(memory_mb=64, processes=8))
+
+
+def test_a_v2_cgroup_that_holds_processes_and_delegates_nothing_is_reported(tmp_path):
+    # Seen in a container: the probe passed, then each sandbox's cgroup failed with EBUSY.
+    def cgroup(subtree: str, procs: str, root: bool = False) -> str:
+        d = tmp_path / f"{subtree or 'none'}-{bool(procs)}-{root}"
+        d.mkdir()
+        (d / "cgroup.subtree_control").write_text(subtree)
+        (d / "cgroup.procs").write_text(procs)
+        if not root:
+            (d / "cgroup.type").write_text("domain\n")
+        return str(d)
+
+    busy = cgroup("", "12\n34\n")
+    assert "holds processes and does not enable pids and memory" in jail._v2_undelegated(busy)
+    assert busy in jail._v2_undelegated(busy)
+    assert jail._v2_undelegated(cgroup("memory", "12\n")) is not None  # pids missing
+    assert jail._v2_undelegated(cgroup("memory pids", "12\n")) is None  # already delegated
+    assert jail._v2_undelegated(cgroup("", "")) is None  # empty: _v2_enable can enable them
+    assert jail._v2_undelegated(cgroup("", "12\n", root=True)) is None  # the root is exempt

@@ -71,6 +71,24 @@ def test_a_push_imports_tenant_code_only_inside_a_sandbox(engine, tenant, tmp_pa
     assert engine.versions(tenant) == []  # nothing stored
 
 
+def test_a_push_blames_the_node_not_the_code_when_no_sandbox_starts(engine, tenant, tmp_path, monkeypatch):
+    # Seen on a container whose cgroup could not delegate: every push failed with an
+    # InvalidInputError that named the tenant's code.
+    import dynwf_ray.host
+    from dynwf_ray import SandboxUnavailableError
+
+    def no_sandbox(*_args):
+        raise SandboxUnavailableError("sandbox could not start: cgroup: EBUSY")
+
+    monkeypatch.setattr(dynwf_ray.host, "check_entrypoint", no_sandbox)
+    path = write_tenant(tmp_path, "fine", READS_SHADOW_AT_IMPORT.replace('open("/etc/shadow").read()', '"x"'))
+    with pytest.raises(SandboxUnavailableError, match=f"tenant '{tenant}': its code could not be checked: "
+                                                      "sandbox could not start: cgroup: EBUSY") as caught:
+        engine.push_tenant(tenant, str(path))
+    assert not isinstance(caught.value, InvalidInputError)
+    assert engine.versions(tenant) == []  # nothing stored
+
+
 def test_process_mode_runs_tenant_code_without_the_kernel_jail(make_engine, tenant):
     from .workflows import Hello
 

@@ -457,6 +457,27 @@ class Cgroup:
                         pass
 
 
+def _v2_undelegated(own: str) -> str | None:
+    """Why no sandbox cgroup can be made below this v2 cgroup, or None. The kernel lets
+    a cgroup other than the root enable controllers for its children only while it
+    holds no process itself, so pids and memory must be enabled below it already, or
+    it must be empty (`_v2_enable` then enables them). Seen in a container: the engine's
+    cgroup held every process of the container, so each sandbox failed with EBUSY."""
+    if not os.path.exists(f"{own}/cgroup.type"):
+        return None  # the root cgroup: exempt from the rule
+    try:
+        enabled = set(_read(f"{own}/cgroup.subtree_control").split())
+        busy = bool(_read(f"{own}/cgroup.procs").split())
+    except OSError as e:
+        return f"cannot read the cgroup at {own}: {e.strerror}"
+    if {"pids", "memory"} <= enabled or not busy:
+        return None
+    return (f"cgroup v2 at {own} holds processes and does not enable pids and memory for "
+            "its children, which the kernel allows only in a cgroup without processes of "
+            "its own: start the engine's node in a cgroup that delegates them "
+            "(docs/security.md, cgroup v2)")
+
+
 def _v2_enable(own: str, base: str) -> None:
     want = {"pids", "memory"}
     for d, create in ((own, False), (base, True)):
@@ -967,6 +988,8 @@ def probe() -> dict[str, str | None]:
             if os.path.isdir(base) and not os.access(base, os.W_OK):
                 out["cgroup"] = f"{base} is not writable (only rlimits cap memory)"
                 break
+            if layout.version == 2:
+                out["cgroup"] = _v2_undelegated(own)
 
     out["rlimits"] = None
     if not eff:
