@@ -1,7 +1,9 @@
 """Workflows per second against host processes: does the engine use more cores?
 
 One engine per invocation, with its default configuration except `--host-processes N`
-(left out: the default, which depends on the journal and the node's CPUs). `--tenants T`
+(left out: the default, which depends on the journal and the node's CPUs), and
+`--sandbox process` where the kernel sandbox cannot run (a machine whose cgroup lacks
+the pids controller; the JSON says which ran). `--tenants T`
 pushed tenants (16 by default, so that each gets its own host and the hosts spread over
 the processes) run 3-step workflows created in batches of 100, tenants in turn: a load
 that keeps every host busy, where `bench/throughput.py` measures what one creating
@@ -13,7 +15,7 @@ from /proc/stat: which share of the machine the run used). After the runs: the p
 hosts and host processes, and the journal's write and lock-wait counters.
 
 Usage: python bench/scale_out.py [--host-processes N] [--tenants 16] [--workflows 4000]
-       [--runs 3] [--database-url URL]
+       [--runs 3] [--sandbox strict|process] [--database-url URL]
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def main() -> None:
     runs = arg("--runs", 3)
     url = database_url()
     tuning = {"host_processes": processes} if processes else {}
+    sandbox = arg("--sandbox", "strict", str)
+    if sandbox != "strict":
+        tuning["sandbox"] = sandbox
     engine = Engine.start(database_url=url, name=f"bench-scale-out-{os.getpid()}", **tuning)
     try:
         for t in tenants:

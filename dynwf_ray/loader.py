@@ -438,16 +438,17 @@ def processes_per_node(nodes: list[dict], draining: set[str], is_sqlite: bool,
                        host_processes: int | None) -> dict[str, int]:
     """Plain host processes wanted per node that takes new hosts (alive, and not being
     drained: Ray drains a node that got SIGTERM, or that the autoscaler removes; its
-    hosts keep running, but no new one goes there): `host_processes`, or by default two
-    on SQLite (its writers take turns: more would queue for the file, but a second
-    process keeps one tenant's flood from slowing another's hosts, and uses a second
-    core; docs/benchmarks.md) and one per two CPUs of the node on PostgreSQL, at least
-    two; one on a node with one CPU. `nodes` as `ray.nodes()` lists them."""
+    hosts keep running, but no new one goes there): `host_processes`, or by default a
+    quarter of the node's CPUs, 2 to 4, on SQLite (its writers take turns on the file:
+    on 16 cores 4 processes ran the most workflows and 16 half as many; on 2 cores, 2
+    beat 1 and 4) and one per CPU, at least two, on PostgreSQL (16 on 16 cores ran
+    1.7x what 8 did); one on a node with one CPU. Measured in docs/benchmarks.md.
+    `nodes` as `ray.nodes()` lists them."""
     wanted = {}
     for node in nodes:
         if node.get("Alive") and node["NodeID"] not in draining:
             cpus = int(node.get("Resources", {}).get("CPU", 1))
-            default = 2 if is_sqlite else max(2, cpus // 2)
+            default = max(2, min(4, cpus // 4)) if is_sqlite else max(2, cpus)
             default = min(default, max(cpus, 1))
             wanted[node["NodeID"]] = host_processes or default
     return wanted

@@ -10,12 +10,16 @@ def node(node_id: str, cpus: int, alive: bool = True) -> dict:
 
 
 def test_alive_nodes_that_are_not_draining_take_host_processes():
-    nodes = [node("head", 4), node("w1", 16), node("dead", 8, alive=False), node("leaving", 8)]
+    nodes = [node("head", 4), node("w1", 16), node("dead", 8, alive=False), node("leaving", 12)]
     assert processes_per_node(nodes, {"leaving"}, is_sqlite=False, host_processes=None) == {
-        "head": 2, "w1": 8}  # PostgreSQL: one per two CPUs, at least two
+        "head": 4, "w1": 16}  # PostgreSQL: one per CPU
     assert processes_per_node(nodes, set(), is_sqlite=True, host_processes=None) == {
-        "head": 2, "w1": 2, "leaving": 2}  # SQLite: two per node
+        "head": 2, "w1": 4, "leaving": 3}  # SQLite: a quarter of the CPUs, 2 to 4
+    assert processes_per_node([node("two", 2), node("big", 64)], set(), True, None) == {"two": 2, "big": 4}
+    assert processes_per_node([node("two", 2)], set(), False, None) == {"two": 2}
     assert processes_per_node([node("tiny", 1)], set(), is_sqlite=False, host_processes=None) == {
+        "tiny": 1}
+    assert processes_per_node([node("tiny", 1)], set(), is_sqlite=True, host_processes=None) == {
         "tiny": 1}
     assert processes_per_node(nodes, {"head", "w1", "leaving"}, False, 3) == {}
     assert processes_per_node(nodes, set(), False, 3) == {"head": 3, "w1": 3, "leaving": 3}
