@@ -10,9 +10,12 @@ that keeps every host busy, where `bench/throughput.py` measures what one creati
 caller gets. After a warm-up of the same size, `--runs` runs of `--workflows` each; the
 rate of a run is instances / (last completion - first create), as in throughput.py.
 
-Also per run: hosts started (cold starts), and the machine's busy cores (all processes,
-from /proc/stat: which share of the machine the run used). After the runs: the pool's
-hosts and host processes, and the journal's write and lock-wait counters.
+Also per run: hosts started (cold starts), the machine's busy cores (all processes,
+from /proc/stat: which share of the machine the run used), and the CPU each workflow
+cost, by kind of process (`cpu_us_per_workflow`, from /proc/<pid>/stat: host
+processes, sandboxes and their templates, this creating process, the scheduler, a
+PostgreSQL server on this machine, everything else). After the runs: the pool's hosts
+and host processes, and the journal's write and lock-wait counters.
 
 Usage: python bench/scale_out.py [--host-processes N] [--tenants 16] [--workflows 4000]
        [--runs 3] [--sandbox strict|process] [--database-url URL]
@@ -45,6 +48,47 @@ def busy_cores(before: tuple[int, float], after: tuple[int, float]) -> float:
     return (after[0] - before[0]) / os.sysconf("SC_CLK_TCK") / (after[1] - before[1])
 
 
+def _kind(pid: int, argv: list[str]) -> str:
+    if pid == os.getpid():
+        return "creating process"
+    head = argv[0] if argv else ""
+    if head.startswith("ray::HostProcess"):
+        return "host processes"
+    if head.startswith("ray::Scheduler"):
+        return "scheduler"
+    if argv[1:3] == ["-I", "-c"] and "_serve" in (argv[3] if len(argv) > 3 else ""):
+        return "sandboxes"  # templates and the sandboxes they fork (sandbox/template.py)
+    if head.startswith("postgres"):
+        return "postgresql"
+    return "other"
+
+
+def cpu_by_kind() -> dict[int, tuple[str, int]]:
+    """Every process's kind and CPU ticks (user + system) so far."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            except OSError:  # ended meanwhile
+                continue
+            out[int(entry)] = (_kind(int(entry), argv), int(fields[11]) + int(fields[12]))
+    return out
+
+
+def cpu_per_workflow(before: dict, after: dict, n: int) -> dict[str, int]:
+    """Microseconds of CPU per workflow by kind between two `cpu_by_kind` snapshots
+    (a process that ended in between is not counted)."""
+    ticks: dict[str, int] = {}
+    for pid, (kind, t) in after.items():
+        ticks[kind] = ticks.get(kind, 0) + t - before.get(pid, (kind, 0))[1]
+    per = {k: round(v / os.sysconf("SC_CLK_TCK") / n * 1e6) for k, v in sorted(ticks.items())}
+    return {**per, "all": sum(per.values())}
+
+
 def main() -> None:
     processes = arg("--host-processes", None)
     tenants = [f"so{i}" for i in range(arg("--tenants", 16))]
@@ -60,11 +104,12 @@ def main() -> None:
         for t in tenants:
             engine.push_tenant(t, pushed_tenant_dir("three", t))
         warm_up = run_workflows(engine, tenants, "warmup", n, batch=True)
-        rates, cores, cold = [], [], []
+        rates, cores, cold, cpu = [], [], [], []
         for r in range(runs):
-            before, began = engine.stats()["cold_starts"], busy_jiffies()
+            before, began, ticks = engine.stats()["cold_starts"], busy_jiffies(), cpu_by_kind()
             rates.append(run_workflows(engine, tenants, f"run{r}", n, batch=True))
             cores.append(busy_cores(began, busy_jiffies()))
+            cpu.append(cpu_per_workflow(ticks, cpu_by_kind(), n))
             cold.append(engine.stats()["cold_starts"] - before)
         stats = engine.stats()
     finally:
@@ -79,6 +124,9 @@ def main() -> None:
         "runs_per_s": [round(x, 1) for x in rates],
         "warm_up_per_s": round(warm_up, 1),
         "busy_cores_per_run": [round(x, 2) for x in cores],
+        "cpu_us_per_workflow": {k: round(statistics.median(c.get(k, 0) for c in cpu))
+                                for k in sorted({k for c in cpu for k in c})},
+        "cpu_us_per_workflow_per_run": cpu,
         "cold_starts_per_run": cold,
         "host_processes": stats.get("host_processes"),
         "hosts": stats.get("live_hosts"),
