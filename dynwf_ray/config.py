@@ -56,7 +56,7 @@ class EngineConfig(BaseModel):
     host_concurrency: int = Field(default=32, ge=1)
     #: Host processes per node for code without pip packages (hosts of every tenant
     #: share them, and each shares one journal writer). None: a quarter of the node's
-    #: CPUs on SQLite (2 to 4), one per CPU of the node on PostgreSQL (at least two);
+    #: CPUs on SQLite (2 to 4), one per CPU of the node on PostgreSQL (2 to 16);
     #: one on a node with one CPU.
     host_processes: int | None = Field(default=None, ge=1)
     #: Seconds a host whose code has had no work is kept warm before it is deactivated

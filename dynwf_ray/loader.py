@@ -441,14 +441,14 @@ def processes_per_node(nodes: list[dict], draining: set[str], is_sqlite: bool,
     hosts keep running, but no new one goes there): `host_processes`, or by default a
     quarter of the node's CPUs, 2 to 4, on SQLite (its writers take turns on the file:
     on 16 cores 4 processes ran the most workflows and 16 half as many; on 2 cores, 2
-    beat 1 and 4) and one per CPU, at least two, on PostgreSQL (16 on 16 cores ran
-    1.7x what 8 did); one on a node with one CPU. Measured in docs/benchmarks.md.
+    beat 1 and 4) and one per CPU, 2 to 16, on PostgreSQL (16 on 16 cores ran 1.7x
+    what 8 did; more was not measured); one on a node with one CPU. Measured in docs/benchmarks.md.
     `nodes` as `ray.nodes()` lists them."""
     wanted = {}
     for node in nodes:
         if node.get("Alive") and node["NodeID"] not in draining:
             cpus = int(node.get("Resources", {}).get("CPU", 1))
-            default = max(2, min(4, cpus // 4)) if is_sqlite else max(2, cpus)
+            default = max(2, min(4, cpus // 4)) if is_sqlite else max(2, min(16, cpus))
             default = min(default, max(cpus, 1))
             wanted[node["NodeID"]] = host_processes or default
     return wanted

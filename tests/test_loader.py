@@ -16,7 +16,8 @@ def test_alive_nodes_that_are_not_draining_take_host_processes():
     assert processes_per_node(nodes, set(), is_sqlite=True, host_processes=None) == {
         "head": 2, "w1": 4, "leaving": 3}  # SQLite: a quarter of the CPUs, 2 to 4
     assert processes_per_node([node("two", 2), node("big", 64)], set(), True, None) == {"two": 2, "big": 4}
-    assert processes_per_node([node("two", 2)], set(), False, None) == {"two": 2}
+    assert processes_per_node([node("two", 2), node("big", 64)], set(), False, None) == {
+        "two": 2, "big": 16}  # at most 16: what was measured
     assert processes_per_node([node("tiny", 1)], set(), is_sqlite=False, host_processes=None) == {
         "tiny": 1}
     assert processes_per_node([node("tiny", 1)], set(), is_sqlite=True, host_processes=None) == {
