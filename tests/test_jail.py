@@ -517,3 +517,14 @@ def test_a_v2_cgroup_that_holds_processes_and_delegates_nothing_is_reported(tmp_
     assert jail._v2_undelegated(cgroup("memory pids", "12\n")) is None  # already delegated
     assert jail._v2_undelegated(cgroup("", "")) is None  # empty: _v2_enable can enable them
     assert jail._v2_undelegated(cgroup("", "12\n", root=True)) is None  # the root is exempt
+
+
+def test_a_template_that_cannot_import_the_package_says_why(tmp_path):
+    # Seen where the platform's packages came from PYTHONPATH, which a sandbox does not
+    # get: the template died and the caller learned only its exit status.
+    poisoned = tmp_path / "dynwf_ray"
+    poisoned.mkdir()
+    (poisoned / "__init__.py").write_text('raise ImportError("no pydantic here")\n')
+    with pytest.raises(SandboxUnavailableError, match="importing dynwf_ray failed: ImportError: "
+                                                      "no pydantic here .*" + str(tmp_path)):
+        Template.start(sys_path=[str(tmp_path)], env={}, cwd="/", mode="process")

@@ -120,7 +120,9 @@ def _recv(sock: socket.socket, maxfds: int = 0) -> tuple[Any, list[int]]:
 
 
 # The template's first code: read the config, drop what Python's C-locale coercion
-# added to the environment, put sys_path in place, hand over to _serve.
+# added to the environment, put sys_path in place, hand over to _serve (or say why
+# dynwf_ray, or what it imports, is not found: a sandbox sees the runtime's own path,
+# not PYTHONPATH; see host._runtime_sys_path).
 _BOOTSTRAP = r"""
 import ctypes, json, os, socket, struct, sys
 ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
@@ -139,14 +141,20 @@ if os.getppid() != cfg["parent"]:
 for k in [k for k in os.environ if k not in cfg["env"]]:
     del os.environ[k]
 sys.path[:0] = [p for p in cfg["sys_path"] if p not in sys.path]
-import importlib.util as u
-if u.find_spec("dynwf_ray") is None:
-    sp = u.spec_from_file_location("dynwf_ray", cfg["package"] + "/__init__.py",
-                                   submodule_search_locations=[cfg["package"]])
-    m = u.module_from_spec(sp)
-    sys.modules["dynwf_ray"] = m
-    sp.loader.exec_module(m)
-from dynwf_ray.sandbox.template import _serve
+try:
+    import importlib.util as u
+    if u.find_spec("dynwf_ray") is None:
+        sp = u.spec_from_file_location("dynwf_ray", cfg["package"] + "/__init__.py",
+                                       submodule_search_locations=[cfg["package"]])
+        m = u.module_from_spec(sp)
+        sys.modules["dynwf_ray"] = m
+        sp.loader.exec_module(m)
+    from dynwf_ray.sandbox.template import _serve
+except BaseException as e:  # say why, rather than leave the caller an end of stream
+    m = json.dumps({"ok": False, "error": f"importing dynwf_ray failed: {type(e).__name__}: {e} "
+                    f"(Python {sys.executable} with the host's runtime path: {sys.path})"}).encode()
+    s.sendall(struct.pack(">I", len(m)) + m)
+    os._exit(1)
 _serve(s, cfg)
 """
 
