@@ -460,9 +460,9 @@ class Cgroup:
 def _v2_undelegated(own: str) -> str | None:
     """Why no sandbox cgroup can be made below this v2 cgroup, or None. The kernel lets
     a cgroup other than the root enable controllers for its children only while it
-    holds no process itself, so pids and memory must be enabled below it already, or
-    it must be empty (`_v2_enable` then enables them). Seen in a container: the engine's
-    cgroup held every process of the container, so each sandbox failed with EBUSY."""
+    holds no process itself, and sandbox cgroups are made below the template's own
+    cgroup, which holds the template: so on cgroup v2 this works at the root cgroup
+    only. Seen in a container: each sandbox failed with EBUSY after the probe passed."""
     if not os.path.exists(f"{own}/cgroup.type"):
         return None  # the root cgroup: exempt from the rule
     try:
@@ -474,8 +474,8 @@ def _v2_undelegated(own: str) -> str | None:
         return None
     return (f"cgroup v2 at {own} holds processes and does not enable pids and memory for "
             "its children, which the kernel allows only in a cgroup without processes of "
-            "its own: start the engine's node in a cgroup that delegates them "
-            "(docs/security.md, cgroup v2)")
+            "its own (or the root cgroup): strict sandboxes on cgroup v2 need the engine "
+            "in the root cgroup for now (docs/security.md, cgroup v2)")
 
 
 def _v2_enable(own: str, base: str) -> None:
