@@ -2,7 +2,8 @@
 
 Concurrent writes share commits; each is durable when its await returns; a write
 whose lease is lost fails alone; any other failure in a batch reruns its writes one
-by one, so only the bad one fails; SQLite writers of two journals take turns.
+by one, so only the bad one fails; SQLite writers of two journals take turns, and a
+turn carries every write queued while it was awaited.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def test_sqlite_writers_of_two_journals_take_turns_and_the_wait_is_counted(tmp_p
         if not first.is_sqlite:
             pytest.skip("SQLite only")
         holding, release = threading.Event(), threading.Event()
+        held = first.write_stats()
 
         def hold():
             with first._write():
@@ -118,7 +120,62 @@ def test_sqlite_writers_of_two_journals_take_turns_and_the_wait_is_counted(tmp_p
         writer.join()
         stats = second.write_stats()
         assert stats["sqlite_lock_waits"] == waits + 1 and stats["sqlite_lock_wait_s"] > 0.2
+        # The holder held its turn for those 0.3 s, asleep: held time, little CPU.
+        assert stats["sqlite_lock_held_s"] - held["sqlite_lock_held_s"] > 0.3
+        assert stats["sqlite_lock_held_cpu_s"] - held["sqlite_lock_held_cpu_s"] < 0.2
         assert second.latest_version("t") == "v"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_writes_queued_while_a_process_waits_for_its_turn_share_that_turn(tmp_path):
+    """SQLite: the group-commit writer takes its batch once its turn on the file has
+    come, so the writes that queued while it waited commit with the first one, in one
+    transaction (it used to take the batch first and leave them for a second)."""
+    url = f"sqlite:///{tmp_path}/j.db"
+    first, second = Journal(url), Journal(url, create_tables=False)
+    try:
+        if not first.is_sqlite:
+            pytest.skip("SQLite only")
+        claims = _claimed(second, "t", 5)
+        group = second.grouped
+        before = group.stats()
+        holding, release, waiting = threading.Event(), threading.Event(), threading.Event()
+        take_turn = second._writers.acquire
+
+        def acquire():  # the writer thread has begun to wait for its turn
+            waiting.set()
+            take_turn()
+
+        second._writers.acquire = acquire
+
+        def hold():
+            with first._write():
+                holding.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert holding.wait(10)
+
+        def write(claim):
+            return group.record_step(claim.pk, claim.token, _record("q"), time.time(), 30.0)
+
+        async def scenario():
+            head = asyncio.ensure_future(write(claims[0]))
+            assert await asyncio.to_thread(waiting.wait, 10)
+            rest = [asyncio.ensure_future(write(c)) for c in claims[1:]]
+            await asyncio.sleep(0)  # the four are queued, the writer still waits
+            release.set()
+            return await asyncio.wait_for(asyncio.gather(head, *rest), 10)
+
+        assert asyncio.run(scenario()) == [False] * 5
+        holder.join()
+        after = group.stats()
+        assert after["group_commits"] - before["group_commits"] == 1
+        assert after["group_writes"] - before["group_writes"] == 5
+        assert all([s.name for s in first.list_steps(c.pk)] == ["q"] for c in claims)
     finally:
         first.close()
         second.close()

@@ -21,8 +21,11 @@ class GroupCommit:
     it has committed, so a step is durable before `step.do` returns, as with the
     journal's plain methods. One writer thread takes every write queued meanwhile, runs
     them in one transaction and commits them together: while it commits, the next
-    writes queue up. A write that fails raises to its own caller only (`_commit`). Its
-    numbers (`stats`) say how well it groups.
+    writes queue up. On SQLite it takes them once its process's turn on the file has
+    come (`dialect._WriterLock`), so the writes queued while it waited share that turn;
+    the turn is kept while a batch is tried again or rerun write by write. A write that
+    fails raises to its own caller only (`_commit`). Its numbers (`stats`) say how
+    well it groups.
     """
 
     def __init__(self, journal: "Journal"):
@@ -84,8 +87,16 @@ class GroupCommit:
                     self._cond.wait()
                 if self._closed and not self._queue:
                     return
-                batch, self._queue = self._queue, []
-            results = self._commit(batch)
+            # SQLite: wait for this process's turn on the file before taking the batch,
+            # so that the writes queued during the wait go in this turn's transaction.
+            writers = self._journal._writers
+            writers.acquire()
+            try:
+                with self._cond:
+                    batch, self._queue = self._queue, []
+                results = self._commit(batch)
+            finally:
+                writers.release()
             # One wake-up per event loop (a host process has one), not one per write.
             by_loop: dict[asyncio.AbstractEventLoop, list] = {}
             for (_, _, loop, future), result in zip(batch, results):
