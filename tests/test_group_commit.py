@@ -181,6 +181,29 @@ def test_writes_queued_while_a_process_waits_for_its_turn_share_that_turn(tmp_pa
         second.close()
 
 
+def test_a_writer_lock_that_fails_fails_the_writes_not_the_writer(journal, tenant, monkeypatch):
+    """SQLite's writer lock raising (flock on a file system without locks) reaches the
+    writes' callers; the writer thread lives on and commits once the lock works."""
+    first, second = _claimed(journal, tenant, 2)
+    group = journal.grouped
+
+    def no_lock():
+        raise OSError("no locks available")
+
+    monkeypatch.setattr(journal._writers, "acquire", no_lock)
+
+    async def write(claim):
+        return await asyncio.wait_for(
+            group.record_step(claim.pk, claim.token, _record("w"), time.time(), 30.0), 10)
+
+    with pytest.raises(OSError, match="no locks available"):
+        asyncio.run(write(first))
+    monkeypatch.undo()
+    assert asyncio.run(write(second)) is False
+    assert [s.name for s in journal.list_steps(second.pk)] == ["w"]
+    assert journal.list_steps(first.pk) == []
+
+
 def test_a_write_that_fails_alone_in_its_batch_reaches_its_caller(journal):
     """A batch of one write that raises: its caller gets the error (a batch of one used
     to be settled with the wrong shape, leaving its caller waiting for ever)."""

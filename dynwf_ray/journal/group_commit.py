@@ -90,13 +90,18 @@ class GroupCommit:
             # SQLite: wait for this process's turn on the file before taking the batch,
             # so that the writes queued during the wait go in this turn's transaction.
             writers = self._journal._writers
-            writers.acquire()
+            try:
+                writers.acquire()
+                turn = True
+            except Exception:  # noqa: BLE001 - each write meets it again, and fails with it
+                turn = False
             try:
                 with self._cond:
                     batch, self._queue = self._queue, []
                 results = self._commit(batch)
             finally:
-                writers.release()
+                if turn:
+                    writers.release()
             # One wake-up per event loop (a host process has one), not one per write.
             by_loop: dict[asyncio.AbstractEventLoop, list] = {}
             for (_, _, loop, future), result in zip(batch, results):
