@@ -15,6 +15,10 @@
   runs together): what the creating caller waits while the engine runs the instances
   created before it.
 - `*_cold_starts_per_run`: hosts started during each run (after the warm-up).
+- `sqlite_writer_lock` (SQLite): one more one-by-one run, of 3,000, and the share of it
+  during which SQLite's writer lock was held, by the creating process (a commit per
+  `create`) and by the host processes (group commits): how near the one-by-one rate
+  is to what the lock lets through (`writer_lock_share`).
 - `dbos`: `bench/peers/dbos_three_step.py` run in `.venv-dbos` (made by
   `bench/peers/setup_dbos.sh`) when it exists, with the same counts, and the
   ratios ours / DBOS of the medians.
@@ -124,6 +128,7 @@ def three_step(url: str, one_by_one: int, batched: int, runs: int, **tuning) -> 
                 waits = create_waits if kind == "one_by_one" else None
                 rates[kind].append(run_workflows(engine, tenants, f"{kind}{r}", n, batch, waits))
                 cold[kind].append(engine.stats()["cold_starts"] - before)
+        lock = writer_lock_share(engine, ["tp"], 3000) if engine.journal.is_sqlite else None
         stats = engine.stats()
     finally:
         engine.stop()
@@ -137,8 +142,39 @@ def three_step(url: str, one_by_one: int, batched: int, runs: int, **tuning) -> 
     out.update({
         "activations": stats["activations"], "cold_starts": stats["cold_starts"],
         "pool": stats["pool"], "journal_writes": stats["journal_writes"],
+        "sqlite_writer_lock": lock,
     })
     return out
+
+
+def writer_lock_share(engine: Engine, tenants: list[str], n: int) -> dict:
+    """How much of a one-by-one run SQLite's writer lock was held, by whom: this creating
+    process (one commit per `create`) and the host processes (group commits), from
+    the journals' `sqlite_lock_held_s`. The hosts' counters reach `stats()` in reports
+    up to a second old, so the run is framed by 1.5 s pauses (nothing writes then)."""
+    from dynwf_ray.journal.dialect import _LOCK_STATS
+
+    def held() -> tuple[float, float, float, float]:
+        hosts = engine.stats()["journal_writes"]
+        return (_LOCK_STATS["lock_held_s"], _LOCK_STATS["lock_begins"],
+                hosts.get("sqlite_lock_held_s", 0.0), hosts.get("group_commits", 0))
+
+    time.sleep(1.5)
+    before = held()
+    rate = run_workflows(engine, tenants, "lock", n, batch=False)
+    time.sleep(1.5)
+    after = held()
+    seconds = n / rate
+    mine, creates, hosts, commits = (a - b for a, b in zip(after, before))
+    return {
+        "what": f"{n} created one by one, then held / (n / rate)",
+        "per_s": round(rate, 1),
+        "held_share": round((mine + hosts) / seconds, 3),
+        "creating_process": {"held_s": round(mine, 3), "commits": int(creates),
+                             "held_us_per_commit": round(mine / max(creates, 1) * 1e6)},
+        "host_processes": {"held_s": round(hosts, 3), "commits": int(commits),
+                           "held_us_per_commit": round(hosts / max(commits, 1) * 1e6)},
+    }
 
 
 def dbos(one_by_one: int, runs: int) -> dict | None:
