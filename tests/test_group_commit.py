@@ -3,7 +3,7 @@
 Concurrent writes share commits; each is durable when its await returns; a write
 whose lease is lost fails alone; any other failure in a batch reruns its writes one
 by one, so only the bad one fails; SQLite writers of two journals take turns, and a
-turn carries every write queued while it was awaited.
+turn carries the writes queued while it was awaited.
 """
 
 from __future__ import annotations
@@ -130,9 +130,9 @@ def test_sqlite_writers_of_two_journals_take_turns_and_the_wait_is_counted(tmp_p
 
 
 def test_writes_queued_while_a_process_waits_for_its_turn_share_that_turn(tmp_path):
-    """SQLite: the group-commit writer takes its batch once its turn on the file has
-    come, so the writes that queued while it waited commit with the first one, in one
-    transaction (it used to take the batch first and leave them for a second)."""
+    """SQLite: once the group-commit writer's transaction has begun, the writes that
+    queued while it waited for its turn on the file join it: one commit for all (it
+    used to take its batch before the wait and leave them for a second commit)."""
     url = f"sqlite:///{tmp_path}/j.db"
     first, second = Journal(url), Journal(url, create_tables=False)
     try:

@@ -57,51 +57,39 @@ class _WriterLock:
     writer on this machine (the file cannot be shared beyond it) first takes an
     exclusive `flock` on `<journal>.writers`: waiters sleep without polling and the
     next one starts as soon as the last commits. With group commit each turn carries
-    the writes of every activation of its process that queued meanwhile: the
-    group-commit thread holds its turn while it takes them and runs their transaction
-    (a thread that holds the turn may begin transactions within it: it is re-entrant).
-    `_LOCK_STATS` counts the waits, and how long the turns were held and how much of
-    that was the holder's own CPU.
+    the writes of every activation of its process that queued meanwhile, those queued
+    during the wait included (`GroupCommit._together`). `_LOCK_STATS` counts the waits,
+    how long turns were held and how much of that was the holder's own CPU.
     None (PostgreSQL, an in-memory database): no lock; the database orders writers.
     """
 
     def __init__(self, path: str | None):
         self._fd = os.open(f"{path}.writers", os.O_RDWR | os.O_CREAT, 0o600) if path else None
-        self._threads = threading.RLock()  # flock is per open file, not per thread
-        self._depth = 0  # a thread that holds the turn may begin transactions within it
-        self._held = (0.0, 0.0)
+        self._threads = threading.Lock()  # flock is per open file, not per thread
+        self._held = (0.0, 0.0)  # when the turn was taken, and the thread's CPU then
 
     def acquire(self) -> None:
-        if self._fd is None:
-            return
-        self._threads.acquire()
-        self._depth += 1
-        if self._depth > 1:
-            return
-        began = time.monotonic()
-        try:
+        if self._fd is not None:
+            self._threads.acquire()
+            began = time.monotonic()
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
                 _LOCK_STATS["lock_waits"] += 1
                 _LOCK_STATS["lock_wait_s"] += time.monotonic() - began
-        except BaseException:
-            self._depth -= 1
-            self._threads.release()
-            raise
-        self._held = (time.monotonic(), time.thread_time())
+            except BaseException:
+                self._threads.release()
+                raise
+            self._held = (time.monotonic(), time.thread_time())
 
     def release(self) -> None:
-        if self._fd is None:
-            return
-        self._depth -= 1
-        if self._depth == 0:
+        if self._fd is not None:
             wall, cpu = self._held
             _LOCK_STATS["lock_held_s"] += time.monotonic() - wall
             _LOCK_STATS["lock_held_cpu_s"] += time.thread_time() - cpu
             fcntl.flock(self._fd, fcntl.LOCK_UN)
-        self._threads.release()
+            self._threads.release()
 
 
 def _install_sqlite_pragmas(engine: SAEngine, synchronous: str) -> None:

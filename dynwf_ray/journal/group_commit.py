@@ -21,10 +21,9 @@ class GroupCommit:
     it has committed, so a step is durable before `step.do` returns, as with the
     journal's plain methods. One writer thread takes every write queued meanwhile, runs
     them in one transaction and commits them together: while it commits, the next
-    writes queue up. On SQLite it takes them once its process's turn on the file has
-    come (`dialect._WriterLock`), so the writes queued while it waited share that turn;
-    the turn is kept while a batch is tried again or rerun write by write. A write that
-    fails raises to its own caller only (`_commit`). Its numbers (`stats`) say how
+    writes queue up; those that queue while it waits for its transaction to begin (on
+    SQLite, for its process's turn on the file) join the batch (`_together`). A write
+    that fails raises to its own caller only (`_commit`). Its numbers (`stats`) say how
     well it groups.
     """
 
@@ -87,21 +86,8 @@ class GroupCommit:
                     self._cond.wait()
                 if self._closed and not self._queue:
                     return
-            # SQLite: wait for this process's turn on the file before taking the batch,
-            # so that the writes queued during the wait go in this turn's transaction.
-            writers = self._journal._writers
-            try:
-                writers.acquire()
-                turn = True
-            except Exception:  # noqa: BLE001 - each write meets it again, and fails with it
-                turn = False
-            try:
-                with self._cond:
-                    batch, self._queue = self._queue, []
-                results = self._commit(batch)
-            finally:
-                if turn:
-                    writers.release()
+                batch, self._queue = self._queue, []
+            results = self._commit(batch)
             # One wake-up per event loop (a host process has one), not one per write.
             by_loop: dict[asyncio.AbstractEventLoop, list] = {}
             for (_, _, loop, future), result in zip(batch, results):
@@ -131,9 +117,15 @@ class GroupCommit:
 
     @retried
     def _together(self, batch: list) -> list[tuple[bool, Any]]:
-        """The batch's writes in one transaction (tried again on a transient fault)."""
+        """The batch's writes in one transaction (tried again on a transient fault).
+        Once the transaction has begun, the writes queued meanwhile join the batch (in
+        place, so the caller settles them too): on SQLite, those that queued while this
+        process waited for its turn on the file."""
         results: list[tuple[bool, Any]] = []
         with self._journal._write() as conn:
+            with self._cond:
+                batch.extend(self._queue)
+                self._queue = []
             for fn, args, _, _ in batch:
                 try:
                     results.append((True, fn(conn, *args)))
