@@ -9,8 +9,10 @@ turn carries the writes queued while it was awaited.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from typing import Iterator
 
 import pytest
 
@@ -26,6 +28,27 @@ def _claimed(journal: Journal, tenant: str, n: int) -> list:
         skip_existing=False,
     )
     return journal.claim_due(now, n, "test", 30.0, tenant_id=tenant)
+
+
+@contextlib.contextmanager
+def _turn_held(journal: Journal) -> Iterator[threading.Event]:
+    """A thread holds `journal`'s SQLite writer lock, in an open write transaction,
+    until the event yielded is set (or the block ends)."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with journal._write():
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+    try:
+        yield release
+    finally:
+        release.set()
+        holder.join()
 
 
 def _record(name: str) -> StepRecord:
@@ -96,27 +119,17 @@ def test_sqlite_writers_of_two_journals_take_turns_and_the_wait_is_counted(tmp_p
     try:
         if not first.is_sqlite:
             pytest.skip("SQLite only")
-        holding, release = threading.Event(), threading.Event()
         held = first.write_stats()
-
-        def hold():
-            with first._write():
-                holding.set()
-                release.wait(10)
-
-        holder = threading.Thread(target=hold)
-        holder.start()
-        assert holding.wait(10)
-        waits = second.write_stats()["sqlite_lock_waits"]
-        done = threading.Event()
-        writer = threading.Thread(
-            target=lambda: (second.save_code("t", "v", "test", b"", time.time()), done.set())
-        )
-        writer.start()
-        assert not done.wait(0.3)  # its turn has not come: the other transaction is open
-        release.set()
-        assert done.wait(10)
-        holder.join()
+        with _turn_held(first) as release:
+            waits = second.write_stats()["sqlite_lock_waits"]
+            done = threading.Event()
+            writer = threading.Thread(
+                target=lambda: (second.save_code("t", "v", "test", b"", time.time()), done.set())
+            )
+            writer.start()
+            assert not done.wait(0.3)  # its turn has not come: the other transaction is open
+            release.set()
+            assert done.wait(10)
         writer.join()
         stats = second.write_stats()
         assert stats["sqlite_lock_waits"] == waits + 1 and stats["sqlite_lock_wait_s"] > 0.2
@@ -141,7 +154,7 @@ def test_writes_queued_while_a_process_waits_for_its_turn_share_that_turn(tmp_pa
         claims = _claimed(second, "t", 5)
         group = second.grouped
         before = group.stats()
-        holding, release, waiting = threading.Event(), threading.Event(), threading.Event()
+        waiting = threading.Event()
         take_turn = second._writers.acquire
 
         def acquire():  # the writer thread has begun to wait for its turn
@@ -150,19 +163,10 @@ def test_writes_queued_while_a_process_waits_for_its_turn_share_that_turn(tmp_pa
 
         second._writers.acquire = acquire
 
-        def hold():
-            with first._write():
-                holding.set()
-                release.wait(10)
-
-        holder = threading.Thread(target=hold)
-        holder.start()
-        assert holding.wait(10)
-
         def write(claim):
             return group.record_step(claim.pk, claim.token, _record("q"), time.time(), 30.0)
 
-        async def scenario():
+        async def scenario(release: threading.Event):
             head = asyncio.ensure_future(write(claims[0]))
             assert await asyncio.to_thread(waiting.wait, 10)
             rest = [asyncio.ensure_future(write(c)) for c in claims[1:]]
@@ -170,8 +174,8 @@ def test_writes_queued_while_a_process_waits_for_its_turn_share_that_turn(tmp_pa
             release.set()
             return await asyncio.wait_for(asyncio.gather(head, *rest), 10)
 
-        assert asyncio.run(scenario()) == [False] * 5
-        holder.join()
+        with _turn_held(first) as release:
+            assert asyncio.run(scenario(release)) == [False] * 5
         after = group.stats()
         assert after["group_commits"] - before["group_commits"] == 1
         assert after["group_writes"] - before["group_writes"] == 5
