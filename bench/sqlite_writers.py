@@ -86,7 +86,7 @@ async def _workflows(journal: Journal, tenant: str, version: str, owner: str, sl
             task = asyncio.ensure_future(one(state))
             running.add(task)
             task.add_done_callback(ended)
-        if not running:  # every instance was created before the start
+        if not running and done < total:  # every instance was created before the start
             raise RuntimeError(f"{owner}: {total - done} workflows left and none to claim")
         if not claims or len(claims) < free:
             wake.clear()
