@@ -79,6 +79,7 @@ async def _workflows(journal: Journal, tenant: str, version: str, owner: str, sl
     while done < total:
         if failed:  # a failed write fails the run
             raise failed[0]
+        wake.clear()  # before the claim: a workflow may end while it is awaited
         free = slots - len(running)
         claims = await grouped.claim_and_load(time.time(), free, owner, LEASE_TTL, tenant, version) \
             if free > 0 else []
@@ -89,7 +90,6 @@ async def _workflows(journal: Journal, tenant: str, version: str, owner: str, sl
         if not running and done < total:  # every instance was created before the start
             raise RuntimeError(f"{owner}: {total - done} workflows left and none to claim")
         if not claims or len(claims) < free:
-            wake.clear()
             await wake.wait()
 
 
