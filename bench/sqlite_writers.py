@@ -15,8 +15,9 @@ each on a fresh journal file:
 
 - `workflows_per_s`: all instances / (the last process done - the start), once the
   journal says every one of them completed;
-- `writes_per_commit`, `lock_waits`, `lock_wait_s`, `lock_held_share` (held time
-  summed over the processes / the run's time: near 1.0 the lock is what bounds);
+- `commits` (the processes' group commits), `writes_per_commit`, `lock_waits`,
+  `lock_wait_s`, `lock_held_share` (held time summed over the processes / the run's
+  time: near 1.0 the lock is what bounds);
 - `busy_cores`: the machine's busy cores during the run (/proc/stat): above what this
   machine has, the processes waited for cores as much as for the lock.
 
@@ -32,12 +33,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import arg, emit  # noqa: E402
+from bench._common import arg, emit, temp_sqlite_url  # noqa: E402
 from bench.workflows import ThreeSteps  # noqa: E402
 from dynwf_ray.binding import WorkflowBinding  # noqa: E402
 from dynwf_ray.journal import STEP_COMPLETE, Journal, StepRecord  # noqa: E402
@@ -105,7 +105,7 @@ def child(url: str, tenant: str, version: str, owner: str, slots: int, step_s: f
 
 
 def one_run(processes: int, workflows: int, slots: int, step_s: float) -> dict:
-    url = f"sqlite:///{tempfile.mkdtemp(prefix='dynwf-bench-')}/journal.db"
+    url = temp_sqlite_url()
     journal = Journal(url)
     version, kind, blob = package_class(ThreeSteps)
     each = workflows // processes
@@ -148,6 +148,7 @@ def one_run(processes: int, workflows: int, slots: int, step_s: float) -> dict:
     total = {k: sum(c.get(k, 0) for c in counters) for k in counters[0]}
     return {
         "workflows_per_s": round(each * processes / seconds, 1),
+        "commits": int(total["group_commits"]),
         "writes_per_commit": round(total["group_writes"] / max(total["group_commits"], 1), 2),
         "lock_waits": int(total["sqlite_lock_waits"]),
         "lock_wait_s": round(total["sqlite_lock_wait_s"], 3),
