@@ -152,11 +152,9 @@ def writer_lock_share(engine: Engine, tenants: list[str], n: int) -> dict:
     process (one commit per `create`) and the host processes (group commits), from
     the journals' `sqlite_lock_held_s`. The hosts' counters reach `stats()` in reports
     up to a second old, so the run is framed by 1.5 s pauses (nothing writes then)."""
-    from dynwf_ray.journal.dialect import _LOCK_STATS
-
     def held() -> tuple[float, float, float, float]:
-        hosts = engine.stats()["journal_writes"]
-        return (_LOCK_STATS["lock_held_s"], _LOCK_STATS["lock_begins"],
+        mine, hosts = engine.journal.write_stats(), engine.stats()["journal_writes"]
+        return (mine["sqlite_lock_held_s"], mine["sqlite_lock_begins"],
                 hosts.get("sqlite_lock_held_s", 0.0), hosts.get("group_commits", 0))
 
     time.sleep(1.5)
