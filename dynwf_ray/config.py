@@ -59,6 +59,14 @@ class EngineConfig(BaseModel):
     #: CPUs on SQLite (2 to 4), one per CPU of the node on PostgreSQL (2 to 16);
     #: one on a node with one CPU.
     host_processes: int | None = Field(default=None, ge=1)
+    #: Who commits the host processes' writes on SQLite. "machine": one writer for the
+    #: machine (served by the loader; `journal.node_writer`) commits those of every
+    #: host process, so a commit carries all of them; "process": each host process
+    #: commits its own and they take turns on the file. None: "machine" where the
+    #: machine runs 4 host processes or more, else "process" (a message each way per
+    #: batch costs more than it saves with fewer: docs/benchmarks.md). PostgreSQL: each
+    #: process, always.
+    journal_writer: Literal["machine", "process"] | None = None
     #: Seconds a host whose code has had no work is kept warm before it is deactivated
     #: (its template and sandboxes ended).
     hibernate_after: float = Field(default=60.0, ge=0)

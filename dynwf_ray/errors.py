@@ -71,6 +71,9 @@ class JournalUnavailableError(DynwfError):
         hint = "retrying may help once it is fixed" if retryable else "retrying will not help"
         super().__init__(f"the journal is unavailable: {cause} ({detail}); {hint}")
 
+    def __reduce__(self):  # noqa: ANN204 - crosses processes (journal.node_writer)
+        return type(self), (self.cause, self.detail, self.retryable)
+
 
 class InvalidStateError(DynwfError):
     """The operation does not apply to the instance in its current status."""

@@ -27,7 +27,9 @@ A `HostProcess` is the Ray actor hosts live in: the loader keeps one per node
 for code without pip packages (hosts of every tenant share it), more on
 PostgreSQL, and one per pip runtime env (where Ray put those packages). Its
 hosts share its journal connection and so its group commit: one writer per
-process commits for all of them. Callers on its machine wake its hosts with a
+process commits for all of them; on SQLite they send those writes to the
+machine's writer instead, which commits for every host process of the machine
+(`journal.node_writer`, `journal_writer`). Callers on its machine wake its hosts with a
 datagram to its wake socket (`wakeup.py`) rather than a Ray call.
 
 Telemetry stays on this side: step spans are built here, the tenant's own
@@ -428,7 +430,8 @@ class HostProcess:
     """A trusted process in which hosts live: the Ray actor the loader starts (one per
     node, more on PostgreSQL; one per runtime env with pip packages). Its hosts share
     its journal connection, hence its group commit: one writer per process commits
-    for all of them. The scheduler addresses each host by its id.
+    for all of them (on SQLite, with `machine_writer`, the machine's writer does).
+    The scheduler addresses each host by its id.
 
     It is a named, detached actor, so it outlives a loader that Ray restarts (the
     restarted loader finds it by name: `describe`) and its hosts' activations go on.
@@ -436,8 +439,11 @@ class HostProcess:
     gone for good: its engine stopped, or the driver that owned the engine died."""
 
     def __init__(self, database_url: str, loader: tuple[str, str, str] | None = None,
-                 env: str | None = None, scheduler: tuple[str, str] | None = None):
+                 env: str | None = None, scheduler: tuple[str, str] | None = None,
+                 machine_writer: bool = False):
         self._journal = Journal(database_url, create_tables=False)
+        if machine_writer:  # on SQLite: the loader's writer commits for this process
+            self._journal.write_through_node_writer()
         self._hosts: dict[int, InstanceHost] = {}
         self._adding: dict[int, asyncio.Future] = {}
         self._loader = loader  # (name, namespace, actor id) of the loader that owns it

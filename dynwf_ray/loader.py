@@ -46,6 +46,7 @@ from .config import EngineConfig
 from .errors import InvalidInputError
 from .host import HostProcess, HostSpec
 from .journal import Journal
+from .journal.node_writer import NodeWriter
 from .sessions import this_process
 from .scheduler import Notifier, Router
 from .package import PACKAGE, Manifest, check_pip_allowed, runtime_env_for
@@ -128,6 +129,12 @@ class Loader:
         self.config = EngineConfig(**config)
         self._bindings = dict(bindings or {})
         self.journal = Journal(self.config.database_url, create_tables=False)
+        # On SQLite, the machine's writer: it commits for every host process here.
+        self._machine_writer = machine_writer(self.config, ray.nodes(), self.journal.is_sqlite)
+        self._writer: NodeWriter | None = None
+        if self._machine_writer:
+            writer = NodeWriter(self.journal)
+            self._writer = writer if writer.start() else None  # else another engine's
         self._lock = threading.RLock()
         self._cache: OrderedDict[Any, Any] = OrderedDict()
         self._hosts: dict[int, _Host] = {}
@@ -338,7 +345,7 @@ class Loader:
                 name=f"{self._prefix}{uuid.uuid4().hex[:16]}", namespace=cfg.namespace,
                 lifetime="detached", **options,
             ).remote(cfg.database_url, (cfg.loader_name, cfg.namespace, self._id), env,
-                     (cfg.scheduler_name, cfg.namespace))
+                     (cfg.scheduler_name, cfg.namespace), self._machine_writer)
             process = _Process(actor, env, node)
             self._processes.append(process)
             return process
@@ -412,6 +419,8 @@ class Loader:
             self._closed = self._closed or close
             processes, self._processes, self._hosts = self._processes, [], {}
         _drain_and_kill(processes)
+        if close and self._writer is not None:
+            self._writer.close()
 
     def stats(self) -> dict:
         with self._lock:
@@ -425,7 +434,15 @@ class Loader:
                 "cache_entries": len(self._cache),
                 "loader_cache_size": self.config.loader_cache_size,
                 **self._counters,
+                "journal_writer": self._writer_stats(),
             }
+
+    def _writer_stats(self) -> dict | None:
+        """The machine's writer, when this loader serves it: its clients, messages and
+        writes, and its commits (`group_commits`, `group_writes`) with their lock waits."""
+        if self._writer is None:
+            return None
+        return {**self.journal.write_stats(), **self._writer.stats()}
 
 
 #: Longest a host being deactivated gets to export its pending spans.
@@ -452,6 +469,23 @@ def processes_per_node(nodes: list[dict], draining: set[str], is_sqlite: bool,
             default = min(default, max(cpus, 1))
             wanted[node["NodeID"]] = host_processes or default
     return wanted
+
+
+def machine_writer(config: EngineConfig, nodes: list[dict], is_sqlite: bool) -> bool:
+    """Whether the host processes send their writes to the machine's writer (SQLite
+    only): `journal_writer`, or by default when the machine runs 4 host processes or
+    more (the nodes of a SQLite journal share one machine). `nodes` as `ray.nodes()`."""
+    if not is_sqlite:
+        return False
+    if config.journal_writer is not None:
+        return config.journal_writer == "machine"
+    per_node = processes_per_node(nodes, set(), True, config.host_processes)
+    return sum(per_node.values()) >= MACHINE_WRITER_FROM
+
+
+#: Host processes on the machine from which a SQLite journal's writer per machine pays
+#: by default (`journal_writer` None): docs/benchmarks.md.
+MACHINE_WRITER_FROM = 4
 
 
 def _draining_nodes() -> set[str]:

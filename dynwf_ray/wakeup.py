@@ -40,9 +40,10 @@ _MAX_PATH = 107
 STATS = {"by_datagram": 0, "forwarded": 0}
 
 
-def _directory(create: bool) -> str | None:
-    """This user's directory of wake sockets, if it is this user's alone (else None: a
-    directory someone else made or can enter is never listened or sent in)."""
+def private_directory(create: bool) -> str | None:
+    """This user's directory of sockets (wakes here, the journal's writer per machine in
+    `journal.node_writer`), if it is this user's alone (else None: a directory someone
+    else made or can enter is never listened or sent in)."""
     path = os.path.join(tempfile.gettempdir(), f"dynwf-wake-{os.getuid()}")
     if create:
         try:
@@ -62,8 +63,8 @@ def _directory(create: bool) -> str | None:
 
 def address(actor_id: str, create: bool = False) -> str | None:
     """The wake socket's path of the host process whose Ray actor id is `actor_id`
-    (hex), or None when this machine offers none (see `_directory`)."""
-    directory = _directory(create)
+    (hex), or None when this machine offers none (see `private_directory`)."""
+    directory = private_directory(create)
     if directory is None:
         return None
     path = os.path.join(directory, f"{actor_id}.sock")

@@ -486,6 +486,39 @@ def test_loader_killed_and_restarted_interrupts_no_step_and_lends_no_host_twice(
     assert engine.stats()["host_deaths"] == 0
 
 
+def test_the_machine_writer_commits_for_the_hosts_and_its_loader_killed_loses_no_instance(make_engine):
+    """SQLite with `journal_writer="machine"`: the loader commits the host processes'
+    writes. Killed as work arrives (Ray restarts it), the hosts commit their own writes
+    until they find the restarted loader's writer: every instance completes, and the
+    new writer commits for them. (A write the writer dies without answering:
+    tests/test_node_writer.py. PostgreSQL: no writer.)"""
+    engine = make_engine(journal_writer="machine", lease_ttl=2.0, hibernate_after=60)
+    if not engine.journal.is_sqlite:
+        assert engine.stats()["journal_writer"] is None
+        return
+    engine.register("mw", ThreeSteps)
+    wf = engine.binding("mw")
+    for h in [wf.create(id=f"a{i}") for i in range(10)]:
+        assert wait_status(h, "complete")["output"] == 3
+    stats = engine.stats()
+    assert stats["journal_writer"]["writes"] > 0 and stats["journal_writer"]["group_commits"] > 0
+    assert wait_until(lambda: engine.stats()["journal_writes"].get("node_writer_writes", 0) > 0)
+    loader = ray.get_actor(engine.config.loader_name, namespace=engine.config.namespace)
+    old_pid = ray.get(loader.__ray_call__.remote(lambda self: os.getpid()))
+    during = [wf.create(id=f"b{i}") for i in range(40)]
+    ray.kill(loader, no_restart=False)
+    wait_until(lambda: process_gone(old_pid), what="the old loader to die")
+    wait_until(lambda: _restarted(engine, old_pid, "loader"), what="the restarted loader")
+    for h in during + [wf.create(id=f"c{i}") for i in range(10)]:
+        assert wait_status(h, "complete")["output"] == 3
+
+    def through_the_new_writer() -> int:  # a host looks for it again within 5 s
+        assert wait_status(wf.create(), "complete")["output"] == 3
+        return (engine.stats()["journal_writer"] or {}).get("writes", 0)
+
+    assert wait_until(through_the_new_writer, what="writes through the restarted loader's writer")
+
+
 def test_host_processes_end_themselves_once_their_loader_is_gone_for_good(make_engine, tmp_path):
     """An engine whose loader was killed for good (its driver died without `stop`):
     its host processes, detached, notice and end, sandboxes included."""

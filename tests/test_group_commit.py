@@ -104,7 +104,7 @@ def test_another_failure_in_a_batch_reruns_the_others_alone(journal, tenant):
 
     async def mixed():
         writes = [group.record_step(c.pk, c.token, _record("m"), time.time(), 30.0) for c in good]
-        writes.insert(1, group._submit(broken, ()))
+        writes.insert(1, group._enqueue(broken, ()))
         return await asyncio.gather(*writes, return_exceptions=True)
 
     results = asyncio.run(mixed())
@@ -215,7 +215,7 @@ def test_a_write_that_fails_alone_in_its_batch_reaches_its_caller(journal):
         raise ValueError("a bug in the only write")
 
     async def alone():
-        return await asyncio.wait_for(journal.grouped._submit(broken, ()), 10)
+        return await asyncio.wait_for(journal.grouped._enqueue(broken, ()), 10)
 
     with pytest.raises(ValueError, match="the only write"):
         asyncio.run(alone())

@@ -333,6 +333,6 @@ def test_a_group_commit_that_meets_a_transient_fault_commits_on_the_next_try(jou
         return "ok"
 
     async def submit():
-        return await journal.grouped._submit(flaky, ())
+        return await journal.grouped._enqueue(flaky, ())
 
     assert asyncio.run(submit()) == "ok" and len(tries) == 2

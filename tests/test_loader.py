@@ -1,8 +1,10 @@
-"""The loader's placement rules, without Ray: which nodes take new host processes."""
+"""The loader's placement rules, without Ray: which nodes take new host processes, and
+when the machine writer commits for them (SQLite)."""
 
 from __future__ import annotations
 
-from dynwf_ray.loader import processes_per_node
+from dynwf_ray.config import EngineConfig
+from dynwf_ray.loader import machine_writer, processes_per_node
 
 
 def node(node_id: str, cpus: int, alive: bool = True) -> dict:
@@ -24,3 +26,14 @@ def test_alive_nodes_that_are_not_draining_take_host_processes():
         "tiny": 1}
     assert processes_per_node(nodes, {"head", "w1", "leaving"}, False, 3) == {}
     assert processes_per_node(nodes, set(), False, 3) == {"head": 3, "w1": 3, "leaving": 3}
+
+
+def test_the_machine_writer_is_the_default_from_four_host_processes_on_sqlite():
+    default, two = EngineConfig(), [node("two", 2)]
+    assert not machine_writer(default, two, is_sqlite=True)  # 2 processes: each its own
+    assert machine_writer(default, [node("big", 16)], is_sqlite=True)  # 4
+    assert machine_writer(default, [node("a", 8), node("b", 8)], is_sqlite=True)  # 2 + 2 on one machine
+    assert machine_writer(EngineConfig(host_processes=4), two, is_sqlite=True)
+    assert machine_writer(EngineConfig(journal_writer="machine"), two, is_sqlite=True)
+    assert not machine_writer(EngineConfig(journal_writer="process"), [node("big", 16)], True)
+    assert not machine_writer(EngineConfig(journal_writer="machine"), two, is_sqlite=False)

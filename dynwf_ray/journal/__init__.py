@@ -11,6 +11,8 @@ per concern, each a module of its own:
 - `access.py`: who may use the HTTP API (tokens, stored as hashes) and tenants'
   webhook secrets;
 - `group_commit.py`: concurrent activations' writes sharing commits;
+- `node_writer.py`: on SQLite, one process committing those of every host process
+  of the machine;
 - `schema.py` (the tables and the records handed out), `statements.py` (SQL built
   once), `dialect.py` (the seam where SQLite and PostgreSQL differ), `faults.py`
   (transactions, and errors that mean the journal cannot be used).
@@ -74,7 +76,8 @@ from .access import Access, UnknownTokenError
 from .code import CodeStore
 from .dialect import _LOCK_STATS, connect, sqlite_url_path
 from .faults import _Tx, unavailable
-from .group_commit import GroupCommit
+from . import node_writer
+from .group_commit import ActivationWriteQueue, GroupCommit
 from .instances import CREATED_COLUMNS, Instances
 from .log_lines import LogLines
 from .schema import (
@@ -111,6 +114,7 @@ class Journal(CodeStore, Instances, Scheduling, ActivationWrites, LogLines, Acce
         self.engine, self._writers, dialect_insert = connect(url, synchronous)
         self._dialect_insert = dialect_insert
         self._group: GroupCommit | None = None
+        self._node_client: node_writer.NodeWriterClient | None = None
         # Same pool; connections from it begin with BEGIN IMMEDIATE on SQLite.
         self._write_engine = self.engine.execution_options(dynwf_write=True)
         ins = dialect_insert(S)
@@ -190,16 +194,31 @@ class Journal(CodeStore, Instances, Scheduling, ActivationWrites, LogLines, Acce
     # -- group commit ----------------------------------------------------------
 
     @property
-    def grouped(self) -> "GroupCommit":
+    def grouped(self) -> "ActivationWriteQueue":
         """The same writes, awaitable, group-committed with those of concurrent
-        activations in this process (see `GroupCommit`)."""
+        activations: of this process (see `GroupCommit`), or of every process of this
+        machine once `write_through_node_writer` found the machine's writer."""
+        return self._node_client or self._own_group_commit()
+
+    def _own_group_commit(self) -> GroupCommit:
         if self._group is None:
             with _TABLE_LOCK:
                 if self._group is None:
                     self._group = GroupCommit(self)
         return self._group
 
+    def write_through_node_writer(self) -> bool:
+        """Send `grouped` writes to this machine's writer for the SQLite file
+        (`node_writer`), when there is one; False for a journal that has none."""
+        path = node_writer.address(self.url, create=True)
+        if path is None:
+            return False
+        self._node_client = node_writer.NodeWriterClient(self, path)
+        return True
+
     def write_stats(self) -> dict[str, float]:
         """Commits and lock waits of this process (group commit, SQLite's write lock)."""
         group = self._group.stats() if self._group is not None else {}
+        if self._node_client is not None:
+            group.update(self._node_client.stats())
         return {**group, **{f"sqlite_{k}": v for k, v in _LOCK_STATS.items()}}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from ..errors import JournalUnavailableError
 from .faults import retried
@@ -14,7 +14,46 @@ if TYPE_CHECKING:
     from . import Journal
 
 
-class GroupCommit:
+class ActivationWriteQueue:
+    """The writes activations make while they run, awaitable: each is the journal's
+    method of the same name (without its connection), and returns once a commit holds
+    it. `GroupCommit` runs them in this process; `node_writer.NodeWriterClient` sends
+    them to the process that commits for the whole machine. `_submit(name, args)`
+    is the one thing each provides."""
+
+    #: The writes, by name (the journal's methods are these with a leading underscore).
+    NAMES = ("claim_due", "claim_and_load", "renew_leases", "record_step", "take_event",
+             "count_crash", "end_activation", "release")
+
+    async def claim_due(self, *args: Any) -> list[Claim]:
+        return await self._submit("claim_due", args)
+
+    async def claim_and_load(self, *args: Any) -> list[ActivationState]:
+        return await self._submit("claim_and_load", args)
+
+    async def renew_leases(self, *args: Any) -> None:
+        return await self._submit("renew_leases", args)
+
+    async def record_step(self, *args: Any) -> bool:
+        return await self._submit("record_step", args)
+
+    async def take_event(self, *args: Any) -> tuple[str, str, float] | None:
+        return await self._submit("take_event", args)
+
+    async def count_crash(self, pk: int) -> int:
+        return await self._submit("count_crash", (pk,))
+
+    async def end_activation(self, *args: Any) -> None:
+        return await self._submit("end_activation", args)
+
+    async def release(self, *args: Any) -> bool:
+        return await self._submit("release", args)
+
+    def _submit(self, name: str, args: tuple) -> Awaitable[Any]:
+        raise NotImplementedError
+
+
+class GroupCommit(ActivationWriteQueue):
     """Group commit: the writes of concurrent activations in one process share commits.
 
     Each awaitable method queues its write and returns when the transaction that holds
@@ -35,32 +74,6 @@ class GroupCommit:
         self._stats = {"group_commits": 0, "group_writes": 0, "group_max": 0}
         threading.Thread(target=self._run, name="dynwf-group-commit", daemon=True).start()
 
-    # The writes: each is the journal's method of the same name, awaitable.
-
-    async def claim_due(self, *args: Any) -> list[Claim]:
-        return await self._submit(self._journal._claim_due, args)
-
-    async def claim_and_load(self, *args: Any) -> list[ActivationState]:
-        return await self._submit(self._journal._claim_and_load, args)
-
-    async def renew_leases(self, *args: Any) -> None:
-        return await self._submit(self._journal._renew_leases, args)
-
-    async def record_step(self, *args: Any) -> bool:
-        return await self._submit(self._journal._record_step, args)
-
-    async def take_event(self, *args: Any) -> tuple[str, str, float] | None:
-        return await self._submit(self._journal._take_event, args)
-
-    async def count_crash(self, pk: int) -> int:
-        return await self._submit(self._journal._count_crash, (pk,))
-
-    async def end_activation(self, *args: Any) -> None:
-        return await self._submit(self._journal._end_activation, args)
-
-    async def release(self, *args: Any) -> bool:
-        return await self._submit(self._journal._release, args)
-
     def stats(self) -> dict[str, int]:
         return dict(self._stats)
 
@@ -69,7 +82,11 @@ class GroupCommit:
             self._closed = True
             self._cond.notify()
 
-    def _submit(self, fn: Any, args: tuple) -> asyncio.Future:
+    def _submit(self, name: str, args: tuple) -> asyncio.Future:
+        return self._enqueue(getattr(self._journal, f"_{name}"), args)
+
+    def _enqueue(self, fn: Any, args: tuple) -> asyncio.Future:
+        """Queue `fn(conn, *args)` for the next commit; a future of its result."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._cond:
@@ -99,47 +116,61 @@ class GroupCommit:
                     pass
 
     def _commit(self, batch: list) -> list[tuple[bool, Any]]:
-        """Run a batch in one transaction. A write that finds its lease lost raises before
-        it writes anything (the fence is its first statement), so it fails alone; any
-        other error rolls the whole batch back and runs each write in a transaction of
-        its own, so that one bad write cannot fail the others; an unavailable journal
-        fails them all (it is nothing one write did)."""
-        try:
-            results = self._together(batch)
-        except JournalUnavailableError as exc:
-            return [(False, exc)] * len(batch)
-        except Exception:  # noqa: BLE001 - one by one, below
-            return [self._alone(item) for item in batch]
-        self._stats["group_commits"] += 1
-        self._stats["group_writes"] += len(batch)
-        self._stats["group_max"] = max(self._stats["group_max"], len(batch))
+        results, together = commit_batch(self._journal, batch, self._take_queued)
+        if together:
+            self._stats["group_commits"] += 1
+            self._stats["group_writes"] += len(batch)
+            self._stats["group_max"] = max(self._stats["group_max"], len(batch))
         return results
 
-    @retried
-    def _together(self, batch: list) -> list[tuple[bool, Any]]:
-        """The batch's writes in one transaction (tried again on a transient fault).
-        Once the transaction has begun, the writes queued meanwhile join the batch (in
-        place, so the caller settles them too): on SQLite, those that queued while this
-        process waited for its turn on the file."""
-        results: list[tuple[bool, Any]] = []
-        with self._journal._write() as conn:
-            with self._cond:
-                batch.extend(self._queue)
-                self._queue = []
-            for fn, args, _, _ in batch:
-                try:
-                    results.append((True, fn(conn, *args)))
-                except LeaseLostError as exc:
-                    results.append((False, exc))
-        return results
+    def _take_queued(self) -> list:
+        with self._cond:
+            queued, self._queue = self._queue, []
+        return queued
 
-    def _alone(self, item: tuple) -> tuple[bool, Any]:
-        fn, args, _, _ = item
-        try:
-            with self._journal._write() as conn:
-                return True, fn(conn, *args)
-        except Exception as exc:  # noqa: BLE001 - raised to its own caller
-            return False, exc
+
+def commit_batch(journal: "Journal", batch: list,
+                 top_up: Callable[[], list]) -> tuple[list[tuple[bool, Any]], bool]:
+    """Run a batch of writes in one transaction: its items begin with (fn, args), each
+    write being `fn(conn, *args)`. Returns one (ok, result or error) per item, and
+    whether they were committed together (one commit). Once the
+    transaction has begun, the items `top_up()` returns join the batch (appended in
+    place, so the caller answers them too): on SQLite, those that queued while the
+    writer waited for its turn on the file.
+
+    A write that finds its lease lost raises before it writes anything (the fence is
+    its first statement), so it fails alone; any other error rolls the whole batch
+    back and runs each write in a transaction of its own, so that one bad write cannot
+    fail the others; an unavailable journal fails them all (it is nothing one write
+    did)."""
+    try:
+        return _together(journal, batch, top_up), True
+    except JournalUnavailableError as exc:
+        return [(False, exc)] * len(batch), False
+    except Exception:  # noqa: BLE001 - one by one, below
+        return [_alone(journal, item) for item in batch], False
+
+
+@retried
+def _together(journal: "Journal", batch: list, top_up: Callable[[], list]) -> list[tuple[bool, Any]]:
+    """The batch's writes in one transaction (tried again on a transient fault)."""
+    results: list[tuple[bool, Any]] = []
+    with journal._write() as conn:
+        batch.extend(top_up())
+        for item in batch:
+            try:
+                results.append((True, item[0](conn, *item[1])))
+            except LeaseLostError as exc:
+                results.append((False, exc))
+    return results
+
+
+def _alone(journal: "Journal", item: tuple) -> tuple[bool, Any]:
+    try:
+        with journal._write() as conn:
+            return True, item[0](conn, *item[1])
+    except Exception as exc:  # noqa: BLE001 - raised to its own caller
+        return False, exc
 
 
 def _settle(settled: list[tuple[asyncio.Future, tuple[bool, Any]]]) -> None:
