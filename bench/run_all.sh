@@ -8,7 +8,7 @@ py=.venv/bin/python
 run() { local name=$1; shift; echo "== $name" >&2; "$py" "bench/$name.py" "$@" > "bench/results/$name.json"; cat "bench/results/$name.json"; }
 run step_overhead --steps 2000 --runs 5 "$@"
 run journal_write --writes 2000 --runs 3   # SQLite only
-run sqlite_writers --processes 1,2,4,8,16 --runs 3   # SQLite only, no Ray
+run sqlite_writers --processes 1,2,4,8,16 --runs 3 --writers process,machine   # SQLite only, no Ray
 run tracing_overhead --steps 2000 --runs 7 "$@"
 run replay --steps 10000 --runs 7 "$@"
 run throughput --creates 10000 --workflows 300 --one-by-one 200 --runs 3 "$@"

@@ -17,8 +17,14 @@ processes, sandboxes and their templates, this creating process, the scheduler, 
 PostgreSQL server on this machine, everything else). After the runs: the pool's hosts
 and host processes, and the journal's write and lock-wait counters.
 
+`--journal-writer machine|process` sets who commits the host processes' writes on
+SQLite (left out: the default); `journal_writer` has the machine writer's counters
+when there is one (its commits are not in `journal_writes`, which counts the host
+processes' own).
+
 Usage: python bench/scale_out.py [--host-processes N] [--tenants 16] [--workflows 4000]
-       [--runs 3] [--sandbox strict|process] [--database-url URL]
+       [--runs 3] [--sandbox strict|process] [--journal-writer machine|process]
+       [--database-url URL]
 """
 
 from __future__ import annotations
@@ -99,6 +105,9 @@ def main() -> None:
     sandbox = arg("--sandbox", "strict", str)
     if sandbox != "strict":
         tuning["sandbox"] = sandbox
+    writer = arg("--journal-writer", None, str)
+    if writer:
+        tuning["journal_writer"] = writer
     engine = Engine.start(database_url=url, name=f"bench-scale-out-{os.getpid()}", **tuning)
     try:
         for t in tenants:
@@ -132,6 +141,7 @@ def main() -> None:
         "hosts": stats.get("live_hosts"),
         "pool": stats["pool"],
         "journal_writes": stats["journal_writes"],
+        "journal_writer": stats["journal_writer"],
     })
 
 

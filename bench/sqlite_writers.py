@@ -21,8 +21,13 @@ each on a fresh journal file:
 - `busy_cores`: the machine's busy cores during the run (/proc/stat): above what this
   machine has, the processes waited for cores as much as for the lock.
 
+`--writers process,machine` runs each count both ways, alternating run by run:
+"process", each process commits its own writes (`GroupCommit`); "machine", they send
+them to one more process that commits for all of them (`journal.node_writer`, as the
+loader serves it); `by_writer` has both, and `commits` then counts the writer's.
+
 Usage: python bench/sqlite_writers.py [--processes 1,2,4,8,16] [--workflows 3000]
-       [--slots 16] [--step-ms 1] [--runs 3]
+       [--slots 16] [--step-ms 1] [--runs 3] [--writers process]
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from bench._common import arg, emit, temp_sqlite_url  # noqa: E402
 from bench.workflows import ThreeSteps  # noqa: E402
 from dynwf_ray.binding import WorkflowBinding  # noqa: E402
 from dynwf_ray.journal import STEP_COMPLETE, Journal, StepRecord  # noqa: E402
+from dynwf_ray.journal.node_writer import NodeWriter  # noqa: E402
 from dynwf_ray.package import package_class  # noqa: E402
 
 LEASE_TTL = 60.0
@@ -93,10 +99,13 @@ async def _workflows(journal: Journal, tenant: str, version: str, owner: str, sl
             await wake.wait()
 
 
-def child(url: str, tenant: str, version: str, owner: str, slots: int, step_s: float, total: int) -> None:
+def child(url: str, tenant: str, version: str, owner: str, slots: int, step_s: float, total: int,
+          writer: str) -> None:
     """One process: wait for the start (a line on stdin), run its workflows, print its counters."""
     journal = Journal(url, create_tables=False)
     journal.check_schema()
+    if writer == "machine":
+        journal.write_through_node_writer()
     print("ready", flush=True)
     sys.stdin.readline()
     asyncio.run(_workflows(journal, tenant, version, owner, slots, step_s, total))
@@ -104,7 +113,20 @@ def child(url: str, tenant: str, version: str, owner: str, slots: int, step_s: f
     journal.close()
 
 
-def one_run(processes: int, workflows: int, slots: int, step_s: float) -> dict:
+def serve(url: str) -> None:
+    """The machine's writer (as the loader serves it): until stdin closes, then its counters."""
+    journal = Journal(url, create_tables=False)
+    writer = NodeWriter(journal)
+    if not writer.start():
+        raise RuntimeError("could not serve as the journal's writer")
+    print("ready", flush=True)
+    sys.stdin.readline()
+    print(json.dumps({**journal.write_stats(), **writer.stats()}), flush=True)
+    writer.close()
+    journal.close()
+
+
+def one_run(processes: int, workflows: int, slots: int, step_s: float, writer: str) -> dict:
     url = temp_sqlite_url()
     journal = Journal(url)
     version, kind, blob = package_class(ThreeSteps)
@@ -118,13 +140,17 @@ def one_run(processes: int, workflows: int, slots: int, step_s: float) -> dict:
     children = [
         subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--child", url, f"t{p}", version,
-             f"e1/p{p}", str(slots), str(step_s), str(each)],
+             f"e1/p{p}", str(slots), str(step_s), str(each), writer],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         for p in range(processes)
     ]
+    server = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--serve", url],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    ) if writer == "machine" else None
     try:
-        for c in children:
+        for c in children + ([server] if server else []):
             if c.stdout.readline().strip() != "ready":
                 raise RuntimeError("a child process did not start")
         busy0, all0 = _busy_jiffies()
@@ -135,8 +161,12 @@ def one_run(processes: int, workflows: int, slots: int, step_s: float) -> dict:
         counters = [json.loads(c.stdout.readline()) for c in children]
         seconds = time.perf_counter() - start
         busy1, all1 = _busy_jiffies()
+        if server:
+            server.stdin.write("stop\n")
+            server.stdin.flush()
+            counters.append(json.loads(server.stdout.readline()))
     finally:
-        for c in children:
+        for c in children + ([server] if server else []):
             c.stdin.close()
             if c.wait(timeout=60) != 0:
                 raise RuntimeError(f"a child process exited with {c.returncode}")
@@ -145,7 +175,7 @@ def one_run(processes: int, workflows: int, slots: int, step_s: float) -> dict:
     journal.close()
     if complete != each * processes:
         raise RuntimeError(f"{complete} of {each * processes} workflows completed")
-    total = {k: sum(c.get(k, 0) for c in counters) for k in counters[0]}
+    total = {k: sum(c.get(k, 0) for c in counters) for k in set().union(*counters)}
     return {
         "workflows_per_s": round(each * processes / seconds, 1),
         "commits": int(total["group_commits"]),
@@ -154,28 +184,39 @@ def one_run(processes: int, workflows: int, slots: int, step_s: float) -> dict:
         "lock_wait_s": round(total["sqlite_lock_wait_s"], 3),
         "lock_held_share": round(total["sqlite_lock_held_s"] / seconds, 3),
         "busy_cores": round((busy1 - busy0) / max(all1 - all0, 1) * (os.cpu_count() or 1), 2),
+        "writes_sent_to_writer": int(total.get("node_writer_writes", 0)),
     }
 
 
 def main() -> None:
     if "--child" in sys.argv:
-        url, tenant, version, owner, slots, step_s, total = sys.argv[sys.argv.index("--child") + 1:]
-        child(url, tenant, version, owner, int(slots), float(step_s), int(total))
+        url, tenant, version, owner, slots, step_s, total, writer = sys.argv[sys.argv.index("--child") + 1:]
+        child(url, tenant, version, owner, int(slots), float(step_s), int(total), writer)
+        return
+    if "--serve" in sys.argv:
+        serve(sys.argv[sys.argv.index("--serve") + 1])
         return
     counts = [int(x) for x in arg("--processes", "1,2,4,8,16", str).split(",")]
+    writers = arg("--writers", "process", str).split(",")
     workflows, slots = arg("--workflows", 3000), arg("--slots", 16)
     step_s, runs = arg("--step-ms", 1.0, float) / 1000, arg("--runs", 3)
-    by_count = {}
+    by_writer: dict = {w: {} for w in writers}
     for n in counts:
-        results = [one_run(n, workflows, slots, step_s) for _ in range(runs)]
-        by_count[str(n)] = {
-            **{k: statistics.median(r[k] for r in results) for k in results[0]},
-            "runs_per_s": [r["workflows_per_s"] for r in results],
-        }
-    emit("sqlite_writers", {
-        "journal": "sqlite", "workflows": workflows, "slots_per_process": slots,
-        "step_ms": step_s * 1000, "by_processes": by_count,
-    })
+        results: dict = {w: [] for w in writers}
+        for _ in range(runs):  # the writers alternate run by run
+            for w in writers:
+                results[w].append(one_run(n, workflows, slots, step_s, w))
+        for w in writers:
+            by_writer[w][str(n)] = {
+                **{k: statistics.median(r[k] for r in results[w]) for k in results[w][0]},
+                "runs_per_s": [r["workflows_per_s"] for r in results[w]],
+            }
+    figures = {"journal": "sqlite", "workflows": workflows, "slots_per_process": slots,
+               "step_ms": step_s * 1000, "by_processes": by_writer[writers[0]]}
+    if len(writers) > 1 or writers != ["process"]:
+        figures["by_writer"] = by_writer
+        figures["by_processes"] = by_writer[writers[0]]
+    emit("sqlite_writers", figures)
 
 
 if __name__ == "__main__":

@@ -17,17 +17,19 @@
 - `*_cold_starts_per_run`: hosts started during each run (after the warm-up).
 - `sqlite_writer_lock` (SQLite): one more one-by-one run, of 3,000, and the share of it
   during which SQLite's writer lock was held, by the creating process (a commit per
-  `create`) and by the host processes (group commits): how near the one-by-one rate
-  is to what the lock lets through (`writer_lock_share`).
+  `create`) and by the host processes (group commits: theirs, or the machine writer's
+  that commits for them): how near the one-by-one rate is to what the lock lets
+  through (`writer_lock_share`).
 - `dbos`: `bench/peers/dbos_three_step.py` run in `.venv-dbos` (made by
   `bench/peers/setup_dbos.sh`) when it exists, with the same counts, and the
   ratios ours / DBOS of the medians.
-- `--max-hosts N`, `--max-activations N`, `--host-concurrency N` add the same
-  figures for an engine tuned that way, beside the default ones (`three_step_tuned`).
+- `--max-hosts N`, `--max-activations N`, `--host-concurrency N`, `--host-processes N`,
+  `--journal-writer machine|process` add the same figures for an engine tuned that
+  way, beside the default ones (`three_step_tuned`).
 
 Usage: python bench/throughput.py [--creates 10000] [--workflows 300] [--one-by-one 200]
        [--runs 3] [--max-hosts N] [--max-activations N] [--host-concurrency N] [--host-processes N]
-       [--no-dbos] [--database-url URL]
+       [--journal-writer machine|process] [--no-dbos] [--database-url URL]
 """
 
 from __future__ import annotations
@@ -142,6 +144,7 @@ def three_step(url: str, one_by_one: int, batched: int, runs: int, **tuning) -> 
     out.update({
         "activations": stats["activations"], "cold_starts": stats["cold_starts"],
         "pool": stats["pool"], "journal_writes": stats["journal_writes"],
+        "journal_writer": stats["journal_writer"],
         "sqlite_writer_lock": lock,
     })
     return out
@@ -153,9 +156,12 @@ def writer_lock_share(engine: Engine, tenants: list[str], n: int) -> dict:
     the journals' `sqlite_lock_held_s`. The hosts' counters reach `stats()` in reports
     up to a second old, so the run is framed by 1.5 s pauses (nothing writes then)."""
     def held() -> tuple[float, float, float, float]:
-        mine, hosts = engine.journal.write_stats(), engine.stats()["journal_writes"]
+        stats = engine.stats()
+        mine, hosts = engine.journal.write_stats(), stats["journal_writes"]
+        machine = stats["journal_writer"] or {}  # the hosts' commits, when it makes them
         return (mine["sqlite_lock_held_s"], mine["sqlite_lock_begins"],
-                hosts.get("sqlite_lock_held_s", 0.0), hosts.get("group_commits", 0))
+                hosts.get("sqlite_lock_held_s", 0.0) + machine.get("sqlite_lock_held_s", 0.0),
+                hosts.get("group_commits", 0) + machine.get("group_commits", 0))
 
     time.sleep(1.5)
     before = held()
@@ -197,7 +203,8 @@ def main() -> None:
     tuning = {k: v for k, v in (("max_hosts", arg("--max-hosts", None)),
                                 ("max_activations", arg("--max-activations", None)),
                                 ("host_concurrency", arg("--host-concurrency", None)),
-                                ("host_processes", arg("--host-processes", None)))
+                                ("host_processes", arg("--host-processes", None)),
+                                ("journal_writer", arg("--journal-writer", None, str)))
               if v is not None}
     load_before = [round(x, 2) for x in os.getloadavg()]
     created = create_rate(database_url(), creates)
