@@ -242,3 +242,17 @@ def test_a_batch_the_writer_fails_to_answer_drops_its_clients_and_the_writer_goe
     assert asyncio.run(record(second, "y")) is False  # a new connection, answered
     assert _steps(client, second.pk) == ["y"] and writer.stats()["clients"] == 2
     client.close()
+
+
+def test_a_journal_the_writer_cannot_use_fails_its_clients_writes_with_the_cause(url, writer, monkeypatch):
+    client = _client(url)
+    (claim,) = _claimed(client, "acme", 1)
+    full = JournalUnavailableError("disk full", "database or disk is full")
+    monkeypatch.setattr(node_writer, "commit_batch",
+                        lambda journal, batch, top_up: ([(False, full)] * len(batch), False))
+    with pytest.raises(JournalUnavailableError, match="disk full") as caught:
+        asyncio.run(client.grouped.record_step(claim.pk, claim.token, _record("s"), time.time(), 30.0))
+    assert (caught.value.cause, caught.value.retryable) == ("disk full", True)
+    assert client.health.snapshot()["cause"] == "disk full"
+    assert writer.stats()["group_commits"] == 0 and _steps(client, claim.pk) == []
+    client.close()
