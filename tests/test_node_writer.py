@@ -20,10 +20,9 @@ import time
 import pytest
 
 from dynwf_ray.errors import JournalUnavailableError
-from dynwf_ray.journal import STEP_COMPLETE, Journal, LeaseLostError, StepRecord, node_writer
-from dynwf_ray.tracing import new_trace_context
+from dynwf_ray.journal import Journal, LeaseLostError, node_writer
 
-from .test_group_commit import _turn_held
+from .test_group_commit import _claimed, _record, _turn_held
 
 
 @pytest.fixture
@@ -43,21 +42,6 @@ def writer(url):
     yield served
     served.close()
     journal.close()
-
-
-def _claimed(journal: Journal, tenant: str, n: int) -> list:
-    now = time.time()
-    journal.save_code(tenant, "v1", "test", b"", now)
-    journal.create_instances(
-        tenant, "v1", [(f"g{i}", "{}", "{}", *new_trace_context()) for i in range(n)], now,
-        skip_existing=False,
-    )
-    return journal.claim_due(now, n, "test", 30.0, tenant_id=tenant)
-
-
-def _record(name: str) -> StepRecord:
-    now = time.time()
-    return StepRecord(name, 1, "do", STEP_COMPLETE, '"ok"', None, None, 1, None, now, now)
 
 
 def _client(url: str) -> Journal:

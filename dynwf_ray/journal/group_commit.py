@@ -111,7 +111,7 @@ class GroupCommit(ActivationWriteQueue):
                 by_loop.setdefault(loop, []).append((future, result))
             for loop, settled in by_loop.items():
                 try:
-                    loop.call_soon_threadsafe(_settle, settled)
+                    loop.call_soon_threadsafe(settle, settled)
                 except RuntimeError:  # that caller's loop is closed: nobody waits
                     pass
 
@@ -173,7 +173,8 @@ def _alone(journal: "Journal", item: tuple) -> tuple[bool, Any]:
         return False, exc
 
 
-def _settle(settled: list[tuple[asyncio.Future, tuple[bool, Any]]]) -> None:
+def settle(settled: list[tuple[asyncio.Future, tuple[bool, Any]]]) -> None:
+    """Give each waiting future its (ok, result or error)."""
     for future, (ok, value) in settled:
         if future.done():
             continue

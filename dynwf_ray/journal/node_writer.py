@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import JournalUnavailableError
 from ..wakeup import private_directory
-from .group_commit import ActivationWriteQueue, commit_batch
+from .group_commit import ActivationWriteQueue, commit_batch, settle
 from .schema import LeaseLostError
 
 if TYPE_CHECKING:
@@ -370,17 +370,12 @@ class NodeWriterClient(ActivationWriteQueue):
 
     def _answered(self, results: list[tuple[bool, Any]]) -> None:
         health = self._journal.health
-        for future, (ok, value) in zip(self._sent.popleft(), results):
+        for ok, value in results:
             if isinstance(value, JournalUnavailableError):
                 health.failed(value)
             elif ok:
                 health.succeeded()
-            if future.done():
-                continue
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
+        settle(list(zip(self._sent.popleft(), results)))
 
     def _lost(self, reason: str) -> None:
         """The connection ended: what was sent has an unknown outcome; what was queued
