@@ -96,7 +96,8 @@ class NodeWriter:
         self._journal = journal
         self._selector = selectors.DefaultSelector()
         self._listener: socket.socket | None = None
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r: socket.socket | None = None  # a byte here ends the serving thread
+        self._wake_w: socket.socket | None = None
         self._lock_fd: int | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -130,6 +131,7 @@ class NodeWriter:
                         "take turns on the file", path, exc)
             return False
         listener.setblocking(False)
+        self._wake_r, self._wake_w = socket.socketpair()
         self._selector.register(listener, selectors.EVENT_READ, None)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._listener, self._lock_fd, self.path = listener, fd, path
@@ -144,6 +146,7 @@ class NodeWriter:
         self._closed = True
         self._wake_w.send(b"x")
         self._thread.join(10)
+        self._wake_w.close()
         try:
             os.unlink(self.path)
         except OSError:
