@@ -13,7 +13,11 @@ the wait's and the step's requests.
 - cold: hibernate_after=0 (the one setting changed), so the host was killed and a
   new Ray actor starts, with its sandbox template and a new sandbox.
 
-Usage: python bench/activation.py [--warm 50] [--cold 10] [--database-url URL]
+`--journal-writers process,machine` adds the warm path again with each of those
+`journal_writer` settings, each on a fresh journal (`warm_by_journal_writer`).
+
+Usage: python bench/activation.py [--warm 50] [--cold 10] [--journal-writers W,...]
+       [--database-url URL]
 """
 
 from __future__ import annotations
@@ -54,9 +58,11 @@ def activation_samples(
     return latencies, pids
 
 
-def run(kind: str, n: int, url: str) -> dict:
+def run(kind: str, n: int, url: str, writer: str | None = None) -> dict:
     cold = kind == "cold"
     tuning = {"hibernate_after": 0} if cold else {}
+    if writer:
+        tuning["journal_writer"] = writer
     engine = Engine.start(database_url=url, name=f"bench-{kind}-{os.getpid()}", **tuning)
     try:
         engine.push_tenant(kind, pushed_tenant_dir("wake", kind))
@@ -70,6 +76,10 @@ def main() -> None:
     load_before = [round(x, 2) for x in os.getloadavg()]
     warm = run("warm", arg("--warm", 50), url)
     cold = run("cold", arg("--cold", 10), url)
+    writers = {}
+    for writer in arg("--journal-writers", "", str).split(","):
+        if writer:  # the warm path again, with that writer (SQLite)
+            writers[writer] = run("warm", arg("--warm", 50), database_url(), writer)
     emit("activation", {
         "journal": url.split(":")[0],
         "load_before": load_before,
@@ -77,6 +87,7 @@ def main() -> None:
         "tenant_code": "pushed",
         "warm": warm, "warm_target_p50_ms": 3,
         "cold": cold, "cold_target_ms": 1200,
+        **({"warm_by_journal_writer": writers} if writers else {}),
     })
 
 
