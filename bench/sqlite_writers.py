@@ -213,9 +213,8 @@ def main() -> None:
             }
     figures = {"journal": "sqlite", "workflows": workflows, "slots_per_process": slots,
                "step_ms": step_s * 1000, "by_processes": by_writer[writers[0]]}
-    if len(writers) > 1 or writers != ["process"]:
+    if writers != ["process"]:
         figures["by_writer"] = by_writer
-        figures["by_processes"] = by_writer[writers[0]]
     emit("sqlite_writers", figures)
 
 
