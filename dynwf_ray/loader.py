@@ -130,7 +130,7 @@ class Loader:
         self._bindings = dict(bindings or {})
         self.journal = Journal(self.config.database_url, create_tables=False)
         # On SQLite, the machine's writer: it commits for every host process here.
-        self._machine_writer = machine_writer(self.config, ray.nodes(), self.journal.is_sqlite)
+        self._machine_writer = self.journal.is_sqlite and machine_writer(self.config, ray.nodes())
         self._writer: NodeWriter | None = None
         if self._machine_writer:
             writer = NodeWriter(self.journal)
@@ -471,12 +471,10 @@ def processes_per_node(nodes: list[dict], draining: set[str], is_sqlite: bool,
     return wanted
 
 
-def machine_writer(config: EngineConfig, nodes: list[dict], is_sqlite: bool) -> bool:
-    """Whether the host processes send their writes to the machine's writer (SQLite
-    only): `journal_writer`, or by default when the machine runs 4 host processes or
+def machine_writer(config: EngineConfig, nodes: list[dict]) -> bool:
+    """Whether the host processes of a SQLite journal send their writes to the machine's
+    writer: `journal_writer`, or by default when the machine runs 4 host processes or
     more (the nodes of a SQLite journal share one machine). `nodes` as `ray.nodes()`."""
-    if not is_sqlite:
-        return False
     if config.journal_writer is not None:
         return config.journal_writer == "machine"
     per_node = processes_per_node(nodes, set(), True, config.host_processes)

@@ -30,10 +30,9 @@ def test_alive_nodes_that_are_not_draining_take_host_processes():
 
 def test_the_machine_writer_is_the_default_from_four_host_processes_on_sqlite():
     default, two = EngineConfig(), [node("two", 2)]
-    assert not machine_writer(default, two, is_sqlite=True)  # 2 processes: each its own
-    assert machine_writer(default, [node("big", 16)], is_sqlite=True)  # 4
-    assert machine_writer(default, [node("a", 8), node("b", 8)], is_sqlite=True)  # 2 + 2 on one machine
-    assert machine_writer(EngineConfig(host_processes=4), two, is_sqlite=True)
-    assert machine_writer(EngineConfig(journal_writer="machine"), two, is_sqlite=True)
-    assert not machine_writer(EngineConfig(journal_writer="process"), [node("big", 16)], True)
-    assert not machine_writer(EngineConfig(journal_writer="machine"), two, is_sqlite=False)
+    assert not machine_writer(default, two)  # 2 processes: each its own
+    assert machine_writer(default, [node("big", 16)])  # 4
+    assert machine_writer(default, [node("a", 8), node("b", 8)])  # 2 + 2 on one machine
+    assert machine_writer(EngineConfig(host_processes=4), two)
+    assert machine_writer(EngineConfig(journal_writer="machine"), two)
+    assert not machine_writer(EngineConfig(journal_writer="process"), [node("big", 16)])
