@@ -758,14 +758,15 @@ def _demo(cli: _Cli, args: argparse.Namespace) -> int:
             outcome[f"{tenant}/{inst.id}"] = {k: status[k] for k in ("status", "version", "output", "error")}
             say(f"{tenant}/{inst.id}: {status['status']} on {status['version']}")
             say(json.dumps(status["output"] or status["error"], indent=2))
+        # From the journal: the hosts' own counters reach stats() up to a second late.
+        activations = sum(engine.journal.get_instance(tenant, inst.id).activations
+                          for tenant, inst in (("acme", order), ("globex", report)))
         stats = engine.stats()
-        say(
-            f"activations: {stats['activations']} ({stats['cold_starts']} cold, "
-            f"{stats['warm_starts']} warm); live hosts: {stats['live_hosts']}"
-        )
+        say(f"activations: {activations}; hosts started: {stats['cold_starts']}; "
+            f"live hosts: {stats['live_hosts']}")
         if cli.json:
-            cli.emit({"ok": ok, "instances": outcome, "activations": stats["activations"],
-                      "cold_starts": stats["cold_starts"], "warm_starts": stats["warm_starts"]})
+            cli.emit({"ok": ok, "instances": outcome, "activations": activations,
+                      "cold_starts": stats["cold_starts"]})
         return 0 if ok else 1
     finally:
         engine.stop()
