@@ -1,4 +1,7 @@
-"""Group commit: the writes of concurrent activations of one process share one transaction."""
+"""Group commit: the writes of concurrent activations of one process share one transaction.
+
+Also what every writer of those writes shares: their names and signatures
+(`ActivationWriteQueue`) and how a batch of them is committed (`commit_batch`)."""
 
 from __future__ import annotations
 
@@ -61,9 +64,9 @@ class GroupCommit(ActivationWriteQueue):
     journal's plain methods. One writer thread takes every write queued meanwhile, runs
     them in one transaction and commits them together: while it commits, the next
     writes queue up; those that queue while it waits for its transaction to begin (on
-    SQLite, for its process's turn on the file) join the batch (`_together`). A write
-    that fails raises to its own caller only (`_commit`). Its numbers (`stats`) say how
-    well it groups.
+    SQLite, for its process's turn on the file) join the batch. A write that fails
+    raises to its own caller only (`commit_batch`, which the machine writer of
+    `node_writer` runs too). Its numbers (`stats`) say how well it groups.
     """
 
     def __init__(self, journal: "Journal"):
