@@ -373,6 +373,21 @@ def wake_sockets(ctx):
 
 
 @attack
+def journal_writer(ctx):
+    """The machine's journal writer (`journal/node_writer.py`): connect, send writes."""
+    def send():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(ctx["socket"])
+            body = b"\x80\x04]\x94."  # a pickled empty list
+            s.sendall(struct.pack("!I", len(body)) + body)
+            return "sent"
+        finally:
+            s.close()
+    return {f"stat {ctx['socket']}": _try(os.stat, ctx["socket"]), "connect and send": _try(send)}
+
+
+@attack
 def signals(ctx):
     """Signal a process the test started, the trusted hosts and another tenant's sandbox."""
     out: dict = {}

@@ -50,6 +50,7 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 from dynwf_ray import InvalidInputError, wakeup
+from dynwf_ray.journal import Journal, node_writer
 from dynwf_ray.journal import sqlite_url_path
 
 from .conftest import PG_URL, TERMINAL, wait_status, wait_until
@@ -656,6 +657,30 @@ def test_wake_sockets_are_out_of_reach(arena):
     for where, res in _results(r["output"]):
         assert len(res) == len(sockets) + 1, res
         assert not _succeeded(res), (where, _succeeded(res))
+
+
+def test_the_journal_writer_is_out_of_reach(arena):
+    """Connect to the machine's journal writer for this journal and send it a message
+    (SQLite; served here by this test if the engine's loader does not serve it). Landlock
+    governs opening, not lookup: the sandbox may stat the socket's path (it learns the
+    path exists, docs/security.md), never connect."""
+    url = arena.engine.config.database_url
+    path = node_writer.address(url, create=True)
+    if path is None:
+        assert not arena.engine.journal.is_sqlite  # PostgreSQL has no machine writer
+        return
+    writer = node_writer.NodeWriter(Journal(url, create_tables=False))
+    mine = writer.start()  # else the loader serves it already
+    try:
+        assert os.path.exists(path)
+        r = arena.run("journal_writer", ctx={"socket": path})
+        for where, res in _results(r["output"]):
+            assert "connect and send" in res, res
+            assert not _succeeded(res, allow=(f"stat {path}",)), (where, _succeeded(res))
+        if mine:
+            assert writer.stats()["clients"] == 0
+    finally:
+        writer.close()
 
 
 # --- other processes ---------------------------------------------------------------------------
