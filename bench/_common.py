@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: temp journals, percentiles, JSON output."""
+"""Helpers shared by the benchmarks: temp journals, percentiles, busy cores, JSON output."""
 
 from __future__ import annotations
 
@@ -15,6 +15,18 @@ from typing import Any, Callable, Sequence
 #: This invocation's mark: its instance ids (and tenants where a count is per tenant) carry
 #: it, so runs on a reused `--database-url` never collide with earlier ones.
 RUN = f"r{os.getpid():x}{int(time.time()) % 0xFFFFF:x}"
+
+
+def busy_jiffies() -> tuple[int, float]:
+    """(jiffies every CPU spent busy since boot, now): /proc/stat's first line less idle and iowait."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields[:8]) - idle, time.monotonic()
+
+
+def busy_cores(before: tuple[int, float], after: tuple[int, float]) -> float:
+    return (after[0] - before[0]) / os.sysconf("SC_CLK_TCK") / (after[1] - before[1])
 
 
 def temp_sqlite_url() -> str:

@@ -32,26 +32,13 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import arg, database_url, emit  # noqa: E402
+from bench._common import arg, busy_cores, busy_jiffies, database_url, emit  # noqa: E402
 from bench.throughput import run_workflows  # noqa: E402
 from bench.workflows import pushed_tenant_dir  # noqa: E402
 from dynwf_ray import Engine  # noqa: E402
-
-
-def busy_jiffies() -> tuple[int, float]:
-    """(jiffies every CPU spent busy since boot, now): /proc/stat's first line less idle and iowait."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return sum(fields[:8]) - idle, time.monotonic()
-
-
-def busy_cores(before: tuple[int, float], after: tuple[int, float]) -> float:
-    return (after[0] - before[0]) / os.sysconf("SC_CLK_TCK") / (after[1] - before[1])
 
 
 def _kind(pid: int, argv: list[str]) -> str:

@@ -42,7 +42,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import arg, emit, temp_sqlite_url  # noqa: E402
+from bench._common import arg, busy_cores, busy_jiffies, emit, temp_sqlite_url  # noqa: E402
 from bench.workflows import ThreeSteps  # noqa: E402
 from dynwf_ray.binding import WorkflowBinding  # noqa: E402
 from dynwf_ray.journal import STEP_COMPLETE, Journal, StepRecord  # noqa: E402
@@ -50,13 +50,6 @@ from dynwf_ray.journal.node_writer import NodeWriter  # noqa: E402
 from dynwf_ray.package import package_class  # noqa: E402
 
 LEASE_TTL = 60.0
-
-
-def _busy_jiffies() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle, iowait
-    return sum(fields) - idle, sum(fields)
 
 
 async def _workflows(journal: Journal, tenant: str, version: str, owner: str, slots: int,
@@ -153,14 +146,14 @@ def one_run(processes: int, workflows: int, slots: int, step_s: float, writer: s
         for c in children + ([server] if server else []):
             if c.stdout.readline().strip() != "ready":
                 raise RuntimeError("a child process did not start")
-        busy0, all0 = _busy_jiffies()
+        began = busy_jiffies()
         start = time.perf_counter()
         for c in children:
             c.stdin.write("go\n")
             c.stdin.flush()
         counters = [json.loads(c.stdout.readline()) for c in children]
         seconds = time.perf_counter() - start
-        busy1, all1 = _busy_jiffies()
+        finished = busy_jiffies()
         if server:
             server.stdin.write("stop\n")
             server.stdin.flush()
@@ -183,7 +176,7 @@ def one_run(processes: int, workflows: int, slots: int, step_s: float, writer: s
         "lock_waits": int(total["sqlite_lock_waits"]),
         "lock_wait_s": round(total["sqlite_lock_wait_s"], 3),
         "lock_held_share": round(total["sqlite_lock_held_s"] / seconds, 3),
-        "busy_cores": round((busy1 - busy0) / max(all1 - all0, 1) * (os.cpu_count() or 1), 2),
+        "busy_cores": round(busy_cores(began, finished), 2),
         "writes_sent_to_writer": int(total.get("node_writer_writes", 0)),
     }
 
