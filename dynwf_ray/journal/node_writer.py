@@ -372,12 +372,12 @@ class NodeWriterClient(ActivationWriteQueue):
         self._stats["node_writer_writes"] += len(queued)
 
     def _answered(self, results: list[tuple[bool, Any]]) -> None:
-        health = self._journal.health
-        for ok, value in results:
-            if isinstance(value, JournalUnavailableError):
-                health.failed(value)
-            elif ok:
-                health.succeeded()
+        # One health update per answer, as a process's own commit makes one per commit.
+        unavailable = [v for _, v in results if isinstance(v, JournalUnavailableError)]
+        if unavailable:
+            self._journal.health.failed(unavailable[-1])
+        elif any(ok for ok, _ in results):
+            self._journal.health.succeeded()
         settle(list(zip(self._sent.popleft(), results)))
 
     def _lost(self, reason: str) -> None:
