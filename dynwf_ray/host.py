@@ -282,8 +282,9 @@ class _Sandboxes:
             preload=["dynwf_ray.sandbox.runtime", "opentelemetry.sdk.trace"],
             mode=mode,
         )
-        # Idle sandboxes: (session, scratch dir, its CPU time when last looked at, since when idle)
-        self._idle: list[tuple[SandboxSession, str, float, float]] = []
+        # Idle sandboxes: (session, scratch dir, its CPU time when last looked at (None
+        # until the watcher first does: not read on the hot path), since when idle)
+        self._idle: list[tuple[SandboxSession, str, float | None, float]] = []
         self._watching = False
         self._closed = False
         self.live: dict[int, dict[str, Any]] = {}  # pid -> what it runs (engine.sandboxes())
@@ -348,7 +349,7 @@ class _Sandboxes:
         finally:
             entry["instance"] = None
             if session.healthy:
-                self._idle.append((session, scratch, _cpu(session), time.monotonic()))
+                self._idle.append((session, scratch, None, time.monotonic()))
             else:
                 self._ended(session, scratch)
 
@@ -360,7 +361,7 @@ class _Sandboxes:
             now = time.monotonic()
             for i, (session, scratch, mark, since) in reversed(list(enumerate(self._idle))):
                 used = _cpu(session)
-                if used - mark > IDLE_CPU_SECONDS:
+                if mark is not None and used - mark > IDLE_CPU_SECONDS:
                     log.warning("ending an idle sandbox of tenant %s that kept computing", self._tenant_id)
                     del self._idle[i]
                     self._ended(session, scratch)
