@@ -8,9 +8,11 @@ so the tail is bounded by activation throughput, not by timer detection.
 the scheduler reacted to the timer.
 
 The tenant's code is pushed and the engine runs its default configuration
-(`--max-hosts N` and `--max-activations N` tune it, and are reported).
+(`--max-hosts N`, `--max-activations N` and `--journal-writer machine|process` tune
+it, and are reported).
 
-Usage: python bench/timers.py [--instances 10000] [--max-hosts N] [--database-url URL]
+Usage: python bench/timers.py [--instances 10000] [--max-hosts N] [--max-activations N]
+       [--journal-writer machine|process] [--database-url URL]
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from dynwf_ray import Engine  # noqa: E402
 def main() -> None:
     n = arg("--instances", 10000)
     tuning = {k: v for k, v in (("max_hosts", arg("--max-hosts", None)),
-                                ("max_activations", arg("--max-activations", None))) if v is not None}
+                                ("max_activations", arg("--max-activations", None)),
+                                ("journal_writer", arg("--journal-writer", None, str))) if v is not None}
     url = database_url()
     engine = Engine.start(database_url=url, name=f"bench-timers-{os.getpid()}", **tuning)
     try:
