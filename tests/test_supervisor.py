@@ -216,6 +216,32 @@ def test_retries_are_asked_for_keep_the_tenants_error_names_and_logs_per_attempt
     assert ("flaky", 1, "attempt 1") in lines and ("flaky", 3, "attempt 3") in lines
 
 
+class PrintsFromThreads(WorkflowEntrypoint):
+    async def run(self, event, step):
+        import threading
+
+        def in_thread(text):
+            t = threading.Thread(target=print, args=(text,))
+            t.start()
+            t.join()
+            return text
+
+        await step.do("work", lambda: in_thread("from a thread in a step"))
+        in_thread("from a thread in run()")
+        return "done"
+
+
+def test_output_of_threads_the_tenant_starts_is_kept_as_run_lines(driver):
+    """docs/observability.md: a thread's output is kept while an activation runs, as
+    run()'s lines (a thread does not carry the step it was started in)."""
+    d = driver(PrintsFromThreads)
+    d.binding.create(id="t")
+    assert d.tick() == ["complete"]
+    lines = [(l.stream, l.step, l.message) for l in d.journal.read_logs(d.info("t").pk)]
+    assert ("stdout", None, "from a thread in a step") in lines, lines
+    assert ("stdout", None, "from a thread in run()") in lines, lines
+
+
 class Creates(WorkflowEntrypoint):
     async def run(self, event, step):
         wf = self.env["WORKFLOWS"]
