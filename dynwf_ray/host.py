@@ -23,9 +23,10 @@ and its instance is *blocked*: the host retries with backoff (`health.backoff`)
 to release it, claims nothing meanwhile, and once the journal works the
 instance runs again from its last recorded step.
 
-A `HostProcess` is the Ray actor hosts live in: the loader keeps one per node
-for code without pip packages (hosts of every tenant share it), more on
-PostgreSQL, and one per pip runtime env (where Ray put those packages). Its
+A `HostProcess` is the Ray actor hosts live in: the loader keeps
+`host_processes` per node for code without pip packages (hosts of every tenant
+share them; by default 2 to 4 on SQLite, 2 to 16 on PostgreSQL), and one per pip
+runtime env (where Ray put those packages). Its
 hosts share its journal connection and so its group commit: one writer per
 process commits for all of them; on SQLite they send those writes to the
 machine's writer instead, which commits for every host process of the machine
@@ -428,8 +429,8 @@ LOADER_GONE_AFTER = 2
 
 @ray.remote(num_cpus=0)
 class HostProcess:
-    """A trusted process in which hosts live: the Ray actor the loader starts (one per
-    node, more on PostgreSQL; one per runtime env with pip packages). Its hosts share
+    """A trusted process in which hosts live: the Ray actor the loader starts
+    (`host_processes` per node; one per runtime env with pip packages). Its hosts share
     its journal connection, hence its group commit: one writer per process commits
     for all of them (on SQLite, with `machine_writer`, the machine's writer does).
     The scheduler addresses each host by its id.

@@ -5,7 +5,8 @@ in this run). A key the journal already holds returns the recorded result (or
 raises the recorded error) without running anything; a new key runs, and its
 outcome is recorded durably, fenced by the activation's lease, before the
 call returns. A sleep, wait or retry delay that is not over raises `Suspend`,
-which ends the activation; the scheduler activates the instance again later.
+which ends the activation; a host of its code claims the instance again when it
+is due.
 
 Telemetry hooks in here too, each optional: an `InstanceTrace` gets a span
 per attempt (current while the callback runs, so tenant spans nest under it)

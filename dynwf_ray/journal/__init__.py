@@ -49,12 +49,13 @@ Each instance also carries its trace identity (`trace_context`: its root
 span's W3C traceparent; `trace_caller`: the span that created it), and each
 tenant the platform's telemetry setting for it (`telemetry_json`).
 
-Concurrency rule: every transaction that touches an instance starts by
-updating that instance's row. That single statement does the fencing (it only
-matches while `lease_token` is the caller's), renews the lease, and on
-PostgreSQL locks the row so `send_event` and a suspending wait cannot miss each
-other. On SQLite every write transaction is `BEGIN IMMEDIATE` in WAL mode with
-`synchronous=FULL`: one fsync'd commit per step.
+Concurrency rule: every transaction that touches an instance starts with its
+fence on that instance's row: it matches only while `lease_token` is the
+caller's, extends the lease once less than half is left (a step record reads
+the row, `SELECT ... FOR UPDATE` on PostgreSQL), and on PostgreSQL locks the
+row so `send_event` and a suspending wait cannot miss each other. On SQLite
+every write transaction is `BEGIN IMMEDIATE` in WAL mode with
+`synchronous=FULL`: one fsync'd commit per group of writes (`group_commit`).
 
 Faults: a database error that says the journal cannot be used now (disk full,
 unreachable, read-only, a lock or serialization conflict) is raised as

@@ -133,7 +133,8 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, JournalUnavailableError) and exc.cause in TRANSIENT
 
 
-#: The tries after the first: 3 more, 20 ms doubling to 200 ms apart, with jitter.
+#: The tries after the first: 3 more, 20 then 40 ms apart (doubling, at most 200 ms),
+#: with jitter.
 _AFTER_THE_FIRST = retry(
     retry=retry_if_exception(_transient),
     stop=stop_after_attempt(3),
@@ -143,8 +144,8 @@ _AFTER_THE_FIRST = retry(
 
 
 def retried(fn: Callable[P, R]) -> Callable[P, R]:
-    """Retry a journal call that failed for a transient cause: 4 tries in all, 10 ms
-    doubling to 200 ms apart, with jitter; then the error goes to the caller. Each try
+    """Retry a journal call that failed for a transient cause: 4 tries in all, about
+    10, 20 and 40 ms apart (with jitter); then the error goes to the caller. Each try
     is a transaction of its own that rolled back, so trying again is safe.
 
     The first try is a plain call and only a failure goes to tenacity's policy: its
