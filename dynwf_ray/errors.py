@@ -48,7 +48,9 @@ class UnknownTenantError(DynwfError, LookupError):
 
 
 class JournalSchemaError(DynwfError):
-    """The journal database was created by an older dynwf-ray and lacks columns."""
+    """The journal's schema cannot be brought to this version's: a newer dynwf-ray
+    upgraded it, its tables match no schema dynwf-ray made, or the upgrade failed
+    (and changed nothing). The message says which."""
 
 
 class JournalUnavailableError(DynwfError):
