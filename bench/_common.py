@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: temp journals, percentiles, busy cores, JSON output."""
+"""Helpers shared by the benchmarks: temp journals, percentiles, busy cores, CPU by kind
+of process, JSON output."""
 
 from __future__ import annotations
 
@@ -27,6 +28,49 @@ def busy_jiffies() -> tuple[int, float]:
 
 def busy_cores(before: tuple[int, float], after: tuple[int, float]) -> float:
     return (after[0] - before[0]) / os.sysconf("SC_CLK_TCK") / (after[1] - before[1])
+
+
+def _kind(pid: int, argv: list[str]) -> str:
+    if pid == os.getpid():
+        return "creating process"
+    head = argv[0] if argv else ""
+    if head.startswith("ray::HostProcess"):
+        return "host processes"
+    if head.startswith("ray::Scheduler"):
+        return "scheduler"
+    if head.startswith("ray::Loader"):
+        return "loader"  # with the machine writer, its commits too
+    if argv[1:3] == ["-I", "-c"] and "_serve" in (argv[3] if len(argv) > 3 else ""):
+        return "sandboxes"  # templates and the sandboxes they fork (sandbox/template.py)
+    if head.startswith("postgres"):
+        return "postgresql"
+    return "other"
+
+
+def cpu_by_kind() -> dict[int, tuple[str, int]]:
+    """Every process's kind and CPU ticks (user + system) so far."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            except OSError:  # ended meanwhile
+                continue
+            out[int(entry)] = (_kind(int(entry), argv), int(fields[11]) + int(fields[12]))
+    return out
+
+
+def cpu_per_workflow(before: dict, after: dict, n: int) -> dict[str, int]:
+    """Microseconds of CPU per workflow by kind between two `cpu_by_kind` snapshots
+    (a process that ended in between is not counted)."""
+    ticks: dict[str, int] = {}
+    for pid, (kind, t) in after.items():
+        ticks[kind] = ticks.get(kind, 0) + t - before.get(pid, (kind, 0))[1]
+    per = {k: round(v / os.sysconf("SC_CLK_TCK") / n * 1e6) for k, v in sorted(ticks.items())}
+    return {**per, "all": sum(per.values())}
 
 
 def temp_sqlite_url() -> str:

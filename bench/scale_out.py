@@ -35,51 +35,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import arg, busy_cores, busy_jiffies, database_url, emit  # noqa: E402
+from bench._common import (  # noqa: E402
+    arg, busy_cores, busy_jiffies, cpu_by_kind, cpu_per_workflow, database_url, emit,
+)
 from bench.throughput import run_workflows  # noqa: E402
 from bench.workflows import pushed_tenant_dir  # noqa: E402
 from dynwf_ray import Engine  # noqa: E402
-
-
-def _kind(pid: int, argv: list[str]) -> str:
-    if pid == os.getpid():
-        return "creating process"
-    head = argv[0] if argv else ""
-    if head.startswith("ray::HostProcess"):
-        return "host processes"
-    if head.startswith("ray::Scheduler"):
-        return "scheduler"
-    if argv[1:3] == ["-I", "-c"] and "_serve" in (argv[3] if len(argv) > 3 else ""):
-        return "sandboxes"  # templates and the sandboxes they fork (sandbox/template.py)
-    if head.startswith("postgres"):
-        return "postgresql"
-    return "other"
-
-
-def cpu_by_kind() -> dict[int, tuple[str, int]]:
-    """Every process's kind and CPU ticks (user + system) so far."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-            except OSError:  # ended meanwhile
-                continue
-            out[int(entry)] = (_kind(int(entry), argv), int(fields[11]) + int(fields[12]))
-    return out
-
-
-def cpu_per_workflow(before: dict, after: dict, n: int) -> dict[str, int]:
-    """Microseconds of CPU per workflow by kind between two `cpu_by_kind` snapshots
-    (a process that ended in between is not counted)."""
-    ticks: dict[str, int] = {}
-    for pid, (kind, t) in after.items():
-        ticks[kind] = ticks.get(kind, 0) + t - before.get(pid, (kind, 0))[1]
-    per = {k: round(v / os.sysconf("SC_CLK_TCK") / n * 1e6) for k, v in sorted(ticks.items())}
-    return {**per, "all": sum(per.values())}
 
 
 def main() -> None:

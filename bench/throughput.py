@@ -15,11 +15,17 @@
   runs together): what the creating caller waits while the engine runs the instances
   created before it.
 - `*_cold_starts_per_run`: hosts started during each run (after the warm-up).
-- `sqlite_writer_lock` (SQLite): one more one-by-one run, of 3,000, and the share of it
-  during which SQLite's writer lock was held, by the creating process (a commit per
-  `create`) and by the host processes (group commits: theirs, or the machine writer's
-  that commits for them): how near the one-by-one rate is to what the lock lets
-  through (`writer_lock_share`).
+- `one_by_one_profile`: one more one-by-one run, of 3,000, and where its time went: the
+  machine's busy cores, the CPU each workflow cost by kind of process (from /proc:
+  this creating process, the host processes, the sandboxes, the scheduler, the
+  loader...), the journal writes and commits per workflow, how long an instance
+  waited (its creation to its first step) and ran (its first step to its completion),
+  and from that the activations in flight on average (Little's law: the rate times how
+  long one ran); on SQLite also `sqlite_writer_lock`, the
+  share of the run during which SQLite's writer lock was held, by the creating process
+  (a commit per `create`) and by the host processes (group commits: theirs, or the
+  machine writer's that commits for them): how near the rate is to what the lock lets
+  through.
 - `dbos`: `bench/peers/dbos_three_step.py` run in `.venv-dbos` (made by
   `bench/peers/setup_dbos.sh`) when it exists, with the same counts, and the
   ratios ours / DBOS of the medians.
@@ -43,7 +49,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import RUN, arg, database_url, emit, summary_ms, wait_until  # noqa: E402
+from bench._common import (  # noqa: E402
+    RUN, arg, busy_cores, busy_jiffies, cpu_by_kind, cpu_per_workflow, database_url, emit, summary_ms,
+    wait_until,
+)
 from bench.workflows import ThreeSteps, pushed_tenant_dir  # noqa: E402
 from dynwf_ray import Engine  # noqa: E402
 from dynwf_ray.binding import WorkflowBinding  # noqa: E402
@@ -130,7 +139,7 @@ def three_step(url: str, one_by_one: int, batched: int, runs: int, **tuning) -> 
                 waits = create_waits if kind == "one_by_one" else None
                 rates[kind].append(run_workflows(engine, tenants, f"{kind}{r}", n, batch, waits))
                 cold[kind].append(engine.stats()["cold_starts"] - before)
-        lock = writer_lock_share(engine, ["tp"], 3000) if engine.journal.is_sqlite else None
+        profile = one_by_one_profile(engine, ["tp"], 3000)
         stats = engine.stats()
     finally:
         engine.stop()
@@ -145,40 +154,59 @@ def three_step(url: str, one_by_one: int, batched: int, runs: int, **tuning) -> 
         "activations": stats["activations"], "cold_starts": stats["cold_starts"],
         "pool": stats["pool"], "journal_writes": stats["journal_writes"],
         "journal_writer": stats["journal_writer"],
-        "sqlite_writer_lock": lock,
+        "one_by_one_profile": profile,
     })
     return out
 
 
-def writer_lock_share(engine: Engine, tenants: list[str], n: int) -> dict:
-    """How much of a one-by-one run SQLite's writer lock was held, by whom: this creating
-    process (one commit per `create`) and the host processes (group commits), from
-    the journals' `sqlite_lock_held_s`. The hosts' counters reach `stats()` in reports
-    up to a second old, so the run is framed by 1.5 s pauses (nothing writes then)."""
-    def held() -> tuple[float, float, float, float]:
+def one_by_one_profile(engine: Engine, tenants: list[str], n: int) -> dict:
+    """A run of n created one by one, and where its time went (see the module's
+    docstring). The hosts' counters reach `stats()` in reports up to a second old, so
+    the run is framed by 1.5 s pauses (nothing writes then)."""
+    def counters() -> dict[str, float]:
         stats = engine.stats()
         mine, hosts = engine.journal.write_stats(), stats["journal_writes"]
         machine = stats["journal_writer"] or {}  # the hosts' commits, when it makes them
-        return (mine["sqlite_lock_held_s"], mine["sqlite_lock_begins"],
-                hosts.get("sqlite_lock_held_s", 0.0) + machine.get("sqlite_lock_held_s", 0.0),
-                hosts.get("group_commits", 0) + machine.get("group_commits", 0))
+        return {
+            "mine_held": mine.get("sqlite_lock_held_s", 0.0),
+            "mine_commits": mine.get("sqlite_lock_begins", 0),
+            "hosts_held": hosts.get("sqlite_lock_held_s", 0.0) + machine.get("sqlite_lock_held_s", 0.0),
+            "commits": hosts.get("group_commits", 0) + machine.get("group_commits", 0),
+            "writes": hosts.get("group_writes", 0) + machine.get("group_writes", 0),
+        }
 
     time.sleep(1.5)
-    before = held()
-    rate = run_workflows(engine, tenants, "lock", n, batch=False)
+    before, ticks, began = counters(), cpu_by_kind(), busy_jiffies()
+    rate = run_workflows(engine, tenants, "profile", n, batch=False)
+    cores, cpu = busy_cores(began, busy_jiffies()), cpu_per_workflow(ticks, cpu_by_kind(), n)
     time.sleep(1.5)
-    after = held()
+    delta = {k: v - before[k] for k, v in counters().items()}
+    # When each instance's first step began (its activation had just started) and ended.
+    spans = [(i.created_at, min(s.started_at for s in engine.journal.list_steps(i.pk)), i.updated_at)
+             for i in engine.journal.list_instances(tenants[0], "complete", n)
+             if i.instance_id.startswith(f"{RUN}-profile-")]
+    running = [end - first for _, first, end in spans]
     seconds = n / rate
-    mine, creates, hosts, commits = (a - b for a, b in zip(after, before))
-    return {
-        "what": f"{n} created one by one, then held / (n / rate)",
+    out = {
+        "what": f"{n} created one by one",
         "per_s": round(rate, 1),
-        "held_share": round((mine + hosts) / seconds, 3),
-        "creating_process": {"held_s": round(mine, 3), "commits": int(creates),
-                             "held_us_per_commit": round(mine / max(creates, 1) * 1e6)},
-        "host_processes": {"held_s": round(hosts, 3), "commits": int(commits),
-                           "held_us_per_commit": round(hosts / max(commits, 1) * 1e6)},
+        "busy_cores": round(cores, 2),
+        "cpu_us_per_workflow": cpu,
+        "host_writes_per_workflow": round(delta["writes"] / n, 2),
+        "host_commits_per_workflow": round(delta["commits"] / n, 3),
+        "activations_in_flight": round(rate * statistics.mean(running), 1) if running else None,
+        "first_step_to_complete": summary_ms(running),
+        "create_to_first_step": summary_ms([first - created for created, first, _ in spans]),
     }
+    if engine.journal.is_sqlite:
+        out["sqlite_writer_lock"] = {
+            "held_share": round((delta["mine_held"] + delta["hosts_held"]) / seconds, 3),
+            "creating_process": {"held_s": round(delta["mine_held"], 3), "commits": int(delta["mine_commits"]),
+                                 "held_us_per_commit": round(delta["mine_held"] / max(delta["mine_commits"], 1) * 1e6)},
+            "host_processes": {"held_s": round(delta["hosts_held"], 3), "commits": int(delta["commits"]),
+                               "held_us_per_commit": round(delta["hosts_held"] / max(delta["commits"], 1) * 1e6)},
+        }
+    return out
 
 
 def dbos(one_by_one: int, runs: int) -> dict | None:
