@@ -1,12 +1,12 @@
 """One activation of one instance: load it from the journal, replay, run, record the outcome.
 
-This is the whole life of an instance, free of Ray: an instance host (in a
-host process actor) calls `activate`, and tests call it directly with a fake clock. Where the
-tenant's `run()` executes is the `Runner`'s business: an instance host passes
-a sandbox session (`sandbox/supervisor.py`: tenant code in a jailed process,
-every step a message), tests and the tenant-author harness pass the workflow
-class itself (`InProcess`: run() in this process, trusted code only). Either
-way the `Step` that records the journal lives here, on the trusted side.
+This is the whole life of an instance, free of Ray: an instance host (in a host
+process actor) calls `activate`, and tests call it directly with a fake clock.
+Where the tenant's `run()` executes is the `Runner`'s business: an instance host
+passes a sandbox session (`sandbox/supervisor.py`: tenant code in a jailed
+process, every step a message), tests and the tenant-author harness pass the
+workflow class itself (`InProcess`: run() in this process, trusted code only).
+Either way the `Step` that records the journal lives here, on the trusted side.
 An activation ends in exactly one of these outcomes, each written to
 the journal under the activation's lease (a lost lease writes nothing):
 

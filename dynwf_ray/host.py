@@ -26,12 +26,12 @@ instance runs again from its last recorded step.
 A `HostProcess` is the Ray actor hosts live in: the loader keeps
 `host_processes` per node for code without pip packages (hosts of every tenant
 share them; by default 2 to 4 on SQLite, 2 to 16 on PostgreSQL), and one per pip
-runtime env (where Ray put those packages). Its
-hosts share its journal connection and so its group commit: one writer per
-process commits for all of them; on SQLite they send those writes to the
-machine's writer instead, which commits for every host process of the machine
-(`journal.node_writer`, `journal_writer`). Callers on its machine wake its hosts with a
-datagram to its wake socket (`wakeup.py`) rather than a Ray call.
+runtime env (where Ray put those packages). Its hosts share its journal
+connection and so its group commit: one writer per process commits for all of
+them; on SQLite they send those writes to the machine's writer instead, which
+commits for every host process of the machine (`journal.node_writer`,
+`journal_writer`). Callers on its machine wake its hosts with a datagram to its
+wake socket (`wakeup.py`) rather than a Ray call.
 
 Telemetry stays on this side: step spans are built here, the tenant's own
 spans arrive from the sandbox as data, and both are exported with the
