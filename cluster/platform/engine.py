@@ -4,7 +4,7 @@
     python engine.py stop    # stop it, for every process that joined it
 
 Meant to be submitted as a Ray job with this folder as its working dir
-(cluster/README.md, "A detached engine, and a webhook server that joins it"):
+(cluster/README.md, "A detached engine as a Ray job, and a webhook server that joins it"):
 
     ray job submit --address http://HEAD:8265 --working-dir cluster/platform -- python engine.py start
 """
