@@ -103,9 +103,10 @@ async def activate(
     ending: Callable[[], None] | None = None,
 ) -> Outcome:
     """Run one activation of `code` (a workflow class, run in this process with `env`,
-    or a `Runner`). With `tracing`, its spans are emitted; with `capture_logs` (a
-    `LogCapture` must be installed in the process), what it prints is stored; a
-    runner that captures output itself hands it to `step.log`. `state`: what
+    or a `Runner`). With `tracing`, its spans are emitted; with `capture_logs`, an
+    `ActivationLog` collects what it prints and stores it: from this process's output
+    where a `LogCapture` is installed, and from a runner that captures output itself
+    (a sandbox session adds the lines its sandbox sends to `step._log`). `state`: what
     `Journal.claim_and_load` read for this activation (else it is read here).
     `ending` is called once the run is over and the write that records how it ended
     is queued, before that write commits: the caller may give its slot to the next

@@ -3,16 +3,17 @@
 A binding is scoped to one tenant: every instance it creates, gets or signals
 is looked up by (tenant, id), so another tenant's instance is indistinguishable
 from an unknown id. It works in any process that can reach the journal (the
-platform's driver, an instance host, the CLI); `notify` tells the scheduler
-that new work is due so it does not wait for its next poll.
+platform's driver, an instance host, the CLI); `notify` wakes the hosts of that
+code version (through the engine's `Router`; the scheduler when no route is known),
+so that they do not wait for their next poll.
 
 Calls that cannot reach or write the journal raise `JournalUnavailableError`
 (naming the cause) and write nothing; `status()` says when a platform condition
 keeps an instance from going on.
 
 Each new instance starts a trace: in the caller's trace when `create` runs
-inside a span (see `tracing.py`). Terminating or restarting an instance ends
-that trace's root span, exported with the tenant's telemetry settings
+inside a span (see `tracing.py`). Terminating, restarting or deleting an
+unfinished instance ends that trace's root span, exported with the tenant's telemetry settings
 (`otel_env`: the platform's OTEL_* layer; None exports nothing).
 """
 

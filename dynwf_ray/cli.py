@@ -31,7 +31,8 @@ document on stdout; `logs -f --json`: one JSON object per line; errors stay on
 stderr, exit status 2). `demo` and `serve` start an engine and `push` joins Ray
 (RAY_ADDRESS, else a local Ray) to validate code in its runtime env; the others
 only use the journal. What the CLI does to an instance (an event, trigger,
-resume, restart...) is picked up by the running engine's scheduler on its next poll.
+resume, restart...) is picked up at the running engine's next poll (by a host of that
+code version, or by the scheduler's tick where none runs), within `poll_interval`.
 """
 
 from __future__ import annotations

@@ -155,8 +155,8 @@ class Engine:
     ) -> None:
         """Route a tenant's spans: to its own OTLP/HTTP `endpoint` (with `headers`) under
         its own `service_name` (and `resource_attributes`), or nowhere (`enabled=False`). It overrides the platform's
-        and the tenant's own settings; hosts started from now on use it (idle ones are
-        deactivated now). See docs/observability.md."""
+        and the tenant's own settings; the tenant's hosts are replaced so that new ones
+        use it (running activations finish first). See docs/observability.md."""
         validate_id(tenant_id, "tenant id")
         setting = tenant_telemetry(
             endpoint=endpoint, headers=dict(headers or {}), service_name=service_name,

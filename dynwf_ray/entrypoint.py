@@ -6,7 +6,8 @@ class MyWorkflow(WorkflowEntrypoint):
         ...
 ```
 
-`self.env` is a mapping of bindings the engine hands to the workflow; it holds
+`self.env` is a mapping of what the platform grants the workflow (plain values,
+secrets, bindings); it holds
 `"WORKFLOWS"`, the tenant's own binding, when the engine provides one.
 """
 

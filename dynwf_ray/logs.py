@@ -1,9 +1,11 @@
 """Instance logs: what tenant code prints or logs during an activation, kept per step.
 
-`LogCapture` is installed once in a process that runs activations (an
-instance host). It wraps `sys.stdout` and `sys.stderr` (what is written still
-reaches them: Ray's worker logs keep working) and adds a handler to the root
-logger. While an activation runs, everything written from its task is also
+Tenant code in a sandbox prints there: the sandbox's runtime sends the lines as
+`log` messages, and its supervisor adds them to the activation's `ActivationLog`.
+Where tenant code runs in this process (the test harness, `testing.py`),
+`LogCapture` is installed once: it wraps `sys.stdout` and `sys.stderr` (what is
+written still reaches them) and adds a handler to the root logger. While an
+activation runs, everything written from its task is also
 collected as `LogLine`s that say which step, count and attempt printed it and
 carry the current trace and span ids. The step path hands the collected lines
 to the journal in the same commit as the step they belong to (nothing extra to

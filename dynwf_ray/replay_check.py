@@ -1,6 +1,6 @@
 """Replay check: would an instance's recorded history replay on another code version?
 
-`check_replay(state, runner)` runs the candidate code's `run()` against the
+`check_replay(state, version, runner)` runs the candidate code's `run()` against the
 instance's journal without running anything new: a `CheckStep` answers each step
 from the records (results, failures, events received, sleeps ended) and stops the
 run at the first step the journal does not hold as finished, the *frontier*,

@@ -5,8 +5,8 @@ Two layers:
 - `SchedulerCore`, a plain object over the journal and the host pool
   (`pool.py`): `tick(now)` reads what is due and leased per code version and the
   tenants' `max_concurrency`, and returns the pool's decisions (start, stop,
-  quota); `host_died(host_id, now)` counts a crash for every instance the host
-  held (in the journal, so counts survive a restart of the scheduler), releases
+  quota); `host_died(host_id, now, why)` counts a crash for every instance the host
+  held (none when its node was lost) (in the journal, so counts survive a restart of the scheduler), releases
   them to run again, and marks errored those that crashed
   `max_activation_failures` times in a row. Tests drive it with a clock.
 - `Scheduler`, the Ray actor (one per engine, `dynwf-scheduler-<engine name>`,
@@ -114,7 +114,8 @@ def pool_config(config: EngineConfig, cpus: float, memory_bytes: float) -> PoolC
 
 
 class Notifier:
-    """What callers use to `notify` the scheduler, coalesced per code version.
+    """What callers use to `notify` that work is due (to the hosts of its code version, or
+    the scheduler: `Router`), coalesced per code version.
 
     Each version has a bucket of `burst` notifications that refills at one per `window`
     seconds: a notification that finds one goes at once; the rest of a burst wait for

@@ -3,7 +3,7 @@
 Every scheduler incarnation opens a session in the journal: an `epoch` (a number
 the journal hands out, greater than every earlier one), the machine and the
 processes it runs in, and the loader whose hosts it uses. Leases taken in the
-session are owned by `e<epoch>/host-<n>`. The scheduler heartbeats its session
+session are owned by `e<epoch>/host-<n>` (the scheduler's own: `e<epoch>/scheduler`). The scheduler heartbeats its session
 every second and looks at the others every few seconds; a session that is
 *gone* is ended and its leases are given up at once (`Journal.end_session`), so
 its instances run again without waiting for the leases to expire.

@@ -718,8 +718,8 @@ def _run_sync(make: Callable[[], Any]) -> Any:
 
 @contextlib.contextmanager
 def _capturing_logs() -> Iterator[None]:
-    """Capture what tenant code prints or logs, as an instance host does (unless this
-    process already captures it)."""
+    """Capture what tenant code prints or logs in this process, as a sandbox's runtime
+    does in its own (unless this process already captures it)."""
     if isinstance(sys.stdout, _Tee):
         yield
         return

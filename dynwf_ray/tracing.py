@@ -12,8 +12,8 @@ What this module owns:
   span per step attempt (its error recorded), sleep and event-wait spans
   (which straddle hibernation, so they hang off the root span and are
   emitted when they end), and the root span itself, emitted with its minted
-  id when the instance finishes (complete, errored, terminated or
-  restarted). Until then a backend shows the instance's spans under a root
+  id when the instance finishes (complete, errored, terminated,
+  restarted, or deleted unfinished). Until then a backend shows the instance's spans under a root
   it has not received yet.
 - **Export settings**, read from the standard OpenTelemetry variables
   (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`,
@@ -359,8 +359,9 @@ class _FrozenResource(Resource):
 class Tracing:
     """Where one tenant's spans go from this process: its span processors and resource.
 
-    `provider` is a tracer provider on the same processors, for spans that code
-    creates itself with the OpenTelemetry API (a host makes it the global one).
+    `provider` is a tracer provider on the same processors, used to flush and shut
+    them down; the spans tenant code makes in its sandbox arrive as data
+    (`emit_tenant_span`).
     """
 
     def __init__(

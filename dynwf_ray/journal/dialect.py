@@ -58,7 +58,7 @@ class _WriterLock:
     exclusive `flock` on `<journal>.writers`: waiters sleep without polling and the
     next one starts as soon as the last commits. With group commit each turn carries
     the writes of every activation of its process that queued meanwhile, those queued
-    during the wait included (`GroupCommit._together`). `_LOCK_STATS` counts the waits,
+    during the wait included (`group_commit.commit_batch`). `_LOCK_STATS` counts the waits,
     how long turns were held and how much of that was the holder's own CPU.
     None (PostgreSQL, an in-memory database): no lock; the database orders writers.
     """

@@ -120,7 +120,7 @@ class StepRow(SQLModel, table=True):
     instance_pk: int = Field(primary_key=True)
     name: str = Field(primary_key=True, max_length=256)
     seq: int = Field(primary_key=True)
-    kind: str = "do"  # do | sleep | wait
+    kind: str = "do"  # do | sleep | wait | rollback
     status: str
     result_json: str | None = None
     error_name: str | None = None
@@ -229,7 +229,8 @@ class LeaseLostError(Exception):
 
 @dataclass(frozen=True)
 class Claim:
-    """An instance the scheduler leased for one activation."""
+    """An instance leased for one activation (by a host; by the scheduler only to end
+    instances whose code cannot load)."""
 
     pk: int
     token: int

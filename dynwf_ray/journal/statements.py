@@ -108,7 +108,8 @@ _FENCE = (
     .where(*_HELD)
     .with_for_update()
 )
-# The host's periodic renewal and a long step's heartbeat: always extend.
+# A fence that extends the lease (less than half of it left) and the host's periodic
+# renewal of its activations' leases.
 _RENEW = (
     update(I)
     .where(*_HELD)

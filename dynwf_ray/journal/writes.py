@@ -56,11 +56,6 @@ class ActivationWrites:
         for pk, token in leases:
             conn.execute(_RENEW, {"b_pk": pk, "b_token": token, "b_until": now + lease_ttl})
 
-    def renew_lease(self, pk: int, token: int, now: float, lease_ttl: float) -> bool:
-        """Heartbeat for long steps. Returns pause_requested; raises LeaseLostError."""
-        with self._write() as conn:
-            return self._fence(conn, pk, token, now, lease_ttl, renew=True)
-
     def record_step(
         self, pk: int, token: int, step: StepRecord, now: float, lease_ttl: float,
         logs: Sequence[LogLine] = (), keep_logs: int = 0,

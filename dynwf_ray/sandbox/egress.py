@@ -11,7 +11,7 @@ tenant code uses an HTTP proxy at 127.0.0.1:<port> (`proxy_env`), served by:
   request (`CONNECT host:port`, or plain HTTP with an absolute URI), checks it
   against the allowlist, resolves the name itself, refuses non-public addresses
   unless the entry names that IP or `localhost`, connects to an address it
-  checked, and relays. Refusals are HTTP answers: 400, 403 (logged), 429, 502.
+  checked, and relays. Refusals are HTTP answers: 400, 403 (logged), 408, 429, 502.
 Side channel: JSON lines. Sandbox: `{"op": "open"}`; proxy: `{"ok": true}` with one
 fd, or `{"ok": false, "status": 429, "error": ...}`. Fds from the sandbox are closed unread.
 """

@@ -24,8 +24,8 @@ Mode "strict" (each mechanism is required; a missing one raises
 3. rlimits: RLIMIT_AS = `memory_mb`, RLIMIT_NOFILE = `open_files`,
    RLIMIT_FSIZE = `file_size_mb`, RLIMIT_CORE = 0. RLIMIT_NPROC does not bind
    uid 0; processes are capped by the pids cgroup.
-4. Capabilities: securebits NOROOT, NO_SETUID_FIXUP, KEEP_CAPS, NO_CAP_AMBIENT_RAISE
-   (each locked), the bounding set emptied, ambient cleared, effective, permitted
+4. Capabilities: securebits NOROOT, NO_SETUID_FIXUP and NO_CAP_AMBIENT_RAISE set and
+   locked, KEEP_CAPS off and locked, the bounding set emptied, ambient cleared, effective, permitted
    and inheritable set to 0; then PR_SET_NO_NEW_PRIVS.
    The sandbox stays uid 0: the Python runtime lives under /root/.pyenv and
    /root is mode 0700, so another uid could not even load it. uid 0 without a

@@ -101,7 +101,7 @@ class TenantPolicy(BaseModel):
 
 
 class JailSpec(BaseModel):
-    """How one sandbox process is confined (built by the supervisor, applied in the child)."""
+    """How one sandbox process is confined (built by the host, applied in the child)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -1,6 +1,7 @@
 """The private channel between a sandbox and its supervisor: framing and message shapes.
 
-Everything a sandbox can do crosses one AF_UNIX stream socket as data: each
+Everything a sandbox can do crosses one AF_UNIX stream socket as data (and,
+with egress granted, the side channel of `egress.py` for its tunnels): each
 message is a 4-byte big-endian length and a JSON object (never pickle, in
 either direction). This module is imported on both sides of the trust
 boundary, so it holds only the wire format; what each side does with a
@@ -30,11 +31,13 @@ Supervisor -> sandbox (`t`):
                                            nothing of (in neither `replay` nor
                                            `not_replayed`) may run at once, as `do` says
     call {id, attempt, count, config, span}   run the step callback of request `id`
-    ok {id, value, [ask_first]} | err {id, kind, name, message, ...}   answer to a request;
-                                           `ask_first`: run no further step at once
+    ok {id, value, [ask_first]} | err {id, name, message, [step, error_name,
+       error_message, attempts]}           answer to a request (`step`...: of a
+                                           StepFailedError); `ask_first`: run no
+                                           further step at once
     end {}                                 the activation is over (suspended, paused,
                                            a limit hit...): stop and report idle
-    exit {}                                the sandbox is no longer needed
+(A sandbox no longer needed is killed, not told.)
 
 The supervisor never trusts a frame: `read_frame` refuses lengths over the
 limit before reading the body, and `check` validates a sandbox message's

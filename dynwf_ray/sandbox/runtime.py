@@ -196,8 +196,6 @@ class _Channel:
                 waiter[0].set()
             elif waiter is not None:
                 self._on_loop(where, _deliver, waiter, message)
-        elif kind == "exit":
-            os._exit(0)
         else:
             self._on_loop(where, self.on_message, message)
 

@@ -3,8 +3,9 @@
 `unpack` writes an archive's regular files under a fresh directory and returns the
 code directory in it: the root, or the archive's one top folder when everything is
 in one. It refuses, naming the member, anything that could write outside it or
-is not plain code: absolute paths, `..`, links, devices; and stops at a total size
-(`limit`) so a small archive cannot expand into a huge one."""
+is not plain code: absolute paths, `..`, links, devices; and stops once the files
+exceed `EXPANSION` (8) times `limit` (or the archive's size, if larger) in all, so a
+small archive cannot expand into a huge one."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Errors over HTTP: every failure is JSON `{"error": {"name", "message"}}` with its 4xx or 5xx.
 
-`ApiError` is what the routes raise for HTTP-only conditions (no token, a body too
-large, a wrong content type); a `DynwfError` from the engine is mapped by its class
+`ApiError` is what the routes raise for HTTP-only refusals (no or a bad token, an
+admin route); a body too large or of the wrong type is refused before them, in the
+same shape, by `limits.BodyLimits`; a `DynwfError` from the engine is mapped by its class
 (`STATUS`). Request validation, malformed JSON and routing errors get the same shape,
 so a client never parses two kinds of error."""
 
