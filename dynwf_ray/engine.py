@@ -33,7 +33,8 @@ from .journal import Journal
 from .loader import Loader
 from .package import package_class, pickled_modules, push
 from .sandbox.policy import SandboxLimits, TenantPolicy
-from .scheduler import Notifier, Router, Scheduler
+from .notify import Notifier, Router
+from .scheduler import Scheduler
 from .tracing import tenant_telemetry
 from .types import Retention, validate_id
 

@@ -48,7 +48,7 @@ from .host import HostProcess, HostSpec
 from .journal import Journal
 from .journal.node_writer import NodeWriter
 from .sessions import this_process
-from .scheduler import Notifier, Router
+from .notify import Notifier, Router
 from .package import PACKAGE, Manifest, check_pip_allowed, runtime_env_for
 from .tracing import tenant_env
 

@@ -1,6 +1,6 @@
 """Waking a host process on the same machine with a datagram instead of a Ray call.
 
-A caller that knows which hosts serve a code version (`scheduler.Router`) wakes them
+A caller that knows which hosts serve a code version (`notify.Router`) wakes them
 when it has made work of that version due. Through Ray, a wake is a task submitted,
 scheduled and run on the host process's loop: about 1.7 ms on a 2-core machine, most
 of the warm path's budget. So each host process also listens on a Unix datagram socket

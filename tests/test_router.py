@@ -1,6 +1,6 @@
-"""Where notifications go (`scheduler.Router`), with plain fakes of Ray's handles; and
-how a caller's notifications are coalesced (`scheduler.Notifier`), on a fake clock; and
-the one thread per process that sends the held-back ones (`scheduler._Later`).
+"""Where notifications go (`notify.Router`), with plain fakes of Ray's handles; and
+how a caller's notifications are coalesced (`notify.Notifier`), on a fake clock; and
+the one thread per process that sends the held-back ones (`notify._Later`).
 
 The scheduler names the hosts it woke; for the route's time to live the caller wakes
 them itself, by datagram when their process's wake socket is on this machine; a host
@@ -15,8 +15,8 @@ import tempfile
 import threading
 from concurrent.futures import Future
 
-from dynwf_ray import scheduler
-from dynwf_ray.scheduler import Notifier, Router
+from dynwf_ray import notify as notify_module
+from dynwf_ray.notify import Notifier, Router
 
 
 class _Method:
@@ -245,7 +245,7 @@ def test_an_event_just_after_its_create_is_not_held_back():
 
 def test_delayed_calls_run_in_time_order_on_one_thread_and_a_failure_stops_none(caplog):
     """The default `later` of a Notifier: one thread, started once, runs every call."""
-    later = scheduler._Later()
+    later = notify_module._Later()
     ran, done = [], threading.Event()
 
     def note(name):
