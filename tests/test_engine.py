@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from dynwf_ray.journal import Journal
-from dynwf_ray.scheduler import ROUTE_TTL
+from dynwf_ray.notify import ROUTE_TTL
 from dynwf_ray import (
     DuplicateInstanceError,
     Engine,
