@@ -1216,24 +1216,13 @@ def test_cpu_spin_after_the_activation(arena):
         pids = arena.sandbox_pids("spin")
         assert pids
         pid = pids[0]
-
-        def cpu() -> float | None:
-            try:
-                t = psutil.Process(pid).cpu_times()
-                return t.user + t.system
-            except psutil.NoSuchProcess:
-                return None
-
-        start = cpu()
-        grace = LIMITS["cpu_seconds"] * 2 + 2
-        time.sleep(grace)
-        at = cpu()
-        time.sleep(3)
-        later = cpu()
-        burnt = None if start is None or later is None else later - start
-        assert at is None or later is None or later - at < 0.5, (
-            f"the idle sandbox {pid} kept burning CPU after its activation: {burnt:.1f} s in "
-            f"{grace + 3} s, {later - at:.1f} s in the last 3 s (limit {LIMITS['cpu_seconds']} s)")
+        began = _proc_identity(pid)
+        grace = LIMITS["cpu_seconds"] * 2 + 5
+        # Polled: the sandbox must end (the host's idle watcher ends one that computes
+        # between activations); a sandbox still alive past the grace period fails.
+        wait_until(lambda: began is None or _proc_identity(pid) != began, grace,
+                   f"the idle sandbox {pid}, left with spinning threads, to be ended "
+                   f"(limit {LIMITS['cpu_seconds']} s of CPU)")
     finally:  # end the spinning sandbox: replacing the policy retires the tenant's idle hosts
         arena.engine.set_tenant_policy(arena.tenants["spin"], limits=LIMITS)
 
