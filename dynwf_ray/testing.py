@@ -648,7 +648,8 @@ def load_workflow(directory: str | os.PathLike) -> type[WorkflowEntrypoint]:
     `entrypoint` (default "workflow"), resolved as a push resolves it (with a module
     alone, its one `WorkflowEntrypoint` subclass). The directory goes first on
     `sys.path`, as in a sandbox, and stays there. A module of the same name imported
-    earlier from elsewhere (another tenant's `workflow`) is imported again from here.
+    earlier from elsewhere (another tenant's `workflow`), and every module imported
+    from a directory loaded earlier (its `helper`), is imported again from here.
     `[env]` and `pip` are not applied: set variables with pytest's `monkeypatch`."""
     from .sandbox.runtime import resolve_entrypoint
 
@@ -665,14 +666,24 @@ def load_workflow(directory: str | os.PathLike) -> type[WorkflowEntrypoint]:
         if not isinstance(entrypoint, str):
             raise InvalidInputError(f"{manifest}: entrypoint must be a string")
     top = entrypoint.partition(":")[0].split(".")[0]
-    for name in [m for m in sys.modules if m == top or m.startswith(top + ".")]:
-        origin = getattr(sys.modules[name], "__file__", None)
-        if origin is None or root not in Path(origin).resolve().parents:
-            del sys.modules[name]  # someone else's module of that name
+    others = tuple(str(d) + os.sep for d in _LOADED if d != root)
+    for name, module in list(sys.modules.items()):
+        origin = getattr(module, "__file__", None)
+        if name == top or name.startswith(top + "."):
+            if origin is None or root not in Path(origin).resolve().parents:
+                del sys.modules[name]  # someone else's module of that name
+        elif others and isinstance(origin, str) and origin.startswith(others):
+            del sys.modules[name]  # a module of a directory loaded before (its `helper`)
     if str(root) in sys.path:
         sys.path.remove(str(root))
     sys.path.insert(0, str(root))
+    if root not in _LOADED:
+        _LOADED.append(root)
     return resolve_entrypoint(entrypoint)[1]
+
+
+#: The tenant directories `load_workflow` put on `sys.path`, in this process.
+_LOADED: list[Path] = []
 
 
 # -- helpers -----------------------------------------------------------------------------

@@ -401,6 +401,9 @@ def test_load_workflow_resolves_the_entrypoint_like_a_push(tmp_path):
     one = load_workflow(tmp_path / "one")
     two = load_workflow(tmp_path / "two")  # its own `workflow` module, not one's
     assert (one.__name__, two.__name__) == ("One", "Two")
+    with WorkflowTest(two) as t:  # two's own `helper`, not the one one imported
+        assert t.run().output == "two"
+    one = load_workflow(tmp_path / "one")  # and back
     with WorkflowTest(one) as t:
         assert t.run().output == "one"
     named = tmp_path / "named"
