@@ -143,6 +143,7 @@ class _Server(http.server.ThreadingHTTPServer):
         super().__init__(*args, **kwargs)
         self.connections = 0
         self.requests: list[tuple[str, str, dict]] = []  # (method, target, headers)
+        self.bodies: list[bytes] = []  # each request's body, in the same order
 
     def process_request(self, request, client_address):
         self.connections += 1  # counted before a byte of the request is read
@@ -155,8 +156,7 @@ def _http_server(body: bytes) -> _Server:
         def _answer(self):
             self.server.requests.append((self.command, self.path, dict(self.headers)))
             length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)
+            self.server.bodies.append(self.rfile.read(length) if length else b"")
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -1372,13 +1372,18 @@ def test_tenant_proxy_setting_does_not_capture_platform_telemetry(arena, make_en
         engine.push_tenant(spy, str(arena.attacker_dir))
         handle = engine.binding(spy).create(params={"attack": "noop", "where": "step"})
         wait_status(handle, "complete", timeout=WAIT)
-        wait_until(lambda: collector.requests or len(proxy.requests) > before, 60, "spans to be exported")
-        time.sleep(0.5)  # the rest of the batch
+
+        def root_span_exported() -> bool:  # the instance's root span, exported after its steps'
+            return any(handle.id.encode() in b and b"dynwf.instance.status" in b
+                       for b in list(collector.bodies))
+
+        wait_until(lambda: root_span_exported() or len(proxy.requests) > before, 60,
+                   "the instance's spans to be exported")
         through_proxy = proxy.requests[before:]
         assert not through_proxy, (
             f"the trusted host sent the platform's telemetry through the tenant's proxy: "
             f"{[(m, t, 'with the platform token' if token in json.dumps(h) else 'no token') for m, t, h in through_proxy]}")
-        assert collector.requests, "the collector got nothing"
+        assert root_span_exported(), "the collector did not get the instance's root span"
     finally:
         collector.shutdown()
         collector.server_close()
