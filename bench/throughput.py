@@ -1,4 +1,4 @@
-"""Creation and completion rates, and the same workload on DBOS Transact.
+"""Creation and completion rates, and the same workload on DBOS Transact and Restate.
 
 - `create_batch_per_s`: instances created per second with `create_batch` (100 per
   call), measured on the journal with no scheduler running, so nothing competes.
@@ -29,13 +29,17 @@
 - `dbos`: `bench/peers/dbos_three_step.py` run in `.venv-dbos` (made by
   `bench/peers/setup_dbos.sh`) when it exists, with the same counts, and the
   ratios ours / DBOS of the medians.
+- `restate`: `bench/peers/restate_three_step.py` run in `.venv-restate` (made by
+  `bench/peers/setup_restate.sh`: the Restate server and its Python SDK) when it
+  exists, with the same counts, and the ratios ours / Restate (our batches against
+  its groups of 100 requests at once: it has no batch call).
 - `--max-hosts N`, `--max-activations N`, `--host-concurrency N`, `--host-processes N`,
   `--journal-writer machine|process` add the same figures for an engine tuned that
   way, beside the default ones (`three_step_tuned`).
 
 Usage: python bench/throughput.py [--creates 10000] [--workflows 300] [--one-by-one 200]
        [--runs 3] [--max-hosts N] [--max-activations N] [--host-concurrency N] [--host-processes N]
-       [--journal-writer machine|process] [--no-dbos] [--database-url URL]
+       [--journal-writer machine|process] [--no-dbos] [--no-restate] [--database-url URL]
 """
 
 from __future__ import annotations
@@ -209,14 +213,15 @@ def one_by_one_profile(engine: Engine, tenants: list[str], n: int) -> dict:
     return out
 
 
-def dbos(one_by_one: int, runs: int) -> dict | None:
-    """The same workload on DBOS Transact (SQLite), when .venv-dbos exists."""
+def peer(name: str, one_by_one: int, runs: int) -> dict | None:
+    """The same workload on a peer (`bench/peers/<name>_three_step.py`, in its own
+    virtualenv `.venv-<name>`), when that virtualenv exists."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    python = os.path.join(root, ".venv-dbos", "bin", "python")
+    python = os.path.join(root, f".venv-{name}", "bin", "python")
     if not os.path.exists(python):
         return None
     out = subprocess.run(
-        [python, os.path.join(root, "bench", "peers", "dbos_three_step.py"),
+        [python, os.path.join(root, "bench", "peers", f"{name}_three_step.py"),
          "--workflows", str(one_by_one), "--runs", str(runs)],
         capture_output=True, text=True, check=True, timeout=900,
     ).stdout
@@ -249,13 +254,21 @@ def main() -> None:
     }
     if tuning:
         figures["three_step_tuned"] = three_step(database_url(), one_by_one, workflows, runs, **tuning)
-    peer = None if "--no-dbos" in sys.argv else dbos(one_by_one, runs)
-    if peer is not None:
-        figures["dbos"] = peer
+    dbos = None if "--no-dbos" in sys.argv else peer("dbos", one_by_one, runs)
+    if dbos is not None:
+        figures["dbos"] = dbos
         figures["ratio_vs_dbos"] = {
-            "one_by_one": round(ours["one_by_one_per_s"] / peer["one_by_one_per_s"]["median"], 2),
-            "batches": round(ours["batches_per_s"] / peer["batches_per_s"]["median"], 2),
+            "one_by_one": round(ours["one_by_one_per_s"] / dbos["one_by_one_per_s"]["median"], 2),
+            "batches": round(ours["batches_per_s"] / dbos["batches_per_s"]["median"], 2),
             "target": 15,
+        }
+    restate = None if "--no-restate" in sys.argv else peer("restate", one_by_one, runs)
+    if restate is not None:
+        figures["restate"] = restate
+        figures["ratio_vs_restate"] = {
+            "one_by_one": round(ours["one_by_one_per_s"] / restate["one_by_one_per_s"]["median"], 2),
+            "batches": round(ours["batches_per_s"] / restate["concurrent_100_per_s"]["median"], 2),
+            "target": "ahead (> 1)",
         }
     figures["load_before"] = load_before
     figures["load_after"] = [round(x, 2) for x in os.getloadavg()]

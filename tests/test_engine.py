@@ -354,9 +354,11 @@ def test_pause_resume_terminate_restart_live(engine, tenant, tmp_path):
 def test_blocking_step_past_its_timeout_ends_its_sandbox_not_the_engine(engine, tenant):
     engine.register(tenant, BlockingStep)
     inst = engine.binding(tenant).create()
+    pid = wait_until(lambda: sandbox_of(engine, inst.id).get("pid"), 60, "the step's sandbox")
     status = wait_status(inst, "errored", timeout=90)
     assert status["error"]["name"] == "StepTimeoutError"
-    assert "exceeded its timeout of 1 s" in status["error"]["message"]
+    assert "exceeded its timeout of 3 s" in status["error"]["message"]
+    wait_until(lambda: process_gone(pid), 30, f"the blocked step's sandbox {pid} to end")
     engine.register(tenant + "b", Hello)
     assert wait_status(engine.binding(tenant + "b").create(), "complete")
 

@@ -151,7 +151,7 @@ class BlockingStep(WorkflowEntrypoint):
         def spin():
             time.sleep(3600)
 
-        return await step.do("spin", spin, retries={"limit": 0}, timeout="1 second")
+        return await step.do("spin", spin, retries={"limit": 0}, timeout="3 seconds")
 
 
 class Heavy(WorkflowEntrypoint):
