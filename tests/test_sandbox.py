@@ -6,6 +6,8 @@ test_jail.py; the protocol without Ray in test_supervisor.py.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from dynwf_ray import InvalidInputError
@@ -89,13 +91,20 @@ def test_a_push_blames_the_node_not_the_code_when_no_sandbox_starts(engine, tena
     assert engine.versions(tenant) == []  # nothing stored
 
 
-def test_process_mode_runs_tenant_code_without_the_kernel_jail(make_engine, tenant):
-    from .workflows import Hello
+def test_process_mode_runs_tenant_code_without_the_kernel_jail(make_engine, engine, tenant):
+    from .workflows import Confinement
 
-    engine = make_engine(sandbox="process")
-    engine.register(tenant, Hello)
-    out = wait_status(engine.binding(tenant).create(id="h"), "complete")["output"]
-    assert out == {"hello": "Hello, world!", "instance": "h"}
+    loose = make_engine(sandbox="process")
+    loose.register(tenant, Confinement)
+    out = wait_status(loose.binding(tenant).create(id="h"), "complete")["output"]
+    # a sandbox process of its own (the host lists it, warm), with no seccomp filter
+    sandboxes = [s["pid"] for h in loose.sandboxes() if h["tenant"] == tenant for s in h["sandboxes"]]
+    assert out["pid"] in sandboxes and out["pid"] != os.getpid(), (out, sandboxes)
+    assert out["seccomp"] == "0", out
+    # the same code in the default (strict) sandbox runs under a seccomp filter
+    engine.register(tenant, Confinement)
+    strict = wait_status(engine.binding(tenant).create(id="h"), "complete")["output"]
+    assert strict["seccomp"] == "2", strict  # a filter
 
 
 def test_engine_sandboxes_lists_live_sandboxes_by_host(engine, tenant):
