@@ -8,6 +8,7 @@ activations into one trace is only what the journal carries.
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import contextmanager
 
 import pytest
@@ -288,10 +289,32 @@ def test_logs_keep_only_the_newest_lines_of_an_instance(journal, tenant):
 
 
 def test_code_outside_an_activation_is_not_captured(journal, tenant):
+    """Output of the platform's own code (before, during and after an activation, from
+    its own thread) is not the instance's, while the activation's own is."""
     d = Driver(journal, tenant, Chatty, capture_logs=True)
     handle = d.binding.create(id="c3")
+    stop, printed = threading.Event(), threading.Event()
+
+    def platform_thread():
+        while not stop.is_set():
+            print("the platform's thread")
+            logging.getLogger("platform").warning("the platform's thread logs")
+            printed.set()
+            stop.wait(0.001)
+
     with capturing():
         print("the platform's own output")
         logging.getLogger("platform").warning("not a tenant's")
-    assert handle.logs() == []
+        other = threading.Thread(target=platform_thread)
+        other.start()
+        try:
+            printed.wait(10)
+            d.tick()
+        finally:
+            stop.set()
+            other.join()
+        print("the platform's output after")
+    messages = [line.message for line in handle.logs()]
+    assert messages[:2] == ["starting c3", "working, attempt 1"], messages
+    assert not [m for m in messages if "platform" in m or "not a tenant" in m], messages
     assert trace.get_current_span().get_span_context().is_valid is False
