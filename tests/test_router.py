@@ -152,10 +152,25 @@ def test_a_scheduler_that_restarted_meanwhile_leaves_no_route():
 
 
 def test_no_scheduler_running_is_not_an_error():
-    def missing():
-        raise ValueError("Failed to look up actor")
+    """No scheduler runs: a notification is dropped quietly (the next scheduler's poll
+    finds the work), nothing is remembered, and once one runs it is notified."""
+    scheduler = _Handle(notify=lambda tenant, version, name: [(7, _Handle(wake=lambda h: True))])
+    running: list = []
+    lookups: list = []
 
-    Router(missing)("t", "v1")  # the next scheduler's poll finds the work
+    def lookup():
+        lookups.append(1)
+        if not running:
+            raise ValueError("Failed to look up actor")
+        return running[0]
+
+    route = Router(lookup, ttl=1.0, clock=_Clock(), address_of=lambda actor: None)
+    route("t", "v1")
+    route("t", "v1")
+    assert len(lookups) == 2  # asked each time: no route was made up
+    running.append(scheduler)
+    route("t", "v1")
+    assert scheduler.notify.calls == [("t", "v1", True)]
 
 
 def test_a_host_process_on_this_machine_is_woken_by_datagram_not_by_ray():
