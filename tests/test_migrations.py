@@ -688,7 +688,8 @@ def test_dynwf_db_current_and_upgrade(make_database_url, backend, capsys, caplog
     with caplog.at_level(logging.WARNING, logger="dynwf_ray.migrations"):
         assert main(["db", "upgrade", *args]) == 0
     assert capsys.readouterr().out.endswith(f": upgraded from 0001_baseline to {HEAD}\n")
-    assert "upgraded the journal" in caplog.text and "dynwf:dynwf@" not in caplog.text
+    password = sa.make_url(url).password  # PostgreSQL's: the log names the journal without it
+    assert "upgraded the journal" in caplog.text and (password is None or password not in caplog.text)
     assert main(["db", "current", *args]) == 0
     assert capsys.readouterr().out == f"{HEAD} (head)\n"
     assert main([*args, "db", "upgrade"]) == 0
