@@ -57,9 +57,9 @@ PRELOAD = ["dynwf_ray.sandbox.runtime", "opentelemetry.sdk.trace"]  # as host._S
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def sandbox_sys_path(code_dir: str) -> list[str]:
-    """The code directory, then this interpreter's own entries of sys.path (stdlib,
-    site-packages), as a host gives its sandboxes."""
+def runtime_sys_path() -> list[str]:
+    """This interpreter's own entries of sys.path (stdlib, site-packages): a template's
+    import path, as a host gives it (the tenant's code goes first in each sandbox only)."""
     roots = {os.path.abspath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
                                           sys.base_exec_prefix, *site.getsitepackages())}
 
@@ -67,7 +67,7 @@ def sandbox_sys_path(code_dir: str) -> list[str]:
         entry = os.path.abspath(entry)
         return any(entry == r or entry.startswith(r + "/") for r in roots)
 
-    return [code_dir, *(p for p in sys.path if p and os.path.exists(p) and inside(p))]
+    return [p for p in sys.path if p and os.path.exists(p) and inside(p)]
 
 
 def uss_mb(pid: int) -> float | None:
@@ -91,8 +91,8 @@ def load() -> list[float]:
 def standalone(spawns: int) -> dict:
     t0 = time.perf_counter()
     template = Template.start(
-        python=sys.executable, sys_path=sandbox_sys_path(ACME), env=dict(ENV),
-        cwd=ACME, preload=PRELOAD, mode="strict",
+        python=sys.executable, sys_path=runtime_sys_path(), env=dict(ENV),
+        cwd="/", preload=PRELOAD, mode="strict", code_path=ACME,
     )
     template_start = time.perf_counter() - t0
     spawn, ready, uss = [], [], []

@@ -34,7 +34,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import arg, emit  # noqa: E402
-from bench.sandbox import ENV, PRELOAD, load, sandbox_sys_path  # noqa: E402
+from bench.sandbox import ENV, PRELOAD, load, runtime_sys_path  # noqa: E402
 from bench.workflows import pushed_tenant_dir  # noqa: E402
 from dynwf_ray.sandbox import protocol  # noqa: E402
 from dynwf_ray.sandbox.policy import JailSpec, SandboxLimits  # noqa: E402
@@ -78,8 +78,8 @@ def _activate(sock, i: int) -> None:
 def main() -> None:
     n, rounds, count = arg("--activations", 3000), arg("--rounds", 3), arg("--sandboxes", 16)
     code = pushed_tenant_dir("three")
-    template = Template.start(python=sys.executable, sys_path=sandbox_sys_path(code), env=dict(ENV),
-                              cwd=code, preload=PRELOAD, mode="strict")
+    template = Template.start(python=sys.executable, sys_path=runtime_sys_path(), env=dict(ENV),
+                              cwd="/", preload=PRELOAD, mode="strict", code_path=code)
     sandboxes, scratches = [], []
     try:
         for _ in range(count):

@@ -132,8 +132,9 @@ def check_entrypoint(version: str, blob: bytes, manifest: dict[str, Any], mode: 
     manifest_ = Manifest(**manifest)
     code_dir = unpack(version, blob)
     template, close_template = _start_template(
-        python=sys.executable, sys_path=[code_dir, *_runtime_sys_path()], env=_tenant_env(manifest_),
-        cwd=code_dir, preload=["dynwf_ray.sandbox.runtime"], mode=mode,
+        python=sys.executable, sys_path=_runtime_sys_path(), env=dict(_BASE_ENV), cwd="/",
+        preload=["dynwf_ray.sandbox.runtime"], mode=mode,
+        code_path=code_dir, sandbox_env=_tenant_env(manifest_),
     )
     scratch = tempfile.mkdtemp(prefix="dynwf-validate-")
     try:
@@ -278,11 +279,13 @@ class _Sandboxes:
         self._rw_paths = tuple(p for p, m in policy.paths.items() if m == "rw")
         self.template, self._close_template = _start_template(
             python=sys.executable,
-            sys_path=[self._code_dir, *_runtime_sys_path()],
-            env=env,
-            cwd=self._code_dir,
+            sys_path=_runtime_sys_path(),
+            env=dict(_BASE_ENV),  # the template's own: the tenant's is its sandboxes' only
+            cwd="/",
             preload=["dynwf_ray.sandbox.runtime", "opentelemetry.sdk.trace"],
             mode=mode,
+            code_path=self._code_dir,
+            sandbox_env=env,
         )
         # Idle sandboxes: (session, scratch dir, its CPU time when last looked at (None
         # until the watcher first does: not read on the hot path), since when idle)

@@ -108,6 +108,39 @@ except BaseException:
     pass
 '''
 
+#: Standard modules the tenant's package shadows: a process that imports one of them
+#: with the package's directory first on its path runs the tenant's file instead, which
+#: leaves a mark (then loads the real module, so that a sandbox still works).
+SHADOWED = ("typing", "threading", "subprocess", "dataclasses", "signal")
+
+SHADOW = '''
+# Tenant code named like a standard module: it must never run outside a sandbox.
+import os as _os, sys as _sys, sysconfig as _sysconfig, time as _time
+try:
+    with open(_os.path.join({mark!r}, "import-shadow-{name}-%d-%d" % (_os.getpid(), _time.time_ns())), "w") as _f:
+        _f.write(repr(_sys.argv[:2]))
+except BaseException:
+    pass
+import importlib.util as _util
+_spec = _util.spec_from_file_location(__name__, _os.path.join(_sysconfig.get_paths()["stdlib"], "{name}.py"))
+_real = _util.module_from_spec(_spec)
+_sys.modules[__name__] = _real
+_spec.loader.exec_module(_real)
+'''
+
+#: A shared object the package's [env] preloads (LD_PRELOAD, relative to the code's
+#: directory): its constructor leaves a mark in any process that starts with it.
+PRELOAD_C = r'''
+#include <stdio.h>
+#include <unistd.h>
+__attribute__((constructor)) static void planted(void) {
+    char path[4096];
+    snprintf(path, sizeof path, "@MARK_DIR@/import-preload-%d", (int)getpid());
+    FILE *f = fopen(path, "w");
+    if (f) { fputs("the tenant's LD_PRELOAD ran here", f); fclose(f); }
+}
+'''
+
 SYMLINK_CODE = '''
 import hashlib, os
 from dynwf_ray import WorkflowEntrypoint
@@ -438,12 +471,17 @@ def arena(make_engine, backend, tmp_path_factory) -> Any:
         source = (TESTS / "hostile_tenant.py").read_text().replace("@MARK_DIR@", str(mark_dir))
         (adir / "workflow.py").write_text(source)
         (adir / "sitecustomize.py").write_text(SITECUSTOMIZE.format(mark=str(mark_dir)))
+        for name in SHADOWED:  # modules named like the standard library's
+            (adir / f"{name}.py").write_text(SHADOW.format(mark=str(mark_dir), name=name))
+        subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(adir / "preload.so"), "-x", "c", "-"],
+                       input=PRELOAD_C.replace("@MARK_DIR@", str(mark_dir)), text=True, check=True)
         (adir / "dynwf.toml").write_text(textwrap.dedent(f'''\
             entrypoint = "workflow:Hostile"
             [env]
             HTTP_PROXY = "http://127.0.0.1:{servers["C"].server_address[1]}"
             HTTPS_PROXY = "http://127.0.0.1:{servers["C"].server_address[1]}"
             HOSTILE_PLANTED = "planted-{tag}"
+            LD_PRELOAD = "./preload.so"
             '''))
         policies = {
             "atk": dict(limits=LIMITS),
@@ -800,12 +838,13 @@ def test_environment_holds_nothing_of_the_platform(arena):
                                                "GOOGLE_", "KUBE"))]
         assert not bad, (where, bad)
         assert set(env) <= {"PATH", "LANG", "PYTHONDONTWRITEBYTECODE", "HOME", "TMPDIR",
-                            "HTTP_PROXY", "HTTPS_PROXY", "HOSTILE_PLANTED"}, (where, sorted(env))
+                            "HTTP_PROXY", "HTTPS_PROXY", "HOSTILE_PLANTED", "LD_PRELOAD"}, (where, sorted(env))
         text = json.dumps(env)
         for needle in ("postgres", "sqlite", arena.engine.config.database_url, "/tmp/ray", "session_"):
             assert needle not in text, (where, needle)
         assert env["HOME"] == res["cwd"] == env["TMPDIR"], res
         assert env["HOSTILE_PLANTED"] == f"planted-{tag}"  # its own [env] is its own
+        assert env["LD_PRELOAD"] == "./preload.so"  # set once jailed: it ran nowhere before
 
 
 def test_system_files_are_unreadable(arena):
@@ -1321,7 +1360,11 @@ def test_message_after_the_activation(arena):
 
 def test_tenant_module_never_imported_outside_a_sandbox(arena):
     """The attacker's workflow.py writes a marker file at import wherever it can: at push
-    validation, in its host, anywhere. Only a sandbox may import it, and there it can't."""
+    validation, in its host, anywhere. Only a sandbox may import it, and there it can't.
+    So do its modules named like the standard library's (`typing.py`, ...), which a
+    process with the code's directory first on its path would import instead, and a
+    shared object its [env] preloads (`LD_PRELOAD`) in any process started with it: the
+    sandbox template, which forks sandboxes unjailed and as root, must get neither."""
     marks = sorted(p.name for p in arena.mark_dir.glob("import-*"))
     assert not marks, f"tenant code ran outside a sandbox: {marks}: " + "; ".join(
         (arena.mark_dir / m).read_text()[:300] for m in marks[:3])

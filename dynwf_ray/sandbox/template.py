@@ -6,7 +6,13 @@ database URLs and telemetry credentials). It imports the `preload` modules once,
 so every sandbox forked from it shares those pages, and serves spawn requests
 on a control socketpair: length-prefixed JSON (never pickle), the child's
 channel sockets passed by SCM_RIGHTS. The template is trusted and never runs
-tenant code; it keeps root's capabilities to make namespaces. It dies with the
+tenant code; it keeps root's capabilities to make namespaces. So the tenant's
+files and settings never reach it: its import path is the runtime's (`sys_path`)
+and its environment the platform's (`env`), never the tenant's; the tenant's code
+directory (`code_path`) goes first on the import path, and the tenant's environment
+(`sandbox_env`) replaces the process's, only in each child, once it is jailed (a
+module of the tenant's named like one of the standard library, or an `LD_PRELOAD`
+in its settings, would otherwise run in the template, unjailed, as root). It dies with the
 supervisor (PR_SET_PDEATHSIG, so: with the *thread* that called `start`; call
 it from a thread that lives as long as the templates do) and when its control
 socket closes, killing its sandboxes.
@@ -190,9 +196,14 @@ class Template:
         cwd: str,
         preload: Sequence[str] = (),
         mode: Literal["strict", "process"] = "strict",
+        code_path: str | None = None,
+        sandbox_env: dict[str, str] | None = None,
     ) -> "Template":
         """Start a template; in mode "strict" raise SandboxUnavailableError if a jail
-        mechanism is missing here (the message names each)."""
+        mechanism is missing here (the message names each). `sys_path` and `env` are the
+        template's own (trusted: never the tenant's); each sandbox, once jailed, puts
+        `code_path` first on its import path and takes `sandbox_env` (default: `env`)
+        as its whole environment."""
         if mode not in ("strict", "process"):
             raise ValueError(f"mode must be 'strict' or 'process', not {mode!r}")
         ours, theirs = socket.socketpair()
@@ -210,7 +221,9 @@ class Template:
         ours.settimeout(_START_TIMEOUT)
         try:
             _send(ours, {"sys_path": list(sys_path), "env": sorted(env), "preload": list(preload),
-                         "mode": mode, "parent": os.getpid(), "package": _PACKAGE_DIR})
+                         "mode": mode, "parent": os.getpid(), "package": _PACKAGE_DIR,
+                         "code_path": code_path,
+                         "sandbox_env": dict(env if sandbox_env is None else sandbox_env)})
             info, _ = _recv(ours)
         except (OSError, ValueError, EOFError) as e:
             info = {"ok": False, "error": f"no answer ({e})"}
@@ -515,6 +528,8 @@ class _Server:
     def __init__(self, ctl: socket.socket, cfg: dict):
         self.ctl = ctl
         self.mode: str = cfg["mode"]
+        self.code_path: str | None = cfg.get("code_path")
+        self.sandbox_env: dict[str, str] = cfg["sandbox_env"]
         for name in cfg["preload"]:
             importlib.import_module(name)
         probe = jail.probe()
@@ -715,6 +730,11 @@ class _Server:
                 os.closerange(low, 0x7FFFFFFF)
                 sys.dont_write_bytecode = True
                 jail.enter(spec, cgroup=cg)
+                # Jailed: now, and only now, the tenant's settings and code.
+                os.environ.clear()
+                os.environ.update(self.sandbox_env)
+                if self.code_path:
+                    sys.path.insert(0, self.code_path)
                 if spec.read_write:
                     os.environ["HOME"] = os.environ["TMPDIR"] = os.getcwd()
                 module, _, name = entry.partition(":")
