@@ -253,6 +253,33 @@ def test_stale_lease_cannot_record_a_step(journal, tenant):
     assert outcome == "lease_lost"
 
 
+def test_an_activation_of_a_deleted_instance_cannot_write_into_the_next_one_created(journal, tenant):
+    """SQLite gave the newest instance's pk, once it was deleted, to the next instance
+    created (of any tenant), whose first lease token matched too: an activation of the
+    deleted one, still running, then wrote into it. A pk is never used twice now, and an
+    activation whose lease is gone writes nothing at its end (no logs, no crash)."""
+    d = Driver(journal, tenant, Replayed)
+    d.binding.create(id="x")
+    (stale,) = journal.claim_due(d.now, 10, "a", 30, tenant)
+    journal.delete_instance(tenant, "x", d.now, force=True)
+    victim = Driver(journal, tenant + "v", Replayed)
+    victim.binding.create(id="y")
+    (claim,) = journal.claim_due(d.now, 10, "b", 30, tenant + "v")
+    assert claim.pk != stale.pk
+    with pytest.raises(LeaseLostError):
+        journal.complete(stale.pk, stale.token, '"forged"', d.now)
+    line = LogLine(at=d.now, stream="stdout", message="forged")
+    with journal._write() as conn:  # what a crashed activation's end writes: refused
+        journal._end_activation(conn, ("release", stale.token, None, d.now), stale.pk, [line],
+                                100, crashed=True, had_crashes=False)
+    with journal._write() as conn:  # the same, with the lease taken by another activation
+        journal._end_activation(conn, ("release", claim.token - 1, None, d.now), claim.pk, [line],
+                                100, crashed=True, had_crashes=False)
+    state = journal.load_activation(claim.pk, claim.token)
+    assert state.crashes == 0 and state.info.output_json is None
+    assert victim.binding.get("y").logs() == []
+
+
 def test_a_step_extends_the_lease_only_when_half_of_it_is_left(journal, tenant):
     # So that on PostgreSQL a step's write changes no indexed column (a HOT update):
     # the host's renewals, every third of the lease, keep it long.

@@ -81,6 +81,9 @@ class InstanceRow(SQLModel, table=True):
         # a host claims only its own code's due instances (claim_due by tenant and version)
         Index("ix_instances_code_wake", "tenant_id", "code_version", "wake_at"),
         Index("ix_instances_tenant_pk", "tenant_id", "pk"),  # a tenant's newest, paged
+        # SQLite: a deleted instance's pk is never given to a new one (an activation of
+        # the deleted one, still running, would match the new one's row and lease)
+        {"sqlite_autoincrement": True},
     )
     pk: int | None = Field(default=None, primary_key=True)
     tenant_id: str = Field(max_length=100)

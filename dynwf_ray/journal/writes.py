@@ -178,7 +178,9 @@ class ActivationWrites:
         elif kind == "pause":
             self._finish(conn, _PAUSE, pk, token, args[0])
         elif kind == "release":
-            self._release(conn, pk, token, args[0], args[1])
+            if not self._release(conn, pk, token, args[0], args[1]) and (
+                    self._prepared[_FENCE].run(conn, {"b_pk": pk, "b_token": token}).fetchone() is None):
+                return  # another activation holds the instance now, or it is gone: nothing more
         elif kind == "terminate":  # its rollback is done
             self._finish(conn, _TERMINATE, pk, token, args[0])
             conn.execute(delete(E).where(E.c.instance_pk == pk, E.c.type == TERMINATE_EVENT))

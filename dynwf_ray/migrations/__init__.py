@@ -51,6 +51,8 @@ class _Tables:
 
     columns: dict[str, set[str]]
     indexes: set[str]
+    #: `instances` never reuses a pk (SQLite: AUTOINCREMENT; PostgreSQL: always so).
+    pk_never_reused: bool = True
 
     def has(self, table: str, *columns: str) -> bool:
         return table in self.columns and set(columns) <= self.columns[table]
@@ -101,6 +103,7 @@ REVISIONS: tuple[tuple[str, Callable[[_Tables], bool] | None], ...] = (
     ("0011_class_modules", None),
     ("0012_api_access", lambda t: t.has("api_tokens") and t.has("webhook_secrets")
      and "ix_instances_tenant_pk" in t.indexes),
+    ("0013_instances_autoincrement", lambda t: t.pk_never_reused),
 )
 KNOWN = tuple(rev for rev, _ in REVISIONS)
 HEAD = KNOWN[-1]
@@ -163,6 +166,9 @@ def read_state(conn: Connection) -> SchemaState:
     tables = _Tables(
         {name: {c["name"] for c in inspector.get_columns(name)} for name in names},
         {i["name"] for i in inspector.get_indexes("instances")} if "instances" in names else set(),
+        conn.dialect.name != "sqlite" or "AUTOINCREMENT" in (conn.execute(sa.text(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'instances'"
+        )).scalar() or "").upper(),
     )
     detected = None
     for rev, present in REVISIONS:  # the longest run of revisions the tables have entirely
