@@ -68,13 +68,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dynwf_ray.tracing")
 
-#: Variables that say where spans go; a layer naming one replaces them all below it.
-ENDPOINT_KEYS = (
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_HEADERS",
-    "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+#: Variables that say where spans go, and the credentials that go with that place; a
+#: layer naming an endpoint replaces them all below it (a tenant's endpoint never gets
+#: the platform's headers or client certificate).
+ENDPOINT_KEYS = tuple(
+    f"OTEL_EXPORTER_OTLP_{signal}{name}"
+    for name in ("ENDPOINT", "HEADERS", "CERTIFICATE", "CLIENT_KEY", "CLIENT_CERTIFICATE")
+    for signal in ("", "TRACES_")
 )
+#: Bounds on the batching settings (OTEL_BSP_*), a tenant's or the platform's: the spans
+#: a host process queues for export are memory its other hosts share.
+BSP_LIMITS = {"OTEL_BSP_MAX_QUEUE_SIZE": 2048, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": 512,
+              "OTEL_BSP_SCHEDULE_DELAY": 30_000, "OTEL_BSP_EXPORT_TIMEOUT": 30_000}
 SCOPE = "dynwf_ray"
 
 # Attribute names (OpenTelemetry semantic-convention style: namespaced, dotted).
@@ -134,8 +139,25 @@ def new_trace_context() -> tuple[str, str | None]:
 
 
 def otel_environ() -> dict[str, str]:
-    """The OTEL_* variables of this process (the platform's layer)."""
-    return {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}
+    """The OTEL_* variables of this process (the platform's layer), those taken out of
+    its environment before an exporter was made (`_hide_exporter_environ`) included."""
+    with _HIDDEN_LOCK:
+        return {**_HIDDEN, **{k: v for k, v in os.environ.items() if k.startswith("OTEL_")}}
+
+
+_HIDDEN: dict[str, str] = {}
+_HIDDEN_LOCK = threading.Lock()
+
+
+def _hide_exporter_environ() -> None:
+    """Take the OTEL_EXPORTER_OTLP_* variables out of this process's environment (into
+    `_HIDDEN`, which `otel_environ` still reports). The OTLP exporter adds the headers,
+    certificates and compression it finds there to what it is given: the platform's
+    credentials would go to a tenant's endpoint. Every exporter here is given its
+    settings explicitly (`_otlp_exporter`)."""
+    with _HIDDEN_LOCK:
+        for key in [k for k in os.environ if k.startswith("OTEL_EXPORTER_OTLP_")]:
+            _HIDDEN[key] = os.environ.pop(key)
 
 
 def merge_otel_env(*layers: Mapping[str, str]) -> dict[str, str]:
@@ -219,6 +241,7 @@ def _exporters(env: Mapping[str, str]) -> list[SpanExporter]:
 
 
 def _otlp_exporter(env: Mapping[str, str]) -> SpanExporter:
+    from opentelemetry.exporter.otlp.proto.http import Compression
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
@@ -230,10 +253,22 @@ def _otlp_exporter(env: Mapping[str, str]) -> SpanExporter:
         endpoint = base.rstrip("/") + "/v1/traces"
     headers = parse_pairs(env.get("OTEL_EXPORTER_OTLP_HEADERS"))
     headers.update(parse_pairs(env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS")))
-    timeout = env.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or env.get("OTEL_EXPORTER_OTLP_TIMEOUT")
+
+    def setting(name: str) -> str | None:
+        return env.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or env.get(f"OTEL_EXPORTER_OTLP_{name}")
+
+    timeout, compression = setting("TIMEOUT"), setting("COMPRESSION")
+    try:
+        compressed = Compression(compression.strip().lower()) if compression else Compression.NoCompression
+    except ValueError:
+        log.warning("OTLP compression %r is not supported; exporting uncompressed", compression)
+        compressed = Compression.NoCompression
+    _hide_exporter_environ()  # so that the exporter takes only what it is given here
     return OTLPSpanExporter(
-        endpoint=endpoint, headers=headers or None,
+        endpoint=endpoint, headers=headers,
         timeout=float(timeout) / 1000 if timeout else None,
+        certificate_file=setting("CERTIFICATE"), client_key_file=setting("CLIENT_KEY"),
+        client_certificate_file=setting("CLIENT_CERTIFICATE"), compression=compressed,
     )
 
 
@@ -243,10 +278,14 @@ def _batching(exporter: SpanExporter, env: Mapping[str, str]) -> SpanProcessor:
     def number(key: str) -> float | None:
         value = env.get(key)
         try:
-            return float(value) if value else None
+            number = float(value) if value else None
         except ValueError:
             log.warning("%s=%r is not a number; using the default", key, value)
             return None
+        if number is not None and not 0 < number <= BSP_LIMITS[key]:
+            log.warning("%s=%r is out of bounds (1 to %d); using the bound", key, value, BSP_LIMITS[key])
+            return float(BSP_LIMITS[key]) if number > 0 else None
+        return number
 
     size = number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE")
     queue = number("OTEL_BSP_MAX_QUEUE_SIZE")

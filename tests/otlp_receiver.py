@@ -44,12 +44,15 @@ class OtlpReceiver:
         self.spans: list[ReceivedSpan] = []
         self._bodies: list[bytes] | None = [] if decode_later else None
         self.requests = 0
+        self.headers: list[dict[str, str]] = []  # each export request's headers (lower-case names)
         self._lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver._lock:
+                    receiver.headers.append({k.lower(): v for k, v in self.headers.items()})
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
                 if self.path != "/v1/traces":

@@ -24,6 +24,8 @@ from dynwf_ray.tracing import (
     TenantTelemetry,
     Tracing,
     merge_otel_env,
+    new_trace_context,
+    otel_environ,
     parse_traceparent,
     trace_id_of,
     tracing_for,
@@ -185,6 +187,36 @@ def test_terminate_and_restart_end_the_trace_and_restart_begins_a_new_one(journa
         ]
     finally:
         receiver.close()
+
+
+def test_a_tenant_endpoint_never_gets_the_platforms_exporter_credentials(monkeypatch):
+    """The OTLP exporter adds the headers it finds in its process's environment to those it
+    is given. The platform's OTEL_EXPORTER_OTLP_HEADERS are in that environment (a Ray
+    worker inherits them), so they went to a tenant's own endpoint: a tenant's dynwf.toml
+    could collect the platform's collector token."""
+    from dynwf_ray import tracing as tracing_module
+
+    monkeypatch.setattr(tracing_module, "_HIDDEN", {})  # what this test takes out of os.environ
+    platform_receiver, tenant_receiver = OtlpReceiver(), OtlpReceiver()
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", platform_receiver.endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer platform-secret")
+        platform = otel_environ()
+        tenant = {"OTEL_EXPORTER_OTLP_ENDPOINT": tenant_receiver.endpoint,
+                  "OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=acme"}
+        for env, tenant_id in ((merge_otel_env(platform), "p"), (merge_otel_env(platform, tenant), "acme")):
+            tracing = tracing_for(env, tenant_id)
+            root = parse_traceparent(new_trace_context()[0])
+            tracing.emit(tracing.open("work", root, 1, {}), 2)
+            assert tracing.flush()
+        assert otel_environ() == platform  # still the platform's layer, though hidden
+        assert tenant_receiver.received() and platform_receiver.received()
+        assert [h.get("authorization") for h in tenant_receiver.headers] == [None]
+        assert [h.get("x-tenant") for h in tenant_receiver.headers] == ["acme"]
+        assert [h.get("authorization") for h in platform_receiver.headers] == ["Bearer platform-secret"]
+    finally:
+        platform_receiver.close()
+        tenant_receiver.close()
 
 
 def test_tracing_is_off_without_an_exporter_and_settings_layer_per_tenant():
