@@ -990,6 +990,28 @@ def empty_line_flood(ctx):
 
 
 @attack
+def span_flood(ctx):
+    """Span frames straight on the channel, each span as large as the host keeps one (64
+    attributes of 4 KiB): queued for export in the host process, they would be memory the
+    hosts of other tenants there share."""
+    ch = _channel()
+    from dynwf_ray.sandbox import protocol
+    span = {"name": "flood", "trace_id": "1" * 32, "span_id": "2" * 16, "parent_id": None,
+            "start": 1, "end": 2, "attributes": {f"a{i}": "s" * 4096 for i in range(64)}}
+    frame = protocol.encode({"op": "spans", "spans": [span] * 3})
+    sent = 0
+    deadline = time.monotonic() + ctx.get("seconds", 8)
+    try:
+        while time.monotonic() < deadline:
+            with ch._send_lock:
+                ch.sock.sendall(frame)
+            sent += 1
+    except OSError as exc:
+        return {"frames": sent, "error": exc.errno}
+    return {"frames": sent, "spans": sent * 3}
+
+
+@attack
 def huge_result(ctx):
     return "x" * (1 << 30)
 

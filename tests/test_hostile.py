@@ -54,6 +54,7 @@ from dynwf_ray.journal import Journal, node_writer
 from dynwf_ray.journal import sqlite_url_path
 
 from .conftest import PG_URL, TERMINAL, wait_status, wait_until
+from .otlp_receiver import OtlpReceiver
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -454,7 +455,8 @@ def arena(make_engine, backend, tmp_path_factory) -> Any:
     engine = make_engine(metrics_port=0, max_hosts=8, hibernate_after=60.0)
     sa_engine = sa.create_engine(engine.config.database_url, poolclass=NullPool)
     tenants = {role: f"{role}-{tag}" for role in
-               ("victim", "atk", "egr", "big", "spin", "rayt", "mem", "other", "linked", "granter")}
+               ("victim", "atk", "egr", "big", "spin", "rayt", "mem", "other", "linked", "granter",
+                "spans")}
     secret = f"VICTIM-SECRET-{uuid.uuid4().hex}"
     api_key = f"victim-api-key-{uuid.uuid4().hex}"
     try:
@@ -490,6 +492,7 @@ def arena(make_engine, backend, tmp_path_factory) -> Any:
             "spin": dict(limits=LIMITS),
             "rayt": dict(limits={**LIMITS, "cpu_seconds": 30}),
             "mem": dict(limits=LIMITS),
+            "spans": dict(limits=LIMITS),
         }
         for role, policy in policies.items():
             engine.set_tenant_policy(tenants[role], **policy)
@@ -1301,6 +1304,22 @@ def test_empty_line_flood_costs_the_host_little(arena):
         f"the trusted host spent {spent:.1f} s of CPU on one activation's empty log lines "
         f"(bound {bound} s); the activation ended {r['status']['status']}: "
         f"{r['status']['error'] or r['output']}")
+
+
+def test_span_flood_ends_at_the_log_volume_limit(arena):
+    """Spans of the tenant's own, as large as the host keeps one, sent straight on the
+    channel for 12 s with tracing on for the tenant: they count against the log volume
+    limit, so the activation ends there instead of queueing them in the host process."""
+    receiver = OtlpReceiver(decode_later=True)
+    tenant = arena.tenants["spans"]
+    try:
+        arena.engine.set_tenant_telemetry(tenant, endpoint=receiver.endpoint)
+        r = arena.run("span_flood", "spans", where="step", ctx={"seconds": 12}, expect="errored")
+        err = r["status"]["error"]
+        assert err["name"] == "ResourceLimitError" and "log volume limit of 64 KiB" in err["message"], err
+    finally:
+        arena.engine.clear_tenant_telemetry(tenant)
+        receiver.close()
 
 
 def test_huge_step_result(arena):

@@ -630,6 +630,13 @@ class SandboxSession:
         if self._tracing is None:
             return
         for span in spans[:1000]:
+            # Spans count against the log volume limit: they are queued for export in the
+            # host process, which hosts of other tenants share.
+            act.log_chars += len(json.dumps(span, separators=(",", ":"), default=str))
+            if act.log_chars > self.limits.log_kib * 1024:
+                self._over(act, f"log volume limit of {self.limits.log_kib} KiB per activation "
+                                "(log lines and spans)")
+                return
             try:
                 parent = act.span_ids.get(span.get("parent_id"))
                 if parent is not None:  # made in a callback run at once: under its attempt
