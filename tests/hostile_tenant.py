@@ -948,6 +948,21 @@ def cpu_spin(ctx):
 
 
 @attack
+def cpu_spin_with_binding_calls(ctx, env=None):
+    """Threads that spin while the step calls its WORKFLOWS binding twice a second: a
+    binding call is not a step boundary, so it must not start the attempt's CPU anew."""
+    for _ in range(2):
+        threading.Thread(target=_spin, daemon=True).start()
+    deadline = time.monotonic() + ctx.get("seconds", 20)
+    calls = 0
+    while time.monotonic() < deadline:
+        env["WORKFLOWS"].create(params={"attack": "noop", "where": "step"})
+        calls += 1
+        time.sleep(0.5)
+    return {"calls": calls}
+
+
+@attack
 def cpu_spin_background(ctx):
     """A thread that keeps burning CPU after the step and the activation have returned."""
     for _ in range(2):
@@ -1117,7 +1132,8 @@ class Hostile(WorkflowEntrypoint):
             await step.do("hold", lambda: _pause_loop(ctx.get("seconds", 60)), timeout="1 hour")
             return "held"
         fn = ATTACKS[name]
-        call = (lambda: fn(ctx, env=self.env)) if name == "binding_abuse" else (lambda: fn(ctx))
+        call = ((lambda: fn(ctx, env=self.env)) if name in ("binding_abuse", "cpu_spin_with_binding_calls")
+                else (lambda: fn(ctx)))
         out: dict = {}
         if where in ("run", "both"):
             out["run"] = call()

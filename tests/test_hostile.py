@@ -1250,6 +1250,14 @@ def test_cpu_spin(arena, where):
     wait_until(lambda: _proc_identity(pid) is None, 30, f"sandbox {pid} to end")
 
 
+def test_cpu_spin_is_not_reset_by_binding_calls(arena):
+    """Threads spin in a step while it calls its binding twice a second for 20 s: the CPU
+    limit of the attempt (2 s) still ends it (a binding call used to start its count anew)."""
+    r = arena.run("cpu_spin_with_binding_calls", where="step", ctx={"seconds": 20}, expect="errored")
+    err = r["status"]["error"]
+    assert err["name"] == "ResourceLimitError" and "CPU time limit of 2 s" in err["message"], err
+
+
 def test_cpu_spin_after_the_activation(arena):
     """A thread started in a step keeps spinning after the step and run() have returned: the
     sandbox must stop burning CPU (be ended) within its CPU limit's reach."""

@@ -347,7 +347,10 @@ class SandboxSession:
             if rid <= act.last_id:
                 raise protocol.ProtocolError(f"request id {rid} was used before")
             act.last_id = rid
-            _active(act)
+            if op == "bind":  # not a step boundary: the CPU of the attempt goes on counting
+                act.wall_mark = time.monotonic()
+            else:
+                _active(act)
             if op == "do" and message.get("at_once") is True:
                 self._ran_at_once(act, message)
             act.requests[rid] = asyncio.ensure_future(self._request(act, op, message))
