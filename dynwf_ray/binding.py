@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from pydantic import ValidationError
 
-from .errors import InvalidInputError, InvalidStateError, JournalUnavailableError
+from .errors import InvalidInputError, InvalidStateError, JournalUnavailableError, PayloadTooLargeError
 from .journal import Journal
 from .logs import PLATFORM_STREAM
 from .tracing import end_instance_trace, new_trace_context
@@ -223,7 +223,7 @@ class WorkflowBinding:
         self.tenant_id = validate_id(tenant_id, "tenant id")
         self._notify = notify
         self._clock = clock
-        self._metadata = dict(metadata or {})
+        self._metadata = _checked_metadata(metadata)
 
     def __repr__(self) -> str:
         return f"WorkflowBinding(tenant={self.tenant_id!r})"
@@ -245,6 +245,9 @@ class WorkflowBinding:
         "existed" (the tenant has that id, or an earlier item of the batch had it: its
         params are ignored); or "invalid" (`error` names what was wrong; nothing was
         stored for it, and the other items are not held back)."""
+        if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
+            raise InvalidInputError(
+                f"create_batch takes a list of items (mappings), got {type(items).__name__}")
         items = list(items)
         if len(items) > MAX_BATCH:
             raise InvalidInputError(
@@ -255,6 +258,8 @@ class WorkflowBinding:
             try:
                 if not isinstance(item, Mapping):
                     raise InvalidInputError(f"item {i}: expected a mapping, got {type(item).__name__}")
+                if not all(isinstance(key, str) for key in item):
+                    raise InvalidInputError(f"item {i}: its keys must be strings (id, params)")
                 row = self._item(_options(**dict(item)))
             except InvalidInputError as exc:
                 given = item.get("id") if isinstance(item, Mapping) else None
@@ -325,6 +330,24 @@ class WorkflowBinding:
     def _end_trace(self, info: Any, status: str, now: float) -> None:
         if self._otel_env is not None:
             end_instance_trace(self._journal, self._otel_env, info, status, now)
+
+
+def _checked_metadata(metadata: Any) -> dict[str, Any]:
+    """A binding's metadata (stored with each instance it creates): a mapping with string
+    keys, JSON, at most 64 KiB."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
+        raise InvalidInputError("a binding's metadata must be a mapping with string keys")
+    text = to_json(dict(metadata), "a binding's metadata")
+    if len(text) > MAX_METADATA_BYTES:
+        raise PayloadTooLargeError(
+            f"a binding's metadata is {len(text)} bytes serialized; the limit is {MAX_METADATA_BYTES}")
+    return json.loads(text)
+
+
+#: The most a binding's metadata may take, serialized: it is stored with every instance.
+MAX_METADATA_BYTES = 64 * 1024
 
 
 def _options(**kwargs: Any) -> CreateOptions:

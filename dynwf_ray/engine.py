@@ -27,6 +27,7 @@ from .errors import (
     JournalUnavailableError,
     ReplayDivergenceError,
     SandboxUnavailableError,
+    invalid,
 )
 from .health import merge
 from .journal import Journal
@@ -67,7 +68,7 @@ class Engine:
         try:
             config = EngineConfig(**kwargs)
         except ValidationError as exc:
-            raise InvalidInputError(f"invalid engine configuration: {exc}") from None
+            raise invalid("invalid engine configuration", exc) from None
         _check_sandbox(config.sandbox)
         # JournalUnavailableError / JournalSchemaError before Ray starts
         journal = Journal(config.database_url, create_tables=config.migrate)
@@ -202,7 +203,7 @@ class Engine:
                 max_concurrency=max_concurrency,
             )
         except ValidationError as exc:
-            raise InvalidInputError(f"tenant {tenant_id!r} policy: {exc}") from None
+            raise invalid(f"tenant {tenant_id!r} policy", exc) from None
         self.journal.set_tenant_policy(tenant_id, policy.model_dump_json(), self._clock())
         ray.get(self._scheduler.retire.remote(tenant_id))
         return policy.masked()
@@ -216,7 +217,7 @@ class Engine:
         try:
             own = Retention(**rules)
         except ValidationError as exc:
-            raise InvalidInputError(f"tenant {tenant_id!r} retention: {exc}") from None
+            raise invalid(f"tenant {tenant_id!r} retention", exc) from None
         self.journal.set_retention(tenant_id, own.model_dump_json(exclude_unset=True), self._clock())
         return self.retention(tenant_id)
 

@@ -155,3 +155,20 @@ class SandboxUnavailableError(DynwfError):
 
 class WorkflowTimeoutError(DynwfError, TimeoutError):
     """`step.wait_for_event` reached its timeout without a matching event."""
+
+
+def invalid(what: str, exc: Exception) -> InvalidInputError:
+    """`InvalidInputError` for a pydantic `ValidationError` (or our own error) of `what`:
+    each wrong field as `<field>: <what is wrong>` (at most three), not pydantic's dump."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return InvalidInputError(f"{what}: {exc}")
+    found = errors()
+    parts = []
+    for err in found[:3]:
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        parts.append(msg if not where or msg.startswith(where) else f"{where}: {msg}")
+    more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+    return InvalidInputError(f"{what}: " + "; ".join(parts) + more)
+

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray import cloudpickle
 
 from .entrypoint import WorkflowEntrypoint
-from .errors import InvalidInputError, SandboxUnavailableError
+from .errors import InvalidInputError, SandboxUnavailableError, invalid
 from .sandbox.runtime import check_class
 
 PICKLED_CLASS = "pickled-class"
@@ -104,10 +104,12 @@ def read_manifest(directory: Path) -> Manifest:
         return Manifest()
     try:
         return Manifest(**tomllib.loads(path.read_text()))
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     except ValidationError as exc:
-        raise InvalidInputError(f"{path}: {exc.errors()[0]['msg']}") from None
+        raise invalid(str(path), exc) from None
 
 
 def build_package(path: str | os.PathLike) -> Package:

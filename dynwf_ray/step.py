@@ -53,6 +53,7 @@ from .errors import (
     StepFailedError,
     StepTimeoutError,
     WorkflowTimeoutError,
+    invalid,
 )
 from .logs import ActivationLog
 from .rollback import Compensations
@@ -121,13 +122,15 @@ class JournalFault(Abandon):
 
 @lru_cache(maxsize=64)
 def _retrying(config: RetryConfig) -> Retrying:
-    """The tenacity policy for a retry config (backoff: d, d*n, d*2^(n-1))."""
+    """The tenacity policy for a retry config (backoff: d, d*n, d*2^(n-1), at most 365
+    days)."""
+    longest = MAX_SLEEP.total_seconds()
     if config.backoff is Backoff.constant:
         wait = wait_fixed(config.delay)
     elif config.backoff is Backoff.linear:
-        wait = wait_incrementing(start=config.delay, increment=config.delay)
+        wait = wait_incrementing(start=config.delay, increment=config.delay, max=longest)
     else:
-        wait = wait_exponential(multiplier=config.delay, exp_base=2, min=0)
+        wait = wait_exponential(multiplier=config.delay, exp_base=2, min=0, max=longest)
     return Retrying(
         stop=stop_never if config.limit is None else stop_after_attempt(config.limit + 1),
         wait=wait,
@@ -300,7 +303,7 @@ class Step:
                 kwargs["timeout"] = timeout
             return StepConfig(**kwargs)
         except Exception as exc:  # pydantic's ValidationError or our InvalidInputError
-            raise InvalidInputError(f"step {name!r}: invalid options: {exc}") from None
+            raise invalid(f"step {name!r}: invalid options", exc) from None
 
     async def _attempt(
         self, fn: Callable[..., Any], name: str, seq: int, attempt: int, config: StepConfig

@@ -61,7 +61,7 @@ from opentelemetry.trace import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import InvalidInputError
+from .errors import invalid
 
 if TYPE_CHECKING:
     from .journal import InstanceInfo, Journal
@@ -627,7 +627,7 @@ def tenant_telemetry(**kwargs: Any) -> TenantTelemetry:
     try:
         return TenantTelemetry(**kwargs)
     except ValidationError as exc:
-        raise InvalidInputError(f"invalid tenant telemetry setting: {exc}") from None
+        raise invalid("invalid tenant telemetry setting", exc) from None
 
 
 def tenant_env(journal: "Journal", defaults: Mapping[str, str], tenant_id: str, version: str) -> dict[str, str]:

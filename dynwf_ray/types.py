@@ -52,7 +52,10 @@ def parse_duration(value: Any, what: str = "duration") -> float:
     elif isinstance(value, bool):
         raise InvalidInputError(f"{what}: expected a duration, got {value!r}")
     elif isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = float("inf")
     elif isinstance(value, str):
         match = _DURATION_RE.match(value)
         unit = match and _UNITS.get(match.group(2).lower())
@@ -64,8 +67,8 @@ def parse_duration(value: Any, what: str = "duration") -> float:
         seconds = float(match.group(1)) * unit
     else:
         raise InvalidInputError(f"{what}: expected a duration, got {type(value).__name__}")
-    if seconds != seconds or seconds < 0:
-        raise InvalidInputError(f"{what}: must be a non-negative duration, got {value!r}")
+    if seconds != seconds or seconds < 0 or seconds == float("inf"):
+        raise InvalidInputError(f"{what}: must be a finite, non-negative duration, got {str(value)[:40]!r}")
     return seconds
 
 
@@ -90,6 +93,10 @@ def validate_step_name(value: Any) -> str:
         )
     if _CONTROL_RE.search(value):
         raise InvalidInputError(f"step name {value!r} contains control characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"step name {value!r} is not valid Unicode (a lone surrogate)") from None
     return value
 
 
@@ -108,17 +115,52 @@ def validate_event_type(value: Any) -> str:
 
 
 def to_json(value: Any, what: str) -> str:
-    """Serialize for the journal, enforcing JSON-ability and the 1 MiB limit."""
+    """Serialize for the journal, enforcing JSON-ability, the nesting limit (what reads
+    it back, the HTTP API included, must be able to) and the 1 MiB limit."""
     try:
         text = json.dumps(value, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise NotSerializableError(f"{what} is not JSON-serializable: {exc}") from None
+    except RecursionError:
+        raise NotSerializableError(
+            f"{what} is not JSON-serializable: nested more than {MAX_JSON_DEPTH} levels deep") from None
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth(value) > MAX_JSON_DEPTH:
+        raise NotSerializableError(
+            f"{what} is not JSON-serializable: nested more than {MAX_JSON_DEPTH} levels deep")
+    if "\\ud" in text:  # an escaped surrogate: a pair is a character, one alone is not text
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise NotSerializableError(
+                f"{what} is not JSON-serializable: it holds a lone surrogate (text that is "
+                "not valid Unicode)") from None
     if len(text) > MAX_PAYLOAD_BYTES and len(text.encode()) > MAX_PAYLOAD_BYTES:
         raise PayloadTooLargeError(
             f"{what} is {len(text.encode())} bytes serialized; the limit is "
             f"{MAX_PAYLOAD_BYTES} bytes (1 MiB)"
         )
     return text
+
+
+#: How deeply JSON values may nest (lists and objects): what reads them back, the HTTP
+#: API's encoder among them, stops short of 256.
+MAX_JSON_DEPTH = 128
+
+
+def _depth(value: Any) -> int:
+    """How deeply `value`'s lists and dicts nest (iteratively: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        elif not isinstance(item, (list, tuple)):
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_JSON_DEPTH:
+            return depth
+        stack.extend((child, depth + 1) for child in item)
+    return deepest
 
 
 def timestamp_to_datetime(ts: float) -> datetime:
@@ -144,7 +186,10 @@ class RetryConfig(BaseModel):
     @field_validator("delay", mode="before")
     @classmethod
     def _delay(cls, v: Any) -> float:
-        return parse_duration(v, "retries.delay")
+        seconds = parse_duration(v, "retries.delay")
+        if seconds > MAX_SLEEP.total_seconds():
+            raise InvalidInputError(f"retries.delay: {seconds:g} s is longer than 365 days")
+        return seconds
 
 
 class StepConfig(BaseModel):

@@ -32,8 +32,6 @@ from .driver import Driver
 from .workflows import CALLS, Booked, Drifting, Saga, count
 
 
-
-
 class Replayed(WorkflowEntrypoint):
     async def run(self, event, step):
         a = await step.do("a", lambda: count("a"))
@@ -41,6 +39,11 @@ class Replayed(WorkflowEntrypoint):
         b = await step.do("b", lambda: count("b"))
         loop = [await step.do("same", lambda i=i: i) for i in range(3)]
         return {"a": a, "b": b, "loop": loop, "params": event.payload}
+
+
+class FailsWithSurrogate(WorkflowEntrypoint):
+    async def run(self, event, step):
+        raise RuntimeError("card declined: \udcff")
 
 
 def test_replay_runs_each_step_once_and_counts_repeated_names(journal, tenant):
@@ -382,6 +385,41 @@ def test_bindings_create_get_and_errors(journal, tenant):
     assert json.loads(journal.get_instance(tenant, "b1").metadata_json)["code_version"] == "v2"
     with pytest.raises(UnknownTenantError, match=f"tenant '{tenant}none' has no workflow code"):
         WorkflowBinding(journal, tenant + "none").create()
+
+
+def test_bad_input_to_a_binding_is_refused_item_by_item_and_named(journal, tenant):
+    """A batch item with keys that are not strings, or params nested too deeply, is an
+    invalid item (the others are created); a batch that is not a list, and metadata that
+    is not a mapping of JSON, are refused naming what was wrong."""
+    d = Driver(journal, tenant, Replayed)
+    deep: list = []
+    cur = deep
+    for _ in range(10_000):
+        cur.append([])
+        cur = cur[0]
+    handles = d.binding.create_batch([{"id": "ok1"}, {1: 2}, {"id": "deep", "params": deep},
+                                      {"id": "lone", "params": "\ud800"}, {"id": "ok2"}])
+    assert [h.outcome for h in handles] == ["created", "invalid", "invalid", "invalid", "created"]
+    assert "keys must be strings" in handles[1].error
+    assert "nested more than 128 levels deep" in handles[2].error
+    assert "lone surrogate" in handles[3].error
+    with pytest.raises(InvalidInputError, match="create_batch takes a list"):
+        d.binding.create_batch(None)
+    for metadata, words in (({"k": {1, 2}}, "not JSON-serializable"), ({"k": float("nan")}, "not JSON"),
+                            ("ab", "mapping with string keys"), ({"big": "x" * 70_000}, "the limit is 65536")):
+        with pytest.raises(InvalidInputError, match=words):
+            WorkflowBinding(journal, tenant, metadata=metadata)
+
+
+def test_a_lone_surrogate_in_an_error_is_stored_escaped_not_retried_for_ever(journal, tenant):
+    """Text that is not valid Unicode (a lone surrogate, as os.fsdecode makes of bytes that
+    do not decode) in run()'s error could not be written: the instance was activated again
+    and again. It ends errored, the surrogate escaped."""
+    d = Driver(journal, tenant, FailsWithSurrogate)
+    d.binding.create(id="s")
+    assert d.tick() == ["errored"]
+    info = d.info("s")
+    assert info.status == "errored" and info.error_message.endswith("card declined: \\udcff"), info
 
 
 def test_releasing_a_lease_already_given_up_changes_nothing(journal, tenant):

@@ -364,6 +364,19 @@ def test_signed_webhooks_start_instances(api, engine):
     r = api.client.post(url, content=b"{oops", headers={
         "Content-Type": "application/json", "X-Dynwf-Signature-256": _sign(secret, b"{oops")})
     assert r.status_code == 400 and error_of(r)["name"] == "InvalidInputError"
+    deep = b"[" * 100_000 + b"]" * 100_000  # JSON, nested beyond any parser's depth
+    r = api.client.post(url, content=deep, headers={
+        "Content-Type": "application/json", "X-Dynwf-Signature-256": _sign(secret, deep)})
+    assert r.status_code == 400 and "nested too deeply" in error_of(r)["message"], r.text
+    blank = []  # a blank delivery id is no delivery id: each gets an instance of its own
+    for n in (1, 2):
+        body = json.dumps({"name": f"blank {n}"}).encode()
+        r = api.client.post(url, content=body, headers={
+            "Content-Type": "application/json", "X-Dynwf-Delivery": " ",
+            "X-Dynwf-Signature-256": _sign(secret, body)})
+        assert r.status_code == 201, r.text
+        blank.append(r.json()["id"])
+    assert len(set(blank)) == 2 and not any(i.startswith("wh-") for i in blank), blank
 
 
 def _zip(files: dict[str, str]) -> bytes:

@@ -9,7 +9,26 @@ from sqlalchemy import (
     LargeBinary,
     UniqueConstraint,
 )
-from sqlmodel import Column, Field, SQLModel
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import AutoString, Column, Field, SQLModel
+
+
+class TenantText(TypeDecorator):
+    """Text that tenant code can make (error messages, log lines). A lone surrogate (how
+    Python keeps bytes that did not decode, e.g. from `os.fsdecode`) cannot be written as
+    UTF-8: the write failed, and an instance whose error held one was retried without
+    end. It is stored escaped (`\\udcff`), the rest of the text as it is."""
+
+    impl = AutoString
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return value.encode("utf-8", "backslashreplace").decode()
+        return value
 
 
 
@@ -93,8 +112,8 @@ class InstanceRow(SQLModel, table=True):
     params_json: str
     status: str
     output_json: str | None = None
-    error_name: str | None = None
-    error_message: str | None = None
+    error_name: str | None = Field(default=None, sa_type=TenantText)
+    error_message: str | None = Field(default=None, sa_type=TenantText)
     created_at: float
     updated_at: float
     wake_at: float | None = None
@@ -126,8 +145,8 @@ class StepRow(SQLModel, table=True):
     kind: str = "do"  # do | sleep | wait | rollback
     status: str
     result_json: str | None = None
-    error_name: str | None = None
-    error_message: str | None = None
+    error_name: str | None = Field(default=None, sa_type=TenantText)
+    error_message: str | None = Field(default=None, sa_type=TenantText)
     attempts: int = 0
     next_attempt_at: float | None = None
     started_at: float
@@ -159,7 +178,7 @@ class LogRow(SQLModel, table=True):
     attempt: int | None = None
     trace_id: str | None = Field(default=None, max_length=32)
     span_id: str | None = Field(default=None, max_length=16)
-    message: str
+    message: str = Field(sa_type=TenantText)
 
 
 class ApiTokenRow(SQLModel, table=True):

@@ -29,22 +29,24 @@ _HOST_PORT = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?:
 class SandboxLimits(BaseModel):
     """Resource caps of one tenant's sandboxes."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Finite and bounded (a kernel limit must fit its C type; infinity has no JSON).
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    #: Address space of a sandbox process, in MiB.
-    memory_mb: int = Field(default=1024, ge=64)
-    #: CPU seconds one step attempt may use; also bounds `run()` between two steps.
-    cpu_seconds: float = Field(default=60.0, gt=0)
+    #: Address space of a sandbox process, in MiB (at most 1 TiB).
+    memory_mb: int = Field(default=1024, ge=64, le=1 << 20)
+    #: CPU seconds one step attempt may use; also bounds `run()` between two steps (at
+    #: most a day).
+    cpu_seconds: float = Field(default=60.0, gt=0, le=86_400)
     #: Processes and threads a sandbox may have at once (itself included).
-    processes: int = Field(default=32, ge=4)
+    processes: int = Field(default=32, ge=4, le=1 << 20)
     #: Open file descriptors per sandbox process.
-    open_files: int = Field(default=256, ge=32)
-    #: Largest file a sandbox may write, in MiB.
-    file_size_mb: int = Field(default=64, ge=1)
+    open_files: int = Field(default=256, ge=32, le=1 << 20)
+    #: Largest file a sandbox may write, in MiB (at most 1 TiB).
+    file_size_mb: int = Field(default=64, ge=1, le=1 << 20)
     #: Size of the sandbox's scratch directory (its only writable place), in MiB.
-    scratch_mb: int = Field(default=64, ge=1)
-    #: What one activation may print or log, in KiB (more ends the attempt).
-    log_kib: int = Field(default=1024, ge=1)
+    scratch_mb: int = Field(default=64, ge=1, le=1 << 20)
+    #: What one activation may print or log, in KiB (more ends the attempt; at most 1 GiB).
+    log_kib: int = Field(default=1024, ge=1, le=1 << 20)
 
 
 class TenantPolicy(BaseModel):

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 from pydantic import ValidationError
 
-from ..errors import InvalidInputError
+from ..errors import invalid
 from .app import create_app
 from .settings import ServerSettings
 
@@ -44,7 +44,7 @@ def serve(*, host: str = "127.0.0.1", port: int = 8750, trace_url: str | None = 
         settings = ServerSettings(host=host, port=port, trace_url=trace_url,
                                   **({"code_limit": code_limit} if code_limit else {}))
     except ValidationError as exc:
-        raise InvalidInputError(f"invalid server settings: {exc}") from None
+        raise invalid("invalid server settings", exc) from None
     engine = Engine.start(**engine_options)
     try:
         if not engine.journal.list_tokens():

@@ -450,6 +450,8 @@ async def webhook(request: Request, tenant: str, response: Response) -> Created:
         params = json.loads(body) if body else None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"the webhook body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInputError("the webhook body is not valid JSON: nested too deeply") from None
     instance_id = delivery_id(request.headers.get("x-dynwf-delivery")
                               or request.headers.get(HUB_DELIVERY_HEADER))
     try:

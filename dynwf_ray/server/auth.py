@@ -90,8 +90,8 @@ def check_signature(secret: str | None, body: bytes, header: str | None) -> None
 def delivery_id(header: str | None) -> str | None:
     """The instance id a webhook delivery maps to (`wh-<delivery>`), so a redelivery
     creates nothing new; None without the header."""
-    if header is None:
-        return None
+    if header is None or not header.strip():
+        return None  # none given: the instance gets a new id
     try:
         return validate_id(f"wh-{header.strip()}", "X-Dynwf-Delivery")
     except InvalidInputError as exc:
