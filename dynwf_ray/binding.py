@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from .errors import InvalidInputError, InvalidStateError, JournalUnavailableError, PayloadTooLargeError
 from .journal import Journal
+from .journal.schema import MAX_ROW_ID
 from .logs import PLATFORM_STREAM
 from .tracing import end_instance_trace, new_trace_context
 from .types import (
@@ -128,6 +129,7 @@ class InstanceHandle:
         activation (at once) first runs the compensations of its completed steps
         (`step.do(..., rollback=...)`), newest first, then ends it terminated; its status
         stays what it was until then."""
+        _flag(rollback, "rollback")
         now = self._binding._clock()
         info = self._binding._journal.terminate(self._binding.tenant_id, self.id, now, rollback)
         if rollback:
@@ -143,9 +145,9 @@ class InstanceHandle:
         if from_step is not None:
             if not isinstance(from_step, (tuple, list)) or len(from_step) != 2 \
                     or not isinstance(from_step[1], int) or isinstance(from_step[1], bool) \
-                    or from_step[1] < 1:
+                    or not 1 <= from_step[1] <= MAX_ROW_ID:
                 raise InvalidInputError(
-                    f"from_step must be (step name, count >= 1), got {from_step!r}"
+                    f"from_step must be (step name, count from 1 to {MAX_ROW_ID}), got {str(from_step)[:80]}"
                 )
             from_step = (validate_step_name(from_step[0]), from_step[1])
         now = self._binding._clock()
@@ -160,6 +162,7 @@ class InstanceHandle:
         """Delete the instance with its steps, events and logs (its id may then be used
         again). Refused with InvalidStateError while it runs, unless `force`: its
         activation is then fenced out and stops at its next step."""
+        _flag(force, "force")
         now = self._binding._clock()
         info = self._binding._journal.delete_instance(self._binding.tenant_id, self.id, now, force)
         if info.status not in TERMINAL:
@@ -168,6 +171,10 @@ class InstanceHandle:
     def logs(self, after: int = 0, limit: int = 1000) -> list[LogLine]:
         """What the instance's code printed or logged (the newest lines are kept, see
         `EngineConfig.log_lines_per_instance`), oldest first, ids greater than `after`."""
+        for value, what in ((after, "after"), (limit, "limit")):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_ROW_ID:
+                raise InvalidInputError(f"logs(): {what} must be a whole number from 0 to {MAX_ROW_ID}, "
+                                        f"got {str(value)[:40]!r}")
         info = self._binding._journal.require_instance(self._binding.tenant_id, self.id)
         return self._binding._journal.read_logs(info.pk, after, limit)
 
@@ -330,6 +337,12 @@ class WorkflowBinding:
     def _end_trace(self, info: Any, status: str, now: float) -> None:
         if self._otel_env is not None:
             end_instance_trace(self._journal, self._otel_env, info, status, now)
+
+
+def _flag(value: Any, what: str) -> None:
+    """A yes/no argument must be a bool: `force="false"` is not False."""
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"{what} must be True or False, got {str(value)[:40]!r}")
 
 
 def _checked_metadata(metadata: Any) -> dict[str, Any]:

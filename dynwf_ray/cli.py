@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logs = instance_command("logs", "what an instance's code printed or logged", _logs)
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the instance finishes")
-    logs.add_argument("--interval", type=float, default=0.5, help="seconds between polls with -f")
+    logs.add_argument("--interval", type=_interval, default=0.5, help="seconds between polls with -f")
 
     delete = instance_command("delete", "delete an instance with its steps, events and logs", _delete)
     delete.add_argument("--force", action="store_true", help="delete it even while it runs")
@@ -247,11 +247,24 @@ def _clip(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def _interval(value: str) -> float:
+    """--interval: seconds, finite, from 0.05 to 3600."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0.05 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"must be seconds from 0.05 to 3600, got {value!r}")
+    return seconds
+
+
 def _json_arg(value: str, what: str) -> Any:
     try:
         return json.loads(value)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or a number of more than 4300 digits
         raise _CliError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _CliError(f"{what} is not valid JSON: nested too deeply") from None
 
 
 def _time_arg(value: str | None, what: str) -> float | None:
@@ -393,8 +406,8 @@ def _trigger(cli: _Cli, args: argparse.Namespace) -> int:
 
 
 def _ls(cli: _Cli, args: argparse.Namespace) -> int:
-    if args.limit < 1:
-        raise _CliError(f"--limit must be at least 1, got {args.limit}")
+    if not 1 <= args.limit <= 10_000:
+        raise _CliError(f"--limit must be from 1 to 10000, got {args.limit}")
     before = None
     if args.cursor is not None:
         if not args.cursor.isdigit() or len(args.cursor) > 18 or int(args.cursor) < 1:
@@ -495,7 +508,7 @@ def _from_step(value: str | None) -> tuple[str, int] | None:
     if value is None:
         return None
     name, _, count = value.rpartition(":")
-    if not name or not count.isdigit() or int(count) < 1:
+    if not name or not count.isdigit() or not 1 <= int(count) <= 2**31 - 1:
         raise _CliError(f"--from-step {value!r} is not NAME:COUNT (COUNT: 1 for the step's first occurrence)")
     return name, int(count)
 

@@ -41,6 +41,11 @@ class Replayed(WorkflowEntrypoint):
         return {"a": a, "b": b, "loop": loop, "params": event.payload}
 
 
+class SleepsUntilNaN(WorkflowEntrypoint):
+    async def run(self, event, step):
+        await step.sleep_until("never", float("nan"))
+
+
 class FailsWithSurrogate(WorkflowEntrypoint):
     async def run(self, event, step):
         raise RuntimeError("card declined: \udcff")
@@ -405,6 +410,18 @@ def test_bad_input_to_a_binding_is_refused_item_by_item_and_named(journal, tenan
     assert "lone surrogate" in handles[3].error
     with pytest.raises(InvalidInputError, match="create_batch takes a list"):
         d.binding.create_batch(None)
+    handle = d.binding.get("ok1")
+    with pytest.raises(InvalidInputError, match="force must be True or False"):
+        handle.delete(force="false")  # a string is not False
+    with pytest.raises(InvalidInputError, match="rollback must be True or False"):
+        handle.terminate(rollback="no")
+    with pytest.raises(InvalidInputError, match="from_step must be"):
+        handle.restart(from_step=("a", 2 ** 63))
+    with pytest.raises(InvalidInputError, match="limit must be a whole number"):
+        handle.logs(limit=2 ** 70)
+    with pytest.raises(InvalidInputError, match="after must be a whole number"):
+        handle.logs(after="5")
+    assert handle.status()["status"] == "queued"  # none of it did anything
     for metadata, words in (({"k": {1, 2}}, "not JSON-serializable"), ({"k": float("nan")}, "not JSON"),
                             ("ab", "mapping with string keys"), ({"big": "x" * 70_000}, "the limit is 65536")):
         with pytest.raises(InvalidInputError, match=words):
@@ -420,6 +437,13 @@ def test_a_lone_surrogate_in_an_error_is_stored_escaped_not_retried_for_ever(jou
     assert d.tick() == ["errored"]
     info = d.info("s")
     assert info.status == "errored" and info.error_message.endswith("card declined: \\udcff"), info
+
+
+def test_sleep_until_refuses_a_time_that_is_not_a_number(journal, tenant):
+    d = Driver(journal, tenant, SleepsUntilNaN)
+    d.binding.create(id="n")
+    assert d.tick() == ["errored"]
+    assert "sleep_until 'never': expected a datetime or timestamp, got nan" in d.info("n").error_message
 
 
 def test_releasing_a_lease_already_given_up_changes_nothing(journal, tenant):

@@ -55,6 +55,21 @@ def test_cli_errors_name_what_was_wrong(shared_journal_url, journal, tenant, cap
     assert "payload is not valid JSON" in capsys.readouterr().err
     assert main(url + ["send-event", "cli-2", "bad type!", "{}", "--tenant", tenant]) == 2
     assert "event type 'bad type!' is invalid" in capsys.readouterr().err
+    # numbers and nesting no parser or database takes: named, not a traceback
+    assert main(url + ["send-event", "cli-2", "approval", "1" * 5000, "--tenant", tenant]) == 2
+    assert "payload is not valid JSON" in capsys.readouterr().err
+    assert main(url + ["send-event", "cli-2", "approval", "[" * 100_000, "--tenant", tenant]) == 2
+    assert "payload is not valid JSON: nested too deeply" in capsys.readouterr().err
+    assert main(url + ["ls", "--limit", "9" * 20]) == 2
+    assert "--limit must be from 1 to 10000" in capsys.readouterr().err
+    assert main(url + ["restart", "cli-2", "--tenant", tenant, "--from-step", "a:" + "9" * 20]) == 2
+    assert "is not NAME:COUNT" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(url + ["logs", "cli-2", "-f", "--interval", "nan"])
+    assert "must be seconds from 0.05 to 3600" in capsys.readouterr().err
+    assert main(["--database-url", "mysql://u:pw@h/db", "ls"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a SQLite or PostgreSQL URL" in err and "pw" not in err
 
 
 def test_a_journal_from_an_older_version_is_refused_naming_what_it_lacks(tmp_path, capsys):

@@ -113,6 +113,13 @@ def test_create_batch_wraps_every_item():
     assert [it["params"]["params"] for it in items] == [{"n": 1}, [2], None, None]
 
 
+def test_create_batch_passes_an_item_that_is_not_a_mapping_on_for_the_binding_to_judge():
+    fake = FakeBinding()
+    fake.create_batch = lambda items: [("seen", it) for it in items]  # the raw binding marks it invalid
+    seen = wrap_workflow_binding(fake, {"tenant_id": "t1"}).create_batch(["x", {"id": "ok"}])
+    assert seen[0] == ("seen", "x") and seen[1][1]["params"]["metadata"] == {"tenant_id": "t1"}
+
+
 def test_arbitrary_json_metadata_is_stored_as_given():
     metadata = {
         "tenant_id": "acme",

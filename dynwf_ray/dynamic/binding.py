@@ -43,10 +43,12 @@ class DynamicWorkflowBinding:
         return self._binding.create(id=id, params=_wrap_params(params, self._metadata_json))
 
     def create_batch(self, items: Iterable[Mapping[str, Any]]) -> Any:
-        """Create several instances; every item's params are wrapped. Items are copied."""
+        """Create several instances; every item's params are wrapped. Items are copied; one
+        that is not a mapping is passed on as it is (the inner binding says it is invalid)."""
         return self._binding.create_batch(
             [
                 {**item, "params": _wrap_params(item.get("params"), self._metadata_json)}
+                if isinstance(item, Mapping) else item
                 for item in items
             ]
         )

@@ -15,6 +15,10 @@ from typing import Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine as SAEngine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from ..errors import InvalidInputError
 
 
 def sqlite_url_path(url: str) -> str | None:
@@ -24,7 +28,16 @@ def sqlite_url_path(url: str) -> str | None:
 
 def connect(url: str, synchronous: str) -> tuple[SAEngine, "_WriterLock", Any]:
     """The engine for a journal URL, the lock its writers take turns on (none for
-    PostgreSQL, whose server orders them), and its dialect's `insert`."""
+    PostgreSQL, whose server orders them), and its dialect's `insert`. A URL that is not
+    SQLAlchemy's, or names another database, raises InvalidInputError."""
+    try:
+        backend = make_url(url).get_backend_name() if isinstance(url, str) else None
+    except ArgumentError:
+        backend = None
+    if backend not in ("sqlite", "postgresql"):
+        raise InvalidInputError(
+            f"database URL {_shown(url)!r} is not a SQLite or PostgreSQL URL "
+            "(sqlite:///path/to/journal.db or postgresql+psycopg://user:password@host/db)")
     if url.startswith("sqlite"):
         from sqlalchemy.dialects.sqlite import insert
 
@@ -39,6 +52,14 @@ def connect(url: str, synchronous: str) -> tuple[SAEngine, "_WriterLock", Any]:
 
     engine = create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=8)
     return engine, _WriterLock(None), insert
+
+
+def _shown(url: Any) -> str:
+    """A URL as an error may show it: without its password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL at all: say what it was, cut short
+        return str(url)[:80]
 
 
 #: Writers of this process: transactions begun, how many waited for their turn
