@@ -38,6 +38,7 @@ import os
 import random
 import threading
 from collections import OrderedDict
+from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from opentelemetry import context as otel_context
@@ -189,8 +190,23 @@ class TenantTelemetry(BaseModel):
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError(f"endpoint {v!r} must be an http:// or https:// URL")
+        if v is None:
+            return v
+        url = urlsplit(v)
+        if url.scheme not in ("http", "https") or not url.hostname or any(c.isspace() for c in v):
+            raise ValueError(f"endpoint {v[:100]!r} must be an http:// or https:// URL with a host")
+        return v
+
+    @field_validator("headers", "resource_attributes")
+    @classmethod
+    def _pairs(cls, v: dict[str, str]) -> dict[str, str]:
+        # They travel as OTEL_* variables, "k1=v1,k2=v2": a ',' in either or a '=' in a
+        # name would split a pair, and a line break would end a header.
+        for key, value in v.items():
+            if not key or any(c in key for c in ",= ") or "," in value \
+                    or any(c in "\r\n" for c in key + value):
+                raise ValueError(f"{key[:60]!r}: names must be non-empty without ',', '=' or "
+                                 "spaces; values without ',' or line breaks")
         return v
 
     def env(self) -> dict[str, str]:

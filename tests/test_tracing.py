@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from dynwf_ray import WorkflowEntrypoint
+from dynwf_ray import InvalidInputError, WorkflowEntrypoint
 from dynwf_ray.binding import WorkflowBinding
 from dynwf_ray.logs import MAX_LINE_CHARS, LogCapture
 from dynwf_ray.tracing import (
@@ -26,7 +26,9 @@ from dynwf_ray.tracing import (
     merge_otel_env,
     new_trace_context,
     otel_environ,
+    parse_pairs,
     parse_traceparent,
+    tenant_telemetry,
     trace_id_of,
     tracing_for,
 )
@@ -217,6 +219,19 @@ def test_a_tenant_endpoint_never_gets_the_platforms_exporter_credentials(monkeyp
     finally:
         platform_receiver.close()
         tenant_receiver.close()
+
+
+def test_a_tenant_telemetry_setting_that_would_not_survive_its_variables_is_refused():
+    """Headers and resource attributes travel as OTEL_* variables, `k1=v1,k2=v2`: a ',' in
+    a value split it (`{"x-key": "a,b=c"}` became x-key=a and a header b). An endpoint must
+    be an http(s) URL with a host."""
+    assert parse_pairs(TenantTelemetry(headers={"authorization": "Basic dXNlcg=="}).env()[
+        "OTEL_EXPORTER_OTLP_HEADERS"]) == {"authorization": "Basic dXNlcg=="}
+    for bad in (dict(headers={"x-key": "a,b=c"}), dict(resource_attributes={"a=b": "c"}),
+                dict(headers={"x": "line\nInjected: 1"}), dict(endpoint="http://"),
+                dict(endpoint="https://x\nInjected: 1"), dict(endpoint="ftp://collector")):
+        with pytest.raises(InvalidInputError, match="invalid tenant telemetry setting"):
+            tenant_telemetry(**bad)
 
 
 def test_tracing_is_off_without_an_exporter_and_settings_layer_per_tenant():
