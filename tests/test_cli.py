@@ -22,7 +22,7 @@ from dynwf_ray.package import PACKAGE, build_package, push
 from dynwf_ray.types import LogLine
 
 from .driver import Driver
-from .workflows import Flaky, ThreeSteps
+from .workflows import Approval, Flaky, ThreeSteps
 
 
 def test_ls_status_and_send_event(shared_journal_url, journal, tenant, capsys):
@@ -43,6 +43,11 @@ def test_ls_status_and_send_event(shared_journal_url, journal, tenant, capsys):
     args = ["send-event", "cli-1", "approval", '{"by": "ops"}', "--tenant", tenant]
     assert main(args + ["--database-url", shared_journal_url]) == 0
     assert "sent 'approval'" in capsys.readouterr().out
+    # the event was stored: the instance's wait takes it when it runs
+    d = Driver(journal, tenant, Approval)
+    d.now = time.time() + 1
+    assert d.tick() == ["complete"]
+    assert json.loads(journal.get_instance(tenant, "cli-1").output_json)["by"] == "ops"
 
 
 def test_cli_errors_name_what_was_wrong(shared_journal_url, journal, tenant, capsys):

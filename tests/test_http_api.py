@@ -119,8 +119,12 @@ def test_lifecycle_routes(api):
     api.wait_status(api.a, "waiting", "paused")
     assert api.call("own", "POST", f"{base}/resume").status_code == 202
     api.wait_status(api.a, "waiting", "waiting")
+    trace_before = api.call("own", "GET", base).json()["trace_id"]
     r = api.call("own", "POST", f"{base}/restart", json={"from_step": {"name": "charge", "count": 1}})
     assert r.status_code == 202, r.text
+    assert api.call("own", "GET", base).json()["trace_id"] != trace_before  # it runs again, in a new trace
+    kept = [s["name"] for s in api.call("own", "GET", f"{base}/steps").json()["steps"]]
+    assert kept[0] == "pid before"  # recorded before charge: kept
     r = api.call("own", "POST", f"{base}/terminate", json={"rollback": False})
     assert r.status_code == 202 and r.json()["status"] == "terminated"
     r = api.call("own", "POST", f"{base}/pause")
