@@ -989,9 +989,14 @@ def logging_flood(ctx):
 def empty_line_flood(ctx):
     """Log messages of empty lines straight on the channel: they weigh nothing against the
     log volume limit and cost this sandbox almost no CPU; each costs the supervisor work."""
-    ch = _channel()
     from dynwf_ray.sandbox import protocol
-    frame = protocol.encode({"op": "log", "lines": [["stdout", "", None]] * 50000})
+    sent = _flood(protocol.encode({"op": "log", "lines": [["stdout", "", None]] * 50000}), ctx)
+    return {**sent, "lines": sent["frames"] * 50000}
+
+
+def _flood(frame: bytes, ctx) -> dict:
+    """Send `frame` straight on the channel, again and again, for ctx["seconds"] (8)."""
+    ch = _channel()
     sent = 0
     deadline = time.monotonic() + ctx.get("seconds", 8)
     try:
@@ -1001,7 +1006,7 @@ def empty_line_flood(ctx):
             sent += 1
     except OSError as exc:
         return {"frames": sent, "error": exc.errno}
-    return {"frames": sent, "lines": sent * 50000}
+    return {"frames": sent}
 
 
 @attack
@@ -1009,21 +1014,11 @@ def span_flood(ctx):
     """Span frames straight on the channel, each span as large as the host keeps one (64
     attributes of 4 KiB): queued for export in the host process, they would be memory the
     hosts of other tenants there share."""
-    ch = _channel()
     from dynwf_ray.sandbox import protocol
     span = {"name": "flood", "trace_id": "1" * 32, "span_id": "2" * 16, "parent_id": None,
             "start": 1, "end": 2, "attributes": {f"a{i}": "s" * 4096 for i in range(64)}}
-    frame = protocol.encode({"op": "spans", "spans": [span] * 3})
-    sent = 0
-    deadline = time.monotonic() + ctx.get("seconds", 8)
-    try:
-        while time.monotonic() < deadline:
-            with ch._send_lock:
-                ch.sock.sendall(frame)
-            sent += 1
-    except OSError as exc:
-        return {"frames": sent, "error": exc.errno}
-    return {"frames": sent, "spans": sent * 3}
+    sent = _flood(protocol.encode({"op": "spans", "spans": [span] * 3}), ctx)
+    return {**sent, "spans": sent["frames"] * 3}
 
 
 @attack
