@@ -299,12 +299,14 @@ def test_a_new_journal_gets_every_revision_and_matches_the_models(make_database_
 
 @pytest.mark.parametrize("revision", migrations.KNOWN)
 def test_a_journal_made_before_revisions_is_stamped_at_the_revision_it_has(
-    make_database_url, revision
+    make_database_url, backend, revision
 ):
     """As `create_all` of the code of each revision made it: recognised, stamped, upgraded,
     its rows kept. (A data revision is never recognised: such a journal always runs it.)"""
     schema_revisions = [rev for rev, present in migrations.REVISIONS if present is not None]
     expected = [rev for rev in schema_revisions if rev <= revision][-1]
+    if backend == "postgresql" and expected == "0012_api_access":
+        expected = "0013_instances_autoincrement"  # it changes nothing there: had with 0012
     url = make_database_url()
     upgrade_to(url, revision)
     with _connect(url) as conn:
@@ -689,7 +691,7 @@ def test_dynwf_db_current_and_upgrade(make_database_url, backend, capsys, caplog
         assert main(["db", "upgrade", *args]) == 0
     assert capsys.readouterr().out.endswith(f": upgraded from 0001_baseline to {HEAD}\n")
     password = sa.make_url(url).password  # PostgreSQL's: the log names the journal without it
-    assert "upgraded the journal" in caplog.text and (password is None or password not in caplog.text)
+    assert "upgraded the journal" in caplog.text and (password is None or f":{password}@" not in caplog.text)
     assert main(["db", "current", *args]) == 0
     assert capsys.readouterr().out == f"{HEAD} (head)\n"
     assert main([*args, "db", "upgrade"]) == 0
