@@ -502,10 +502,10 @@ class Tracing:
             SpanContext(trace_id, int(parent, 16), is_remote=True, trace_flags=flags)
             if isinstance(parent, str) else None
         )
-        attributes = {
+        attributes = {  # dynwf.* is the platform's: a tenant's span cannot pass as its own
             str(k)[:128]: redact(v[:4096]) if isinstance(v, str) else v
             for k, v in list(dict(data.get("attributes") or {}).items())[:64]
-            if isinstance(v, (str, int, float, bool))
+            if isinstance(v, (str, int, float, bool)) and not str(k).startswith("dynwf.")
         }
         span = _OpenSpan(redact(str(data["name"])[:256]), context, parent_ctx, int(data["start"]), attributes)
         if data.get("error") is not None:

@@ -298,6 +298,9 @@ def test_batches_and_paging(api):
     assert outcomes[7] == ("p0", "existed") and r.json()["items"][8]["outcome"] == "invalid"
     r = api.call("own", "POST", f"{base}/batch", json={"items": [{}] * 101})
     assert r.status_code == 422
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"params": ' + b"1" * 5000 + b"}"):
+        r = api.call("own", "POST", base, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and error_of(r)["name"] == "MalformedJSON", r.text
 
     seen, cursor = [], None
     while True:

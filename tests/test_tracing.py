@@ -221,6 +221,19 @@ def test_a_tenant_endpoint_never_gets_the_platforms_exporter_credentials(monkeyp
         tenant_receiver.close()
 
 
+def test_a_tenant_span_cannot_carry_the_platforms_attributes(exporter):
+    """dynwf.* attributes are the platform's (the tenant, the instance, the step): a span
+    the tenant makes in its sandbox arrives as data, and those it names are dropped."""
+    tracing = Tracing([SimpleSpanProcessor(exporter)], tenant_id="acme")
+    tracing.emit_tenant_span({
+        "name": "mine", "trace_id": "1" * 32, "span_id": "2" * 16, "start": 1, "end": 2,
+        "attributes": {"dynwf.tenant.id": "victim", "dynwf.instance.id": "x", "order": 7},
+    }, lambda text: text)
+    (span,) = exporter.get_finished_spans()
+    assert dict(span.attributes) == {"order": 7}
+    assert span.resource.attributes["dynwf.tenant.id"] == "acme"
+
+
 def test_a_tenant_telemetry_setting_that_would_not_survive_its_variables_is_refused():
     """Headers and resource attributes travel as OTEL_* variables, `k1=v1,k2=v2`: a ',' in
     a value split it (`{"x-key": "a,b=c"}` became x-key=a and a header b). An endpoint must

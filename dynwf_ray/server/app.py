@@ -379,6 +379,8 @@ async def stream_logs(request: Request, tenant: TenantId, id: InstanceId, who: A
             if len(lines) == 500:
                 continue
             current = await run_in_threadpool(journal.get_instance, tenant, id)
+            if current is not None and current.pk != info.pk:
+                current = None  # deleted, and its id given to a new instance since
             if current is None or current.status in TERMINAL:
                 status = current.status if current else "deleted"
                 if not await run_in_threadpool(journal.read_logs, info.pk, last, 1):

@@ -123,6 +123,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's: a body its JSON parser gave up on (too deep, ...)
+            return _body(400, "MalformedJSON", f"the body is not valid JSON: {exc.detail}")
         name = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
         return _body(exc.status_code, name, str(exc.detail), getattr(exc, "headers", None))
 
