@@ -1413,15 +1413,21 @@ def test_sitecustomize_in_the_package_never_runs(arena):
 
 
 def test_manifest_env_stays_out_of_the_trusted_host(arena):
-    """The package's [env] (HOSTILE_PLANTED, HTTP_PROXY=<server C>) is for its sandboxes: the
-    trusted host actor's own environment must not carry it."""
-    planted = {}
+    """The package's [env] (HOSTILE_PLANTED, HTTP_PROXY=<server C>, LD_PRELOAD) is for its
+    sandboxes: neither the trusted host process nor its sandbox templates (unjailed, root)
+    may start with it."""
+    arena.run("noop", where="step")  # a live host, with its template
+    planted, templates = {}, []
     for host in arena.host_pids("atk"):
-        with open(f"/proc/{host}/environ", "rb") as f:
-            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
-        planted.update({f"{host}: {k.decode()}": v.decode() for k, v in env.items()
-                        if k in (b"HOSTILE_PLANTED", b"HTTP_PROXY", b"HTTPS_PROXY")})
-    assert not planted, f"the trusted host runs with the tenant's environment: {planted}"
+        templates += [p.pid for p in psutil.Process(host).children()
+                      if p.cmdline()[1:3] == ["-I", "-c"] and "_serve" in p.cmdline()[3]]
+        for pid in (host, *templates):
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+            planted.update({f"{pid}: {k.decode()}": v.decode() for k, v in env.items()
+                            if k in (b"HOSTILE_PLANTED", b"HTTP_PROXY", b"HTTPS_PROXY", b"LD_PRELOAD")})
+    assert templates, "found no sandbox template to look at"
+    assert not planted, f"a trusted process runs with the tenant's environment: {planted}"
 
 
 def test_tenant_proxy_setting_does_not_capture_platform_telemetry(arena, make_engine):
