@@ -333,7 +333,8 @@ def test_the_channel_is_read_by_its_loop_or_by_a_blocked_request():
             else:
                 ours.sendall(reply)
 
-    threading.Thread(target=supervisor, daemon=True).start()
+    answering = threading.Thread(target=supervisor, daemon=True)
+    answering.start()
     channel.on_message = lambda m: seen.append(m["n"])
 
     def ask(**flags) -> dict:
@@ -378,6 +379,9 @@ def test_the_channel_is_read_by_its_loop_or_by_a_blocked_request():
         assert not waiting.is_alive() and [type(e) for e in ended] == [runtime._Over]
     finally:
         loop.close()
+        theirs.close()  # the fake supervisor reads the end of the stream and returns
+        answering.join(10)
+        ours.close()
         theirs.close()
         ours.close()
 
