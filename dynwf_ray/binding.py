@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from pydantic import ValidationError
 
-from .errors import InvalidInputError, InvalidStateError, JournalUnavailableError, PayloadTooLargeError
+from .errors import InvalidInputError, InvalidStateError, JournalUnavailableError, PayloadTooLargeError, describe
 from .journal import Journal
 from .journal.schema import MAX_ROW_ID
 from .logs import PLATFORM_STREAM
@@ -367,10 +367,4 @@ def _options(**kwargs: Any) -> CreateOptions:
     try:
         return CreateOptions(**kwargs)
     except ValidationError as exc:
-        raise InvalidInputError(_first_error(exc)) from None
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err.get("loc", ())) or "input"
-    return f"{where}: {err.get('msg')}"
+        raise InvalidInputError(describe(exc)) from None

@@ -158,11 +158,16 @@ class WorkflowTimeoutError(DynwfError, TimeoutError):
 
 
 def invalid(what: str, exc: Exception) -> InvalidInputError:
-    """`InvalidInputError` for a pydantic `ValidationError` (or our own error) of `what`:
-    each wrong field as `<field>: <what is wrong>` (at most three), not pydantic's dump."""
+    """`InvalidInputError` for a pydantic `ValidationError` (or our own error) of `what`."""
+    return InvalidInputError(f"{what}: {describe(exc)}")
+
+
+def describe(exc: Exception) -> str:
+    """A pydantic `ValidationError` as a user reads it: each wrong field as `<field>: <what
+    is wrong>` (at most three), not pydantic's dump; any other error as its text."""
     errors = getattr(exc, "errors", None)
     if not callable(errors):
-        return InvalidInputError(f"{what}: {exc}")
+        return str(exc)
     found = errors()
     parts = []
     for err in found[:3]:
@@ -170,5 +175,5 @@ def invalid(what: str, exc: Exception) -> InvalidInputError:
         msg = str(err.get("msg", "")).removeprefix("Value error, ")
         parts.append(msg if not where or msg.startswith(where) else f"{where}: {msg}")
     more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
-    return InvalidInputError(f"{what}: " + "; ".join(parts) + more)
+    return "; ".join(parts) + more
 
