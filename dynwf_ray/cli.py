@@ -54,6 +54,7 @@ from .package import push
 from .errors import DynwfError, InvalidInputError
 from . import migrations
 from .journal import InstanceInfo, Journal, StepRecord, TokenInfo, unavailable
+from .journal.dialect import shown_url
 from .types import TERMINAL, InstanceStatus, LogLine, parse_duration, validate_id
 
 
@@ -290,17 +291,11 @@ def _find(journal: Journal, instance_id: str, tenant: str | None) -> InstanceInf
         return journal.require_instance(tenant, instance_id)
     found = journal.find_instances(instance_id)
     if not found:
-        raise _CliError(f"no instance {instance_id!r} in {_safe_url(journal.url)}")
+        raise _CliError(f"no instance {instance_id!r} in {shown_url(journal.url)}")
     if len(found) > 1:
         tenants = ", ".join(sorted(i.tenant_id for i in found))
         raise _CliError(f"{len(found)} tenants have an instance {instance_id!r} ({tenants}): pass --tenant")
     return found[0]
-
-
-def _safe_url(url: str) -> str:
-    from sqlalchemy import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 # -- code ------------------------------------------------------------------------------
@@ -635,8 +630,8 @@ def _serve(cli: _Cli, args: argparse.Namespace) -> int:
     if args.code_limit is not None and args.code_limit < 1:
         raise _CliError(f"--code-limit must be a positive number of bytes, got {args.code_limit}")
     url = f"http://{args.host}:{args.port}/"
-    cli.emit({"url": url, "database_url": _safe_url(cli.url)},
-             [f"serving the HTTP API and dashboard at {url} (journal: {_safe_url(cli.url)})"])
+    cli.emit({"url": url, "database_url": shown_url(cli.url)},
+             [f"serving the HTTP API and dashboard at {url} (journal: {shown_url(cli.url)})"])
     sys.stdout.flush()
     control = {"control_resources": {args.control_resource: 0.01}} if args.control_resource else {}
     serve(database_url=cli.url, host=args.host, port=args.port, trace_url=args.trace_url,
@@ -658,7 +653,7 @@ def _db(cli: _Cli, args: argparse.Namespace) -> int:
         raise error from exc
     finally:
         journal.close()
-    where = _safe_url(url)
+    where = shown_url(url)
     if args.db_command == "current":
         return cli.emit({"revision": before.revision, "detected": before.detected,
                          "head": migrations.HEAD, "at_head": before.at_head,

@@ -36,7 +36,7 @@ def connect(url: str, synchronous: str) -> tuple[SAEngine, "_WriterLock", Any]:
         backend = None
     if backend not in ("sqlite", "postgresql"):
         raise InvalidInputError(
-            f"database URL {_shown(url)!r} is not a SQLite or PostgreSQL URL "
+            f"database URL {shown_url(url)!r} is not a SQLite or PostgreSQL URL "
             "(sqlite:///path/to/journal.db or postgresql+psycopg://user:password@host/db)")
     if url.startswith("sqlite"):
         from sqlalchemy.dialects.sqlite import insert
@@ -54,8 +54,8 @@ def connect(url: str, synchronous: str) -> tuple[SAEngine, "_WriterLock", Any]:
     return engine, _WriterLock(None), insert
 
 
-def _shown(url: Any) -> str:
-    """A URL as an error may show it: without its password."""
+def shown_url(url: Any) -> str:
+    """A journal URL as a message may show it: without its password."""
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - not a URL at all: say what it was, cut short
