@@ -55,6 +55,7 @@ from .errors import DynwfError, InvalidInputError
 from . import migrations
 from .journal import InstanceInfo, Journal, StepRecord, TokenInfo, unavailable
 from .journal.dialect import shown_url
+from .journal.schema import MAX_ROW_ID
 from .types import TERMINAL, InstanceStatus, LogLine, parse_duration, validate_id
 
 
@@ -503,7 +504,7 @@ def _from_step(value: str | None) -> tuple[str, int] | None:
     if value is None:
         return None
     name, _, count = value.rpartition(":")
-    if not name or not count.isdigit() or not 1 <= int(count) <= 2**31 - 1:
+    if not name or not count.isdigit() or not 1 <= int(count) <= MAX_ROW_ID:
         raise _CliError(f"--from-step {value!r} is not NAME:COUNT (COUNT: 1 for the step's first occurrence)")
     return name, int(count)
 

@@ -26,7 +26,6 @@ never sees them at all: the supervisor runs this class).
 from __future__ import annotations
 
 import asyncio
-import math
 import inspect
 import json
 import time
@@ -364,8 +363,7 @@ class Step:
             if when.tzinfo is None:
                 when = when.replace(tzinfo=timezone.utc)
             target = when.timestamp()
-        elif isinstance(when, (int, float)) and not isinstance(when, bool) \
-                and math.isfinite(when if isinstance(when, float) else 0.0) and abs(when) < 1e15:
+        elif isinstance(when, (int, float)) and not isinstance(when, bool) and abs(when) < 1e15:  # not NaN
             target = float(when)
         else:
             raise InvalidInputError(
